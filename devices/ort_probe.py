@@ -1,0 +1,69 @@
+"""ONNX Runtime devices: the available execution providers, each mapped to the kind it runs on."""
+
+from __future__ import annotations
+
+import logging
+
+from devices.probe import Device, Kind, ProbeReport, Runtime, Use, cpu_name, is_missing_package, record_problem
+
+log = logging.getLogger(__name__)
+
+ORT_USES = (Use.EXTRACT_FEATURES, Use.RUN_EXPORTED)
+
+# Provider -> (kind, description). The OpenVINO EP defaults to its CPU device (device_type option).
+PROVIDER_KINDS: dict[str, tuple[Kind, str]] = {
+    "CPUExecutionProvider": (Kind.CPU, "default CPU kernels"),
+    "DnnlExecutionProvider": (Kind.CPU, "oneDNN"),
+    "XnnpackExecutionProvider": (Kind.CPU, "XNNPACK"),
+    "ACLExecutionProvider": (Kind.CPU, "Arm Compute Library"),
+    "ArmNNExecutionProvider": (Kind.CPU, "Arm NN"),
+    "OpenVINOExecutionProvider": (Kind.CPU, "OpenVINO, CPU unless device_type is set"),
+    "TvmExecutionProvider": (Kind.CPU, "Apache TVM"),
+    "CUDAExecutionProvider": (Kind.GPU, "NVIDIA CUDA"),
+    "TensorrtExecutionProvider": (Kind.GPU, "NVIDIA TensorRT"),
+    "ROCMExecutionProvider": (Kind.GPU, "AMD ROCm"),
+    "MIGraphXExecutionProvider": (Kind.GPU, "AMD MIGraphX"),
+    "DmlExecutionProvider": (Kind.GPU, "DirectML"),
+    "CoreMLExecutionProvider": (Kind.GPU, "Apple Core ML (GPU / Neural Engine)"),
+    "WebGpuExecutionProvider": (Kind.GPU, "WebGPU"),
+    "QNNExecutionProvider": (Kind.NPU, "Qualcomm QNN (Hexagon NPU)"),
+    "VitisAIExecutionProvider": (Kind.NPU, "AMD Vitis AI (Ryzen AI NPU)"),
+    "CANNExecutionProvider": (Kind.NPU, "Huawei CANN (Ascend NPU)"),
+    "RknpuExecutionProvider": (Kind.NPU, "Rockchip NPU"),
+    "NnapiExecutionProvider": (Kind.NPU, "Android NNAPI"),
+    "VSINPUExecutionProvider": (Kind.NPU, "VeriSilicon NPU"),
+}
+
+
+def probe_onnxruntime() -> ProbeReport:
+    """One device per available execution provider; empty only when onnxruntime is not installed."""
+    problems: list[str] = []
+    try:
+        import onnxruntime as ort
+    except Exception as error:
+        if is_missing_package(error, "onnxruntime"):
+            log.debug("onnxruntime is not installed: no onnxruntime devices")
+            return ProbeReport([], [])
+        record_problem(problems, "onnxruntime", "import onnxruntime", error)
+        return ProbeReport([], problems)
+
+    try:
+        providers = list(ort.get_available_providers())
+    except Exception as error:
+        record_problem(problems, "onnxruntime", "get_available_providers()", error)
+        return ProbeReport([], problems)
+
+    version = getattr(ort, "__version__", "?")
+    devices = []
+    for provider in providers:
+        if provider not in PROVIDER_KINDS:
+            # Azure, JS, WebNN, ...: remote or browser providers, not hardware on this machine
+            log.info("onnxruntime: skipping provider %s (not a local device)", provider)
+            continue
+        kind, what = PROVIDER_KINDS[provider]
+        where = f"{what} on {cpu_name()}" if kind is Kind.CPU else what
+        name = f"{where} (onnxruntime {version})"
+        devices.append(
+            Device(Runtime.ONNXRUNTIME, kind, f"ort:{provider}", name, ORT_USES, (), static_shapes=kind is Kind.NPU)
+        )
+    return ProbeReport(devices, problems)

@@ -1,0 +1,151 @@
+"""Device records shared by every runtime probe, and `detect_devices()` which merges them.
+
+Nothing here imports torch, openvino or onnxruntime: each probe module imports its runtime
+inside its probe function, so `import devices` stays instant and works on a robot without torch.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import threading
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Callable, Iterable
+
+log = logging.getLogger(__name__)
+
+
+class Runtime(str, Enum):
+    TORCH = "torch"
+    OPENVINO = "openvino"
+    ONNXRUNTIME = "onnxruntime"
+
+
+class Kind(str, Enum):
+    CPU = "CPU"
+    GPU = "GPU"
+    NPU = "NPU"
+
+
+class Use(str, Enum):
+    TRAIN_HEAD = "train_head"
+    EXTRACT_FEATURES = "extract_features"
+    RUN_EXPORTED = "run_exported"
+    FINETUNE_BACKBONE = "finetune_backbone"
+
+
+@dataclass(frozen=True)
+class Device:
+    """One usable device as one runtime sees it; `id` is exactly what `--device` takes."""
+
+    runtime: Runtime
+    kind: Kind
+    id: str
+    name: str
+    uses: tuple[Use, ...]
+    precisions: tuple[str, ...] = ()
+    static_shapes: bool = False  # NPUs compile for fixed input shapes only
+
+    def to_json(self) -> dict:
+        return {
+            "runtime": self.runtime.value,
+            "kind": self.kind.value,
+            "id": self.id,
+            "name": self.name,
+            "uses": [use.value for use in self.uses],
+            "precisions": list(self.precisions),
+            "static_shapes": self.static_shapes,
+        }
+
+
+@dataclass(frozen=True)
+class ProbeReport:
+    """What one or more probes found; `problems` are one-line reasons a runtime misbehaved."""
+
+    devices: list[Device] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    def ids(self) -> list[str]:
+        return [device.id for device in self.devices]
+
+    @staticmethod
+    def merge(reports: Iterable[ProbeReport]) -> ProbeReport:
+        devices: list[Device] = []
+        problems: list[str] = []
+        for report in reports:
+            devices.extend(report.devices)
+            problems.extend(report.problems)
+        return ProbeReport(devices, problems)
+
+
+def is_missing_package(error: BaseException, package: str) -> bool:
+    """True when `error` means `package` itself is not installed (not a broken install)."""
+    return isinstance(error, ModuleNotFoundError) and (error.name or "").split(".")[0] == package
+
+
+def record_problem(
+    problems: list[str], runtime: str, what: str, error: BaseException
+) -> None:
+    """Record and log one probe failure; a failure is reported, never swallowed."""
+    message = f"{runtime}: {what} failed: {type(error).__name__}: {error}".strip()
+    message = " ".join(message.split())  # one line, even for multi-line native errors
+    log.warning("%s", message)
+    problems.append(message)
+
+
+def cpu_name() -> str:
+    """The CPU model name: /proc/cpuinfo on Linux, platform.processor() elsewhere."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as cpuinfo:
+            for line in cpuinfo:
+                key, _, value = line.partition(":")
+                if key.strip() in ("model name", "Model", "Hardware") and value.strip():
+                    return value.strip()
+    except OSError:
+        pass  # not Linux: fall through to platform
+    return platform.processor() or platform.machine() or "CPU"
+
+
+_cache: dict[tuple[Runtime, ...], ProbeReport] = {}
+_cache_lock = threading.Lock()
+
+
+def _probes() -> dict[Runtime, Callable[[], ProbeReport]]:
+    from devices.openvino_probe import probe_openvino
+    from devices.ort_probe import probe_onnxruntime
+    from devices.torch_probe import probe_torch
+
+    return {
+        Runtime.TORCH: probe_torch,
+        Runtime.OPENVINO: probe_openvino,
+        Runtime.ONNXRUNTIME: probe_onnxruntime,
+    }
+
+
+def detect_devices(
+    *, runtimes: Iterable[Runtime | str] | None = None, refresh: bool = False
+) -> ProbeReport:
+    """Every usable device of the given runtimes (default: all three), merged.
+
+    The result is cached per process and per runtime set because importing the runtimes takes
+    seconds; `refresh=True` probes again. Pass `runtimes=("openvino", "onnxruntime")` on a robot
+    to avoid importing torch at all.
+    """
+    wanted = tuple(Runtime(r) for r in runtimes) if runtimes is not None else tuple(Runtime)
+    with _cache_lock:
+        if not refresh and wanted in _cache:
+            return _cache[wanted]
+    probes = _probes()
+    reports = []
+    for runtime in wanted:
+        try:
+            reports.append(probes[runtime]())
+        except Exception as error:  # a bug in a probe must still show up in `edgetune devices`
+            crashed: list[str] = []
+            record_problem(crashed, runtime.value, "probe", error)
+            reports.append(ProbeReport([], crashed))
+    report = ProbeReport.merge(reports)
+    with _cache_lock:
+        _cache[wanted] = report
+    return report
