@@ -34,7 +34,9 @@ def ov_device_name(device: Device | str) -> str:
         device = device.id
     name = device.split(":", 1)[1] if device.lower().startswith("openvino:") else device
     if not name or ":" in name:
-        raise DeviceError(f"Device '{device}' is not an OpenVINO device; use openvino:CPU, openvino:GPU or openvino:NPU.")
+        raise DeviceError(
+            f"Device '{device}' is not an OpenVINO device; use openvino:CPU, openvino:GPU or openvino:NPU."
+        )
     return name.upper()
 
 
@@ -51,7 +53,9 @@ def needs_static_shapes(device: Device | str) -> bool:
     return _kind(device) == Kind.NPU.value
 
 
-def compile_config(device: Device | str, *, cache_dir: Path | None = None, latency: bool = False) -> dict[str, Any]:
+def compile_config(
+    device: Device | str, *, cache_dir: Path | None = None, latency: bool = False
+) -> dict[str, Any]:
     """Properties for `core.compile_model(model, name, config)` on this device.
 
     THROUGHPUT for feature extraction (batches, all cores or NPU tiles busy), LATENCY for predict
@@ -61,6 +65,7 @@ def compile_config(device: Device | str, *, cache_dir: Path | None = None, laten
     import openvino.properties as props
     import openvino.properties.hint as hints
 
+    ov_device_name(device)  # refuses non-OpenVINO devices with a clear message
     mode = hints.PerformanceMode.LATENCY if latency else hints.PerformanceMode.THROUGHPUT
     config: dict[str, Any] = {
         props.cache_dir(): str(cache_dir if cache_dir is not None else default_cache_dir()),
