@@ -33,7 +33,9 @@ def device_option(*, default: str = "auto", help: str = DEVICE_HELP):
 
 
 @click.command("devices")
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON list of device objects; problems go to stderr.")
+@click.option(
+    "--json", "as_json", is_flag=True, help="Print a JSON list of device objects; problems go to stderr."
+)
 def devices_command(as_json: bool) -> None:
     """List every usable device per runtime (PyTorch, OpenVINO, ONNX Runtime).
 

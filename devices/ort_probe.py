@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import logging
 
-from devices.probe import Device, Kind, ProbeReport, Runtime, Use, cpu_name, is_missing_package, record_problem
+from devices.probe import (
+    Device,
+    Kind,
+    ProbeReport,
+    Runtime,
+    Use,
+    cpu_name,
+    is_missing_package,
+    record_problem,
+)
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +73,9 @@ def probe_onnxruntime() -> ProbeReport:
         where = f"{what} on {cpu_name()}" if kind is Kind.CPU else what
         name = f"{where} (onnxruntime {version})"
         devices.append(
-            Device(Runtime.ONNXRUNTIME, kind, f"ort:{provider}", name, ORT_USES, (), static_shapes=kind is Kind.NPU)
+            Device(
+                Runtime.ONNXRUNTIME, kind, f"ort:{provider}", name, ORT_USES,
+                static_shapes=kind is Kind.NPU,  # NPU providers compile for fixed shapes too
+            )
         )
     return ProbeReport(devices, problems)

@@ -19,6 +19,8 @@ log = logging.getLogger(__name__)
 
 # torch runs every job; only its devices can backpropagate through the backbone.
 TORCH_USES = (Use.TRAIN_HEAD, Use.EXTRACT_FEATURES, Use.FINETUNE_BACKBONE)
+XPU_PRECISIONS = ("fp32", "fp16", "bf16")
+NPU_PRECISIONS = ("fp32", "fp16")
 
 
 def probe_torch() -> ProbeReport:
@@ -53,7 +55,9 @@ def _cuda(torch) -> list[Device]:
         if torch.cuda.get_device_capability(index) >= (8, 0):  # Ampere and later do bf16
             precisions.append("bf16")
         name = torch.cuda.get_device_name(index)
-        found.append(Device(Runtime.TORCH, Kind.GPU, f"cuda:{index}", name, TORCH_USES, tuple(precisions)))
+        found.append(
+            Device(Runtime.TORCH, Kind.GPU, f"cuda:{index}", name, TORCH_USES, tuple(precisions))
+        )
     return found
 
 
@@ -62,7 +66,7 @@ def _xpu(torch) -> list[Device]:
     if xpu is None or not xpu.is_available():
         return []
     return [
-        Device(Runtime.TORCH, Kind.GPU, f"xpu:{i}", xpu.get_device_name(i), TORCH_USES, ("fp32", "fp16", "bf16"))
+        Device(Runtime.TORCH, Kind.GPU, f"xpu:{i}", xpu.get_device_name(i), TORCH_USES, XPU_PRECISIONS)
         for i in range(xpu.device_count())
     ]
 
@@ -82,6 +86,6 @@ def _ascend_npu(torch) -> list[Device]:
             return []
         raise
     return [
-        Device(Runtime.TORCH, Kind.NPU, f"npu:{i}", torch.npu.get_device_name(i), TORCH_USES, ("fp32", "fp16"))
+        Device(Runtime.TORCH, Kind.NPU, f"npu:{i}", torch.npu.get_device_name(i), TORCH_USES, NPU_PRECISIONS)
         for i in range(torch.npu.device_count())
     ]
