@@ -1,0 +1,56 @@
+"""Shared fixtures: small synthetic image datasets written with OpenCV."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Sequence
+
+import cv2
+import numpy as np
+import pytest
+
+# Distinct BGR base colours so a class is recognisable from its pixels alone.
+_PALETTE = [(40, 40, 220), (40, 200, 40), (220, 60, 40), (30, 200, 230), (200, 40, 200), (200, 200, 40)]
+
+
+def synthetic_image(class_index: int, image_index: int, size: tuple[int, int] = (48, 64)) -> np.ndarray:
+    """HxWx3 uint8 BGR: the class colour plus a per-image gradient and a square, so images differ."""
+    h, w = size
+    base = np.array(_PALETTE[class_index % len(_PALETTE)], dtype=np.float32)
+    ramp = np.linspace(-25, 25, w, dtype=np.float32)[None, :, None]
+    img = np.clip(base + ramp + 3 * image_index, 0, 255).astype(np.uint8).repeat(h, axis=0)
+    s = max(2, min(h, w) // 4)
+    y, x = (image_index * 7) % (h - s), (image_index * 11) % (w - s)
+    img[y : y + s, x : x + s] = 255 - base.astype(np.uint8)
+    return img
+
+
+def write_class_folder(root: Path, classes: Sequence[str], n: int, size: tuple[int, int]) -> Path:
+    for ci, name in enumerate(classes):
+        folder = root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            ext = ".jpg" if i % 2 == 0 else ".png"  # both codecs in every dataset
+            cv2.imwrite(str(folder / f"{name}_{i:03d}{ext}"), synthetic_image(ci, i, size))
+    return root
+
+
+@pytest.fixture
+def make_image_folder() -> Callable[..., Path]:
+    """Factory: make_image_folder(tmp_path, classes=("cats", "dogs"), n=6, size=(48, 64), val_n=0).
+
+    Writes ROOT/<class>/<class>_000.jpg, _001.png, ... (ROOT = tmp_path/name); with val_n > 0 it
+    writes ROOT/train/<class>/ (n each) and ROOT/val/<class>/ (val_n each) instead. Returns ROOT.
+    """
+
+    def make(tmp_path: Path, classes: Sequence[str] = ("cats", "dogs"), n: int = 6,
+             size: tuple[int, int] = (48, 64), val_n: int = 0, name: str = "data") -> Path:
+        root = Path(tmp_path) / name
+        if val_n:
+            write_class_folder(root / "train", classes, n, size)
+            write_class_folder(root / "val", classes, val_n, size)
+        else:
+            write_class_folder(root, classes, n, size)
+        return root
+
+    return make
