@@ -1,0 +1,528 @@
+"""Datasets: find labelled images (class folders, train/val folders or a CSV), decode them robustly.
+
+Decoding is OpenCV only (no torch, no PIL) so the same code runs on a robot that learns new images
+without PyTorch. Every image comes out as HxWx3 uint8 RGB whatever the file held (grey, 16-bit,
+alpha, CMYK, float TIFF, GIF); files that cannot be used raise `ImageReadError` with a short reason,
+and `decode_images` turns those into one counted warning instead of a crash mid-training.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import zlib
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable, Iterable
+
+import cv2
+import numpy as np
+
+from toolkit.errors import DataError, EdgetuneError
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+VAL_DIR_NAMES = ("val", "valid", "validation")
+# Zip archives made on macOS carry this folder; it is never a class.
+_IGNORED_DIRS = {"__MACOSX"}
+# Transparent pixels become white: cut-out product and object photos are made to be shown on white
+# pages, so white is what the subject was framed against; the same rule applies at inference.
+ALPHA_BACKGROUND = 255
+
+
+class ImageReadError(DataError):
+    """One image file cannot be used; `reason` is short enough to list many in one line."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        self.path = Path(path)
+        self.reason = reason
+        super().__init__(f"Cannot read image {self.path}: {reason}")
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: Path
+    label: int
+
+
+@dataclass(frozen=True)
+class Skipped:
+    path: Path
+    reason: str
+
+
+@dataclass
+class Dataset:
+    samples: list[Sample]
+    classes: list[str]
+    root: Path
+
+    def labels(self) -> np.ndarray:
+        return np.fromiter((s.label for s in self.samples), dtype=np.int64, count=len(self.samples))
+
+    def class_counts(self) -> np.ndarray:
+        return np.bincount(self.labels(), minlength=len(self.classes)).astype(np.int64)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+
+@dataclass
+class Splits:
+    train: Dataset
+    val: Dataset | None
+    source: str
+
+
+# --------------------------------------------------------------------------------------- discovery
+
+
+def _visible(path: Path, root: Path) -> bool:
+    return not any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
+def _image_files(folder: Path) -> list[Path]:
+    files = (
+        p
+        for p in folder.rglob("*")
+        if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file() and _visible(p, folder)
+    )
+    return sorted(files)
+
+
+def _subdirs(folder: Path) -> list[Path]:
+    return sorted(
+        p
+        for p in folder.iterdir()
+        if p.is_dir() and not p.name.startswith(".") and p.name not in _IGNORED_DIRS
+    )
+
+
+def _find_child(folder: Path, names: Iterable[str]) -> Path | None:
+    wanted = {n.lower() for n in names}
+    for child in _subdirs(folder):
+        if child.name.lower() in wanted:
+            return child
+    return None
+
+
+def _read_class_folders(folder: Path, classes: list[str] | None, what: str) -> Dataset:
+    """Label DATA/<class>/** images; `classes` fixes the label order (else alphabetical)."""
+    dirs = _subdirs(folder)
+    if not dirs:
+        loose = _image_files(folder)
+        if loose:
+            raise DataError(
+                f"Found {len(loose)} images directly in {folder} but no class folders: "
+                f"put each class's images in {folder}/<class name>/"
+            )
+        raise DataError(
+            f"No images found in {folder} (looked for {', '.join(IMAGE_EXTENSIONS)}): "
+            f"add a folder per class with images in it"
+        )
+    names = [d.name for d in dirs]
+    if classes is not None:
+        unknown = [n for n in names if n not in classes]
+        if unknown:
+            raise DataError(
+                f"Class folder '{unknown[0]}' in {folder} is not one of the model's classes "
+                f"({', '.join(classes)}): remove or rename it"
+            )
+    order = list(classes) if classes is not None else names
+    files = {d.name: _image_files(d) for d in dirs}
+    if not any(files.values()):
+        raise DataError(
+            f"No images found in {folder} (looked for {', '.join(IMAGE_EXTENSIONS)}): "
+            f"add images to the class folders"
+        )
+    empty = [n for n in names if not files[n]]
+    if empty:
+        raise DataError(
+            f"Class folder '{empty[0]}' in {folder} has no images: add images or remove the folder"
+        )
+    if classes is None and len(names) < 2:
+        raise DataError(
+            f"{what} needs at least 2 classes, found 1 ('{names[0]}') in {folder}: "
+            f"add a folder per class"
+        )
+    samples = [Sample(p, order.index(name)) for name in names for p in files[name]]
+    samples.sort(key=lambda s: (s.label, str(s.path)))
+    return Dataset(samples, order, folder)
+
+
+def _split_stratified(ds: Dataset, val_fraction: float, seed: int) -> tuple[Dataset, Dataset | None]:
+    """Seeded per-class split; each class has its own stream so adding a class moves no others."""
+    if not 0.0 < val_fraction < 1.0:
+        raise EdgetuneError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
+    labels = ds.labels()
+    train_idx: list[int] = []
+    val_idx: list[int] = []
+    for label, name in enumerate(ds.classes):
+        idx = np.flatnonzero(labels == label)
+        if idx.size == 0:
+            continue
+        rng = np.random.default_rng([seed, zlib.crc32(name.encode("utf-8"))])
+        idx = rng.permutation(idx)
+        n_val = 0 if idx.size < 2 else min(idx.size - 1, max(1, round(idx.size * val_fraction)))
+        val_idx.extend(idx[:n_val].tolist())
+        train_idx.extend(idx[n_val:].tolist())
+    pick = lambda ids: [ds.samples[i] for i in sorted(ids)]  # noqa: E731 - keeps label-major order
+    train = replace(ds, samples=pick(train_idx))
+    if not val_idx:
+        logger.warning("No class in %s has 2 or more images, so there is no validation split", ds.root)
+        return train, None
+    return train, replace(ds, samples=pick(val_idx))
+
+
+def _missing_classes_warning(val: Dataset) -> None:
+    absent = [c for c, n in zip(val.classes, val.class_counts()) if n == 0]
+    if absent:
+        logger.warning("Validation set %s has no images of: %s", val.root, ", ".join(absent))
+
+
+def discover(
+    source: Path, *, val_fraction: float = 0.2, seed: int = 0, classes: list[str] | None = None
+) -> Splits:
+    """Find a labelled dataset at `source` and split it into train and val (see module docs)."""
+    source = Path(source)
+    if not source.exists():
+        raise DataError(
+            f"Dataset path {source} does not exist: pass a folder of class folders, "
+            f"a folder with train/ and val/, or a CSV file with path,label columns"
+        )
+    if source.is_file():
+        if source.suffix.lower() != ".csv":
+            raise DataError(f"{source} is a file but not a CSV: pass a folder or a CSV with path,label")
+        return _discover_csv(source, val_fraction=val_fraction, seed=seed, classes=classes)
+    train_dir = _find_child(source, ["train"])
+    val_dir = _find_child(source, VAL_DIR_NAMES)
+    if train_dir is not None and val_dir is not None:
+        train = _read_class_folders(train_dir, classes, "Training")
+        val = _read_class_folders(val_dir, train.classes, "Validation")
+        _missing_classes_warning(val)
+        return Splits(train, val, "train/val folders")
+    if train_dir is not None:
+        # DATA/train/<class> without a val folder: split it like plain class folders.
+        logger.info("No val/ folder beside %s: splitting %.0f%% of it off for validation", train_dir, val_fraction * 100)
+        source = train_dir
+    full = _read_class_folders(source, classes, "Training")
+    train, val = _split_stratified(full, val_fraction, seed)
+    return Splits(train, val, "class folders (seeded stratified split)")
+
+
+# --------------------------------------------------------------------------------------------- csv
+
+
+def _read_csv_rows(csv_path: Path) -> list[tuple[int, Path, str, str | None]]:
+    """(row number, resolved path, label, split or None) for each data row."""
+    with open(csv_path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        header = {(h or "").strip().lower(): h for h in reader.fieldnames or []}
+        missing = [c for c in ("path", "label") if c not in header]
+        if missing:
+            raise DataError(
+                f"CSV {csv_path} is missing column(s) {', '.join(missing)}: "
+                f"the first line must be a header like path,label (optionally ,split)"
+            )
+        rows = []
+        for row_no, row in enumerate(reader, start=2):
+            rel = (row[header["path"]] or "").strip()
+            label = (row[header["label"]] or "").strip()
+            split = (row.get(header["split"]) or "").strip().lower() if "split" in header else None
+            if not rel and not label:
+                continue
+            if not rel or not label:
+                raise DataError(f"CSV {csv_path} row {row_no}: empty path or label: fill it in or remove the row")
+            path = (csv_path.parent / rel) if not Path(rel).is_absolute() else Path(rel)
+            if not path.is_file():
+                raise DataError(
+                    f"CSV {csv_path} row {row_no}: file '{rel}' not found "
+                    f"(paths are relative to {csv_path.parent}): fix the path or remove the row"
+                )
+            if split is not None and split not in ("train", *VAL_DIR_NAMES):
+                raise DataError(
+                    f"CSV {csv_path} row {row_no}: split '{split}' is not train or val: fix the split column"
+                )
+            rows.append((row_no, path, label, split))
+    if not rows:
+        raise DataError(f"CSV {csv_path} has no data rows: add one row per image (path,label)")
+    return rows
+
+
+def _csv_dataset(csv_path: Path, rows, classes: list[str] | None) -> Dataset:
+    names = {label for _, _, label, _ in rows}
+    if classes is not None:
+        for row_no, _, label, _ in rows:
+            if label not in classes:
+                raise DataError(
+                    f"CSV {csv_path} row {row_no}: label '{label}' is not one of the model's classes "
+                    f"({', '.join(classes)})"
+                )
+        order = list(classes)
+    elif all(n.lstrip("-").isdigit() for n in names):
+        order = sorted(names, key=int)  # numeric labels: '10' after '9', not after '1'
+    else:
+        order = sorted(names)
+    samples = [Sample(path, order.index(label)) for _, path, label, _ in rows]
+    return Dataset(samples, order, csv_path.parent)
+
+
+def _discover_csv(csv_path: Path, *, val_fraction: float, seed: int, classes: list[str] | None) -> Splits:
+    rows = _read_csv_rows(csv_path)
+    full = _csv_dataset(csv_path, rows, classes)
+    if classes is None and len(full.classes) < 2:
+        raise DataError(
+            f"Training needs at least 2 classes, found 1 ('{full.classes[0]}') in {csv_path}: "
+            f"add rows for another class"
+        )
+    is_val = [split in VAL_DIR_NAMES for _, _, _, split in rows]
+    if any(is_val):
+        train = replace(full, samples=[s for s, v in zip(full.samples, is_val) if not v])
+        val = replace(full, samples=[s for s, v in zip(full.samples, is_val) if v])
+        if not train.samples:
+            raise DataError(f"CSV {csv_path} has no rows with split=train: mark some rows as train")
+        _missing_classes_warning(val)
+        return Splits(train, val, "csv")
+    train, val = _split_stratified(full, val_fraction, seed)
+    return Splits(train, val, "csv")
+
+
+def load_eval_set(path: Path, classes: list[str]) -> Dataset:
+    """The images to evaluate a trained run on, labelled in the run's class order."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"Evaluation data {path} does not exist: pass DATA/val or a CSV file")
+    if path.is_file():
+        if path.suffix.lower() != ".csv":
+            raise DataError(f"{path} is a file but not a CSV: pass a folder of class folders or a CSV")
+        rows = _read_csv_rows(path)
+        if any(split in VAL_DIR_NAMES for *_, split in rows):
+            rows = [r for r in rows if r[3] in VAL_DIR_NAMES]  # a split column: evaluate on val rows
+        return _csv_dataset(path, rows, classes)
+    if _find_child(path, ["train"]) is not None:
+        val_dir = _find_child(path, VAL_DIR_NAMES)
+        if val_dir is not None:
+            path = val_dir
+    return _read_class_folders(path, classes, "Evaluation")
+
+
+# ---------------------------------------------------------------------------------------- decoding
+
+_JPEG = b"\xff\xd8\xff"
+_PNG = b"\x89PNG\r\n\x1a\n"
+_GIF = (b"GIF87a", b"GIF89a")
+
+
+def _jpeg_truncated(data: bytes) -> bool:
+    # Entropy-coded data stuffs every 0xFF with 0x00, so a real EOI (FFD9) must follow the last
+    # start-of-scan (FFDA); trailing padding or vendor trailers after the EOI are allowed.
+    eoi = data.rfind(b"\xff\xd9")
+    return eoi == -1 or eoi < data.rfind(b"\xff\xda")
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """(height, width) from the first SOF marker, or None; lets a big JPEG decode reduced."""
+    i = 2
+    while i + 9 < len(data):
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        seg_len = int.from_bytes(data[i + 2 : i + 4], "big")
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            return int.from_bytes(data[i + 5 : i + 7], "big"), int.from_bytes(data[i + 7 : i + 9], "big")
+        i += 2 + seg_len
+    return None
+
+
+def _describe_undecodable(data: bytes) -> str:
+    head = data[:512].lstrip()
+    if head[:1] == b"<":
+        return "not an image (HTML/XML text, maybe a failed download)"
+    try:
+        head.decode("utf-8")
+        return "not an image (text file)"
+    except UnicodeDecodeError:
+        return "not an image (cannot decode)"
+
+
+def _decode_gif_fallback(buf: np.ndarray) -> np.ndarray | None:
+    # Builds without the GIF codec: try the multi-page decoder, which some builds route differently.
+    ok, frames = cv2.imdecodemulti(buf, cv2.IMREAD_COLOR) if hasattr(cv2, "imdecodemulti") else (False, [])
+    return frames[0] if ok and frames else None
+
+
+def _to_uint8(img: np.ndarray) -> np.ndarray:
+    if img.dtype == np.uint8:
+        return img
+    if img.dtype == np.uint16:
+        return (img >> 8).astype(np.uint8)  # keep the full range: 65535 -> 255, not clipped
+    if img.dtype.kind == "f":
+        scale = 255.0 if np.nanmax(img) <= 1.0 else 1.0  # float images are 0..1 by convention
+        return np.clip(np.nan_to_num(img) * scale + 0.5, 0, 255).astype(np.uint8)
+    if img.dtype.kind in "iu":
+        info = np.iinfo(img.dtype)
+        return (np.clip(img.astype(np.float64), 0, None) * (255.0 / info.max) + 0.5).astype(np.uint8)
+    raise ValueError(f"unsupported pixel type {img.dtype}")
+
+
+def _to_rgb(img: np.ndarray) -> np.ndarray:
+    img = _to_uint8(img)
+    if img.ndim == 2 or img.shape[2] == 1:
+        return cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)
+    if img.shape[2] == 4:
+        alpha = img[:, :, 3:4].astype(np.float32) * (1.0 / 255.0)
+        bgr = img[:, :, :3].astype(np.float32) * alpha + ALPHA_BACKGROUND * (1.0 - alpha)
+        return cv2.cvtColor((bgr + 0.5).astype(np.uint8), cv2.COLOR_BGR2RGB)
+    if img.shape[2] == 2:  # grey + alpha
+        return _to_rgb(cv2.merge([img[:, :, 0]] * 3 + [img[:, :, 1]]))
+    return cv2.cvtColor(img[:, :, :3], cv2.COLOR_BGR2RGB)
+
+
+def read_image(path: Path, *, min_side: int | None = None) -> np.ndarray:
+    """Decode one image file to HxWx3 uint8 RGB, or raise ImageReadError saying why not.
+
+    `min_side` lets large JPEGs decode at 1/2, 1/4 or 1/8 scale while the shorter side stays at
+    least `min_side` (several times faster for phone photos); callers still resize exactly.
+    """
+    path = Path(path)
+    try:
+        data = path.read_bytes()  # Python I/O, not cv2.imread: unicode paths work on every OS
+    except OSError as e:
+        raise ImageReadError(path, f"cannot open file ({e.strerror or e})") from None
+    if not data:
+        raise ImageReadError(path, "zero-byte file")
+    buf = np.frombuffer(data, np.uint8)
+    if data.startswith(_JPEG):
+        # Older OpenCV decodes truncated JPEGs with grey fill instead of failing.
+        if _jpeg_truncated(data):
+            raise ImageReadError(path, "truncated JPEG (no end-of-image marker)")
+        # JPEG has no alpha or >8-bit depth to inspect; IMREAD_COLOR also converts CMYK and
+        # applies the EXIF orientation, as photo viewers do.
+        flag = cv2.IMREAD_COLOR
+        size = _jpeg_size(data) if min_side else None
+        if size:
+            for factor, reduced in ((8, cv2.IMREAD_REDUCED_COLOR_8), (4, cv2.IMREAD_REDUCED_COLOR_4),
+                                    (2, cv2.IMREAD_REDUCED_COLOR_2)):
+                if min(size) // factor >= min_side:
+                    flag = reduced
+                    break
+        img = cv2.imdecode(buf, flag)
+    else:
+        if data.startswith(_PNG) and data.rfind(b"IEND") == -1:
+            raise ImageReadError(path, "truncated PNG (no IEND chunk)")
+        # UNCHANGED keeps alpha and 16-bit depth so they can be converted properly below.
+        img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+        if img is None and data.startswith(_GIF):
+            img = _decode_gif_fallback(buf)
+    if img is None or img.size == 0:
+        raise ImageReadError(path, _describe_undecodable(data))
+    try:
+        return _to_rgb(img)
+    except (ValueError, cv2.error) as e:
+        raise ImageReadError(path, f"unsupported image format ({e})") from None
+
+
+def shrink(img: np.ndarray, *, min_side: int | None = None, max_side: int | None = None) -> np.ndarray:
+    """Downscale (never upscale) so the shorter side is <= min_side and the longer <= max_side."""
+    h, w = img.shape[:2]
+    scale = 1.0
+    if min_side:
+        scale = min(scale, min_side / min(h, w))
+    if max_side:
+        scale = min(scale, max_side / max(h, w))
+    if scale >= 1.0:
+        return img
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return cv2.resize(img, size, interpolation=cv2.INTER_AREA)
+
+
+def _load(path: Path, min_side: int | None, max_side: int | None) -> np.ndarray:
+    return shrink(read_image(path, min_side=min_side), min_side=min_side, max_side=max_side)
+
+
+def _display(path: Path, root: Path) -> str:
+    try:
+        return path.relative_to(root.parent).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def decode_images(
+    dataset: Dataset,
+    *,
+    max_side: int | None = None,
+    min_side: int | None = None,
+    workers: int = 2,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[list[np.ndarray], Dataset, list[Skipped]]:
+    """Decode every image (threads: OpenCV releases the GIL), shrunk to keep memory small.
+
+    Returns the images in dataset order, the dataset without the unreadable samples, and those.
+    """
+    results: list[np.ndarray | None] = [None] * len(dataset)
+    reasons: dict[int, str] = {}
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        futures = {pool.submit(_load, s.path, min_side, max_side): i for i, s in enumerate(dataset.samples)}
+        for done, future in enumerate(as_completed(futures), start=1):
+            i = futures[future]
+            try:
+                results[i] = future.result()
+            except ImageReadError as e:
+                reasons[i] = e.reason
+            if progress is not None:
+                progress(done)
+    skipped = [Skipped(dataset.samples[i].path, reasons[i]) for i in sorted(reasons)]
+    kept = [i for i in range(len(dataset)) if i not in reasons]
+    if skipped:
+        listed = ", ".join(f"{_display(s.path, dataset.root)} ({s.reason})" for s in skipped[:10])
+        more = f", and {len(skipped) - 10} more" if len(skipped) > 10 else ""
+        logger.warning(
+            "Skipped %d of %d images that could not be read: %s%s", len(skipped), len(dataset), listed, more
+        )
+    clean = replace(dataset, samples=[dataset.samples[i] for i in kept])
+    _check_not_emptied(dataset, clean)
+    return [results[i] for i in kept], clean, skipped
+
+
+def _check_not_emptied(before: Dataset, after: Dataset) -> None:
+    if len(before) and not len(after):
+        raise DataError(f"None of the {len(before)} images in {before.root} could be read: see the warning above")
+    lost = [c for c, b, a in zip(before.classes, before.class_counts(), after.class_counts()) if b and not a]
+    if lost:
+        raise DataError(
+            f"Class '{lost[0]}' in {before.root} has no readable images left: replace its unreadable files"
+        )
+
+
+# ---------------------------------------------------------------------------------------- balance
+
+
+def class_weights(labels: np.ndarray, n_classes: int) -> np.ndarray:
+    """Inverse-frequency loss weights, mean 1.0 over the classes present; absent classes get 0."""
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=n_classes)[:n_classes]
+    weights = np.zeros(n_classes, dtype=np.float64)
+    present = counts > 0
+    weights[present] = 1.0 / counts[present]
+    if present.any():
+        weights[present] /= weights[present].mean()
+    return weights.astype(np.float32)
+
+
+def balanced_indices(labels: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """`n` sample indices drawn so that every present class is equally likely (with replacement)."""
+    labels = np.asarray(labels, dtype=np.int64)
+    present = np.unique(labels)
+    if present.size == 0:
+        raise DataError("Cannot draw balanced samples from an empty dataset")
+    picked_class = rng.choice(present, size=n)
+    out = np.empty(n, dtype=np.int64)
+    for c in present:
+        slots = np.flatnonzero(picked_class == c)
+        members = np.flatnonzero(labels == c)
+        out[slots] = members[rng.integers(0, members.size, size=slots.size)]
+    return out
