@@ -1,0 +1,84 @@
+"""Turn torch modules into inference-engine models: OpenVINO IR and ONNX.
+
+Shared by the feature engines (a frozen backbone) and the exporters (the whole classifier), so a
+model is converted one way everywhere. Every converted model takes float32 NCHW RGB in 0-255 at
+the backbone's input size: normalisation lives inside the graph, so no runtime can forget it.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from toolkit.backbones import BackboneSpec
+
+logger = logging.getLogger(__name__)
+
+# onnxruntime-training 1.19 reads IR <= 10 and opset <= 21; 17 is what every current runtime runs.
+ONNX_OPSET = 17
+ONNX_MAX_IR = 10
+
+
+def with_normalization(module: Any, spec: BackboneSpec):
+    """Wrap `module` so it takes 0-255 RGB and applies the backbone's own normalisation."""
+    import torch
+
+    class Normalized(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = module
+            self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1))
+            self.register_buffer("inv_std", 1.0 / torch.tensor(spec.std).view(1, 3, 1, 1))
+
+        def forward(self, x):
+            return self.inner((x - self.mean) * self.inv_std)
+
+    return Normalized().eval()
+
+
+def to_openvino(module: Any, input_size: int, *, batch: int = -1):
+    """Convert an eval-mode torch module to an in-memory openvino.Model (dynamic batch by default)."""
+    import openvino as ov
+    import torch
+
+    with torch.no_grad():
+        return ov.convert_model(
+            module,
+            example_input=torch.zeros(1, 3, input_size, input_size),
+            input=[(batch, 3, input_size, input_size)],
+        )
+
+
+def to_onnx(
+    module: Any,
+    path: Path,
+    input_size: int,
+    *,
+    input_name: str = "image",
+    output_names: tuple[str, ...] = ("features",),
+    dynamic_batch: bool = True,
+    batch: int = 1,
+) -> None:
+    """Export an eval-mode torch module to ONNX at `path` (IR version capped for ORT training)."""
+    import onnx
+    import torch
+
+    axes = {n: {0: "batch"} for n in (input_name, *output_names)} if dynamic_batch else None
+    with torch.no_grad():
+        # The TorchScript exporter gives a plain, stable graph; the dynamo one needs onnxscript
+        # and writes IR versions older runtimes reject.
+        torch.onnx.export(
+            module,
+            (torch.zeros(batch, 3, input_size, input_size),),
+            str(path),
+            dynamo=False,
+            opset_version=ONNX_OPSET,
+            input_names=[input_name],
+            output_names=list(output_names),
+            dynamic_axes=axes,
+        )
+    model = onnx.load(str(path))
+    if model.ir_version > ONNX_MAX_IR:
+        model.ir_version = ONNX_MAX_IR
+        onnx.save(model, str(path))

@@ -1,0 +1,289 @@
+"""The frozen backbone as a feature engine, and the pipeline that feeds it augmented views.
+
+The backbone never needs gradients, so it runs on the fastest inference engine the machine has
+(OpenVINO here: ~25x eager torch on 2 CPU cores) while OpenCV builds the next batches of views in
+worker threads (cv2 and OpenVINO both release the GIL). Engines take uint8 NHWC RGB batches at the
+backbone's input size and return float32 (N, feature_dim).
+"""
+
+from __future__ import annotations
+
+import abc
+import hashlib
+import logging
+import os
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from toolkit import __version__
+from toolkit.backbones import BackboneSpec, create_backbone, get_spec
+
+logger = logging.getLogger(__name__)
+
+
+def cache_dir() -> Path:
+    """Per-user cache for converted backbones (never inside a run: runs stay small)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "edgetune"
+
+
+def _to_nchw_float(batch: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(batch.transpose(0, 3, 1, 2), dtype=np.float32)
+
+
+class FeatureEngine(abc.ABC):
+    """Runs a frozen backbone. Subclasses set `runtime`, `device` and implement `_run`."""
+
+    runtime = "?"
+    static_batch: int | None = None  # NPUs compile for one batch size: shorter batches are padded
+
+    def __init__(self, spec: BackboneSpec, device: str, precision: str) -> None:
+        self.spec, self.device, self.precision = spec, device, precision
+
+    @property
+    def name(self) -> str:
+        return f"{self.spec.name} on {self.runtime}:{self.device} ({self.precision})"
+
+    def extract(self, batch: np.ndarray) -> np.ndarray:
+        n = len(batch)
+        if self.static_batch and n != self.static_batch:
+            pad = np.zeros((self.static_batch - n, *batch.shape[1:]), batch.dtype)
+            return self._run(np.concatenate([batch, pad]))[:n]
+        return self._run(batch)
+
+    @abc.abstractmethod
+    def _run(self, batch: np.ndarray) -> np.ndarray:
+        """Features for one batch of exactly the engine's batch size (if static)."""
+
+    def extract_many(self, batches, out: np.ndarray) -> None:
+        """Consume (offset, batch) pairs into `out`. Engines with async queues override this."""
+        for offset, batch in batches:
+            out[offset : offset + len(batch)] = self.extract(batch)
+
+
+class TorchEngine(FeatureEngine):
+    runtime = "torch"
+
+    def __init__(self, spec: BackboneSpec, device: str = "cpu", precision: str = "fp32") -> None:
+        super().__init__(spec, device, precision)
+        import torch
+
+        from toolkit.convert import with_normalization
+
+        self._torch = torch
+        self.model = with_normalization(create_backbone(spec.name), spec).to(device)
+
+    def _run(self, batch: np.ndarray) -> np.ndarray:
+        torch = self._torch
+        with torch.inference_mode():
+            x = torch.from_numpy(_to_nchw_float(batch)).to(self.device)
+            return self.model(x).float().cpu().numpy()
+
+
+class OpenVINOEngine(FeatureEngine):
+    runtime = "openvino"
+
+    def __init__(
+        self,
+        spec: BackboneSpec,
+        device: str = "CPU",
+        precision: str = "fp32",
+        *,
+        calibration: Sequence[np.ndarray] | None = None,
+        batch: int = 32,
+    ) -> None:
+        super().__init__(spec, device, precision)
+        import openvino as ov
+
+        from devices.openvino_compile import compile_model, needs_static_shapes
+
+        model = _openvino_backbone(spec, precision, calibration)
+        # Take uint8 NHWC straight from OpenCV; the layout change and cast run inside OpenVINO.
+        ppp = ov.preprocess.PrePostProcessor(model)
+        ppp.input().tensor().set_element_type(ov.Type.u8).set_layout(ov.Layout("NHWC"))
+        ppp.input().model().set_layout(ov.Layout("NCHW"))
+        model = ppp.build()
+        if needs_static_shapes(device):
+            self.static_batch = batch
+        self.compiled = compile_model(model, device, batch=self.static_batch)
+        self._ov = ov
+
+    def _run(self, batch: np.ndarray) -> np.ndarray:
+        return self.compiled(np.ascontiguousarray(batch))[0]
+
+    def extract_many(self, batches, out: np.ndarray) -> None:
+        # One infer request per stream keeps every core busy while Python builds the next batch.
+        queue = self._ov.AsyncInferQueue(self.compiled)
+
+        def done(request, userdata):
+            offset, n = userdata
+            out[offset : offset + n] = request.get_output_tensor(0).data[:n]
+
+        queue.set_callback(done)
+        for offset, batch in batches:
+            n = len(batch)
+            if self.static_batch and n != self.static_batch:
+                pad = np.zeros((self.static_batch - n, *batch.shape[1:]), batch.dtype)
+                batch = np.concatenate([batch, pad])
+            queue.start_async({0: np.ascontiguousarray(batch)}, (offset, n))
+        queue.wait_all()
+
+
+class ONNXRuntimeEngine(FeatureEngine):
+    runtime = "onnxruntime"
+
+    def __init__(self, spec: BackboneSpec, device: str = "CPUExecutionProvider", precision: str = "fp32") -> None:
+        super().__init__(spec, device, precision)
+        import onnxruntime as ort
+
+        path = _cached_onnx_backbone(spec)
+        self.session = ort.InferenceSession(str(path), providers=[device])
+        self.input_name = self.session.get_inputs()[0].name
+
+    def _run(self, batch: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input_name: _to_nchw_float(batch)})[0]
+
+
+ENGINES: dict[str, type[FeatureEngine]] = {
+    "torch": TorchEngine,
+    "openvino": OpenVINOEngine,
+    "onnxruntime": ONNXRuntimeEngine,
+}
+
+
+def create_engine(
+    backbone: str,
+    runtime: str = "openvino",
+    device: str = "CPU",
+    *,
+    precision: str = "fp32",
+    calibration: Sequence[np.ndarray] | None = None,
+) -> FeatureEngine:
+    """Build the feature engine for `backbone` on `runtime`/`device`.
+
+    precision "int8" (OpenVINO only) quantizes the backbone with NNCF on `calibration` views, so
+    the head learns on the same int8 features an int8 export will produce.
+    """
+    spec = get_spec(backbone)
+    if precision not in ("fp32", "fp16", "int8"):
+        from toolkit.errors import EdgetuneError
+
+        raise EdgetuneError(f"Unknown backbone precision '{precision}'. Use fp32, fp16 or int8.")
+    if runtime == "openvino":
+        return OpenVINOEngine(spec, device, precision, calibration=calibration)
+    if precision != "fp32":
+        from toolkit.errors import EdgetuneError
+
+        raise EdgetuneError(
+            f"Backbone precision {precision} needs the OpenVINO engine; {runtime} runs fp32."
+        )
+    return ENGINES[runtime](spec, device)
+
+
+def _openvino_backbone(spec: BackboneSpec, precision: str, calibration):
+    """The backbone as an openvino.Model, converted once per version and cached on disk."""
+    import openvino as ov
+
+    core = ov.Core()
+    key = f"{spec.name}-{__version__}-ov{ov.__version__.split('-')[0]}"
+    path = cache_dir() / "openvino" / f"{key}.xml"
+    if path.exists():
+        model = core.read_model(str(path))
+    else:
+        from toolkit.convert import to_openvino, with_normalization
+
+        model = to_openvino(with_normalization(create_backbone(spec.name), spec), spec.input_size)
+        _save_ir_atomically(model, path)
+    if precision == "fp16":
+        # The CPU plugin computes in fp32 (or bf16) anyway; fp16 matters for GPU/NPU devices,
+        # which pick it up through INFERENCE_PRECISION_HINT in devices.openvino_compile.
+        return model
+    if precision == "int8":
+        return _quantize_backbone(model, calibration)
+    return model
+
+
+def _quantize_backbone(model, calibration):
+    import nncf
+
+    if not calibration:
+        from toolkit.errors import EdgetuneError
+
+        raise EdgetuneError("int8 backbone needs calibration images (the training set's clean views).")
+    data = [_to_nchw_float(v[None]) for v in calibration]
+    logger.info("Quantizing the backbone to int8 with NNCF on %d views", len(data))
+    return nncf.quantize(model, nncf.Dataset(data), subset_size=len(data), fast_bias_correction=True)
+
+
+def _save_ir_atomically(model, path: Path) -> None:
+    import openvino as ov
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent))
+    try:
+        ov.save_model(model, str(tmp / "m.xml"), compress_to_fp16=False)
+        # .bin first: a reader that finds the .xml always finds its weights beside it.
+        os.replace(tmp / "m.bin", path.with_suffix(".bin"))
+        os.replace(tmp / "m.xml", path)
+    finally:
+        for f in tmp.glob("*"):
+            f.unlink()
+        tmp.rmdir()
+
+
+def _cached_onnx_backbone(spec: BackboneSpec) -> Path:
+    import torch
+
+    key = hashlib.sha1(f"{spec.name}-{__version__}-{torch.__version__}".encode()).hexdigest()[:12]
+    path = cache_dir() / "onnx" / f"{spec.name}-{key}.onnx"
+    if not path.exists():
+        from toolkit.convert import to_onnx, with_normalization
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        to_onnx(with_normalization(create_backbone(spec.name), spec), tmp, spec.input_size)
+        os.replace(tmp, path)
+    return path
+
+
+def extract_features(
+    engine: FeatureEngine,
+    make_view: Callable[[int], np.ndarray],
+    count: int,
+    *,
+    batch_size: int = 32,
+    workers: int = 2,
+    progress: Callable[[int], None] | None = None,
+) -> np.ndarray:
+    """Features for views 0..count-1, where `make_view(k)` returns view k as uint8 HxWx3.
+
+    Views are built in worker threads a few batches ahead of the engine. Each view's randomness
+    must come from `k` alone (not from thread timing) so the result is the same on every run.
+    Returns float16 (count, feature_dim): half the memory, and plenty for a linear head.
+    """
+    out = np.empty((count, engine.spec.feature_dim), np.float32)
+    starts = range(0, count, batch_size)
+
+    def build(start: int) -> np.ndarray:
+        return np.stack([make_view(k) for k in range(start, min(start + batch_size, count))])
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+
+        def batches():
+            ahead = max(2, workers * 2)  # bounded look-ahead keeps memory flat
+            pending = [pool.submit(build, s) for s in starts[:ahead]]
+            for i, s in enumerate(starts):
+                batch = pending[i].result()
+                pending[i] = None  # free the batch once handed over
+                if i + ahead < len(starts):
+                    pending.append(pool.submit(build, starts[i + ahead]))
+                yield s, batch
+                if progress:
+                    progress(min(s + batch_size, count))
+
+        engine.extract_many(batches(), out)
+    return out.astype(np.float16)

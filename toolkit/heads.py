@@ -1,0 +1,80 @@
+"""Small classifier heads trained on frozen-backbone features.
+
+Both heads standardise their input with statistics of the training features (stored as buffers,
+so they travel with the weights into every export): ReLU6-pooled features sit far from zero mean,
+and AdamW with weight decay converges much faster on standardised inputs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+HEAD_KINDS = ("linear", "mlp")
+
+
+def create_head(
+    kind: str,
+    in_dim: int,
+    n_classes: int,
+    *,
+    hidden: int = 256,
+    dropout: float = 0.2,
+    feature_mean: np.ndarray | None = None,
+    feature_std: np.ndarray | None = None,
+):
+    import torch
+    from torch import nn
+
+    class Head(nn.Module):
+        def __init__(self):
+            super().__init__()
+            mean = torch.zeros(in_dim) if feature_mean is None else torch.as_tensor(feature_mean, dtype=torch.float32)
+            std = torch.ones(in_dim) if feature_std is None else torch.as_tensor(feature_std, dtype=torch.float32)
+            self.register_buffer("feature_mean", mean)
+            # A dead channel (std 0) would divide by zero: treat it as unit scale.
+            self.register_buffer("feature_inv_std", 1.0 / torch.where(std > 1e-6, std, torch.ones_like(std)))
+            if kind == "linear":
+                self.layers = nn.Sequential(nn.Dropout(dropout), nn.Linear(in_dim, n_classes))
+            elif kind == "mlp":
+                self.layers = nn.Sequential(
+                    nn.Dropout(dropout),
+                    nn.Linear(in_dim, hidden),
+                    nn.ReLU(inplace=True),
+                    nn.Dropout(dropout),
+                    nn.Linear(hidden, n_classes),
+                )
+            else:
+                from toolkit.errors import EdgetuneError
+
+                raise EdgetuneError(f"Unknown head '{kind}'. Use one of: {', '.join(HEAD_KINDS)}.")
+
+        def forward(self, features):
+            return self.layers((features - self.feature_mean) * self.feature_inv_std)
+
+    return Head()
+
+
+def head_from_config(cfg: dict[str, Any], in_dim: int, n_classes: int):
+    return create_head(cfg["head"], in_dim, n_classes, hidden=cfg["hidden"], dropout=cfg["dropout"])
+
+
+def decay_groups(module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW parameter groups: decay weight matrices only, never biases or norm parameters."""
+    decay = [p for p in module.parameters() if p.requires_grad and p.ndim >= 2]
+    rest = [p for p in module.parameters() if p.requires_grad and p.ndim < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+
+
+def numpy_head(state: dict[str, np.ndarray], kind: str):
+    """The trained head as a numpy function (features -> logits): inference without torch."""
+
+    def forward(features: np.ndarray) -> np.ndarray:
+        x = (features.astype(np.float32) - state["feature_mean"]) * state["feature_inv_std"]
+        if kind == "linear":
+            return x @ state["layers.1.weight"].T + state["layers.1.bias"]
+        h = np.maximum(x @ state["layers.1.weight"].T + state["layers.1.bias"], 0.0)
+        return h @ state["layers.4.weight"].T + state["layers.4.bias"]
+
+    return forward

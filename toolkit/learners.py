@@ -1,0 +1,339 @@
+"""What the epoch loop trains: a head on cached features, or a head plus the backbone's tail.
+
+Both learners expose the same small interface (train_epoch, validate, state / load_state,
+model_tensors, stats), so `toolkit.train` runs one loop for both.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from toolkit import __version__, atomic
+from toolkit.backbones import get_spec
+from toolkit.heads import create_head, decay_groups
+
+logger = logging.getLogger(__name__)
+
+
+def engine_for(device, backbone: str, *, precision: str = "fp32", calibration=None):
+    """The feature engine for a devices.Device chosen by the planner."""
+    from toolkit.features import create_engine
+
+    runtime, _, name = device.id.partition(":")
+    if device.runtime.value == "openvino":
+        return create_engine(backbone, "openvino", name, precision=precision, calibration=calibration)
+    if device.runtime.value == "onnxruntime":
+        return create_engine(backbone, "onnxruntime", name, precision=precision)
+    return create_engine(backbone, "torch", device.id, precision=precision)
+
+
+def soft_cross_entropy(logits, targets, weights=None):
+    import torch
+
+    loss = -(targets * torch.log_softmax(logits, dim=1)).sum(dim=1)
+    if weights is not None:
+        loss = loss * weights
+    return loss.mean()
+
+
+class _Base:
+    """Shared head, optimizer, loss and checkpoint plumbing."""
+
+    def __init__(self, config, prep, plan, state_dir: Path, progress) -> None:
+        import torch
+
+        self.torch = torch
+        self.config, self.prep, self.plan = config, prep, plan
+        self.state_dir, self.progress = Path(state_dir), progress
+        self.spec = get_spec(config.backbone)
+        self.n_classes = len(prep.classes)
+        self.device = torch.device(plan.head.id)
+        self._stats: dict[str, Any] = {"devices": plan.reason}
+        from toolkit.data import class_weights
+
+        self.class_weight = None
+        if config.balance == "weights":
+            w = class_weights(prep.train_labels, self.n_classes)
+            self.class_weight = torch.from_numpy(w).to(self.device)
+
+    def _targets(self, y, rng: np.random.Generator):
+        """Label-smoothed one-hot targets, and the mixup partner permutation and weight."""
+        torch = self.torch
+        eps = self.config.label_smoothing
+        t = torch.full((len(y), self.n_classes), eps / self.n_classes, device=self.device)
+        t[torch.arange(len(y)), y] += 1.0 - eps
+        lam, perm = 1.0, None
+        if self.config.mixup > 0 and len(y) > 1:
+            lam = float(rng.beta(self.config.mixup, self.config.mixup))
+            perm = torch.from_numpy(rng.permutation(len(y))).to(self.device)
+            t = lam * t + (1 - lam) * t[perm]
+        return t, lam, perm
+
+    def _sample_weights(self, y):
+        return None if self.class_weight is None else self.class_weight[y]
+
+    def _epoch_order(self, labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        if self.config.balance == "sampler":
+            from toolkit.data import balanced_indices
+
+            return balanced_indices(labels, len(labels), rng)
+        return rng.permutation(len(labels))
+
+    # checkpoint: model tensors plus AdamW moments; param_groups are rebuilt from the config.
+    def state(self) -> dict[str, np.ndarray]:
+        tensors = self.model_tensors()
+        for idx, st in self.optimizer.state_dict()["state"].items():
+            for name, value in st.items():
+                tensors[f"optim.{idx}.{name}"] = value.detach().cpu().numpy().reshape(value.shape)
+        return tensors
+
+    def load_state(self, tensors: dict[str, np.ndarray]) -> None:
+        torch = self.torch
+        self.load_model_tensors(tensors)
+        sd = self.optimizer.state_dict()
+        state: dict[int, dict[str, Any]] = {}
+        for key, value in tensors.items():
+            if key.startswith("optim."):
+                _, idx, name = key.split(".", 2)
+                state.setdefault(int(idx), {})[name] = torch.from_numpy(value.copy()).to(
+                    self.device if name != "step" else "cpu"
+                )
+        sd["state"] = state
+        self.optimizer.load_state_dict(sd)
+
+    def stats(self) -> dict[str, Any]:
+        return self._stats
+
+
+class FeatureHeadLearner(_Base):
+    """Head on cached features of K augmented views (+1 clean) per training image."""
+
+    def __init__(self, config, prep, plan, state_dir: Path, progress) -> None:
+        super().__init__(config, prep, plan, state_dir, progress)
+        torch = self.torch
+        self._engine = None
+        self.train_feats, self.val_feats = self._features()
+        flat = self.train_feats.reshape(-1, self.train_feats.shape[-1]).astype(np.float32)
+        torch.manual_seed(config.seed)
+        self.head = create_head(
+            config.head, self.spec.feature_dim, self.n_classes, hidden=config.hidden,
+            dropout=config.dropout, feature_mean=flat.mean(0), feature_std=flat.std(0),
+        ).to(self.device)
+        self.optimizer = torch.optim.AdamW(decay_groups(self.head, config.weight_decay), lr=config.lr)
+        self.val_x = torch.from_numpy(self.val_feats.astype(np.float32)).to(self.device)
+        self.val_y = torch.from_numpy(prep.val_labels).to(self.device)
+
+    # -- features ------------------------------------------------------------------------------
+    def engine(self):
+        if self._engine is None:
+            calib = None
+            if self.config.backbone_precision == "int8":
+                from toolkit.augment import eval_view
+
+                calib = [eval_view(im, self.spec.input_size) for im in self.prep.train_images[:300]]
+            self._engine = engine_for(self.plan.features, self.config.backbone,
+                                      precision=self.config.backbone_precision, calibration=calib)
+        return self._engine
+
+    def _cache_key(self) -> str:
+        from toolkit.augment import augmentation_config
+
+        c = self.config
+        parts = [__version__, self.prep.data_key, c.backbone, c.backbone_precision, c.views, c.seed,
+                 json.dumps(augmentation_config(c.augment, c.augment_overrides), sort_keys=True)]
+        return hashlib.sha1(repr(parts).encode()).hexdigest()[:16]
+
+    def _features(self) -> tuple[np.ndarray, np.ndarray]:
+        """(train: N x (1+K) x D, val: M x D), from the run's cache when the inputs match."""
+        path = self.state_dir / f"features-{self._cache_key()}.npz"
+        if path.exists():
+            with np.load(path) as z:
+                logger.info("Using cached features from %s", path)
+                return z["train"], z["val"]
+        t0 = time.perf_counter()
+        train = self._extract_views(epoch=None, views=1 + self.config.views, include_clean=True)
+        val = self._extract_clean(self.prep.val_images, "val features")
+        seconds = time.perf_counter() - t0
+        n = train.shape[0] * train.shape[1] + len(val)
+        self._stats.update({"feature_engine": self.engine().name, "feature_seconds": round(seconds, 2),
+                            "views_per_second": round(n / seconds, 1)})
+        buf = io.BytesIO()
+        np.savez(buf, train=train, val=val)
+        atomic.write_bytes(path, buf.getvalue())
+        return train, val
+
+    def _extract_views(self, epoch: int | None, views: int, include_clean: bool) -> np.ndarray:
+        from toolkit.augment import build_augmentation, eval_view
+        from toolkit.features import extract_features
+
+        c, size = self.config, self.spec.input_size
+        aug = build_augmentation(c.augment, size=size, overrides=c.augment_overrides)
+        images = self.prep.train_images
+
+        def make_view(k: int) -> np.ndarray:
+            i, v = divmod(k, views)
+            if include_clean and v == 0:
+                return eval_view(images[i], size)
+            # The view's randomness depends only on (seed, epoch, image, view), never on threads.
+            seed = [c.seed, i, v] if epoch is None else [c.seed, 1 + epoch, i, v]
+            return aug(images[i], np.random.default_rng(seed))
+
+        total = len(images) * views
+        feats = extract_features(self.engine(), make_view, total, workers=c.workers,
+                                 progress=lambda d: self.progress("train features", d, total))
+        return feats.reshape(len(images), views, -1)
+
+    def _extract_clean(self, images: list[np.ndarray], stage: str) -> np.ndarray:
+        from toolkit.augment import eval_view
+        from toolkit.features import extract_features
+
+        size = self.spec.input_size
+        return extract_features(self.engine(), lambda k: eval_view(images[k], size), len(images),
+                                workers=self.config.workers,
+                                progress=lambda d: self.progress(stage, d, len(images)))
+
+    # -- epochs --------------------------------------------------------------------------------
+    def train_epoch(self, epoch: int) -> float:
+        torch, c = self.torch, self.config
+        rng = np.random.default_rng([c.seed, 7919, epoch])
+        torch.manual_seed(c.seed * 100_003 + epoch)
+        feats = self.train_feats
+        if c.fresh_views and epoch > 0:
+            fresh = self._extract_views(epoch, views=c.views, include_clean=False)
+            feats = np.concatenate([self.train_feats[:, :1], fresh], axis=1)
+        n, v, d = feats.shape
+        x_all = feats.reshape(n * v, d)
+        y_all = np.repeat(self.prep.train_labels, v)
+        order = self._epoch_order(y_all, rng)
+        self.head.train()
+        losses = []
+        for start in range(0, len(order), c.batch_size):
+            idx = order[start : start + c.batch_size]
+            x = torch.from_numpy(x_all[idx].astype(np.float32)).to(self.device)
+            y = torch.from_numpy(y_all[idx]).to(self.device)
+            t, lam, perm = self._targets(y, rng)
+            if perm is not None:
+                x = lam * x + (1 - lam) * x[perm]
+            loss = soft_cross_entropy(self.head(x), t, self._sample_weights(y))
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            losses.append(loss.item())
+        return float(np.mean(losses))
+
+    def validate(self, return_predictions: bool = False):
+        torch = self.torch
+        self.head.eval()
+        with torch.no_grad():
+            logits = self.head(self.val_x)
+            loss = torch.nn.functional.cross_entropy(logits, self.val_y).item()
+            pred = logits.argmax(1)
+            acc = (pred == self.val_y).float().mean().item()
+        return (loss, acc, pred.cpu().numpy()) if return_predictions else (loss, acc)
+
+    def model_tensors(self) -> dict[str, np.ndarray]:
+        return {f"head.{k}": v.detach().cpu().numpy() for k, v in self.head.state_dict().items()}
+
+    def load_model_tensors(self, tensors: dict[str, np.ndarray]) -> None:
+        torch = self.torch
+        self.head.load_state_dict({k[5:]: torch.from_numpy(v.copy()) for k, v in tensors.items()
+                                   if k.startswith("head.")})
+
+
+class UnfrozenLearner(_Base):
+    """Head plus the last N backbone blocks, trained end to end in torch on fresh views.
+
+    BatchNorm stays in eval mode: a few hundred images would wreck ImageNet's statistics.
+    """
+
+    def __init__(self, config, prep, plan, state_dir: Path, progress) -> None:
+        super().__init__(config, prep, plan, state_dir, progress)
+        torch = self.torch
+        from toolkit.backbones import create_backbone
+        from toolkit.convert import with_normalization
+
+        torch.manual_seed(config.seed)
+        backbone = create_backbone(config.backbone)
+        n = min(config.unfreeze, self.spec.num_blocks)
+        for p in backbone.parameters():
+            p.requires_grad_(False)
+        self.tail = backbone.tail_parameters(n)
+        for p in self.tail:
+            p.requires_grad_(True)
+        self.tail_names = {name for name, p in backbone.named_parameters() if p.requires_grad}
+        self.backbone = backbone
+        self.head = create_head(config.head, self.spec.feature_dim, self.n_classes,
+                                hidden=config.hidden, dropout=config.dropout)
+        self.model = with_normalization(torch.nn.Sequential(backbone, self.head), self.spec).to(self.device)
+        groups = decay_groups(self.head, config.weight_decay)
+        # The pretrained tail moves ten times slower than the fresh head.
+        groups += [{**g, "lr": config.lr * 0.1} for g in decay_groups(backbone, config.weight_decay)]
+        self.optimizer = torch.optim.AdamW(groups, lr=config.lr)
+        from toolkit.augment import build_augmentation, eval_view
+
+        self.aug = build_augmentation(config.augment, size=self.spec.input_size, overrides=config.augment_overrides)
+        size = self.spec.input_size
+        self.val_x = np.stack([eval_view(im, size) for im in prep.val_images])
+        self._stats["unfrozen_blocks"] = n
+
+    def _batch(self, views: np.ndarray):
+        torch = self.torch
+        x = torch.from_numpy(np.ascontiguousarray(views.transpose(0, 3, 1, 2))).float()
+        return x.to(self.device)
+
+    def train_epoch(self, epoch: int) -> float:
+        torch, c = self.torch, self.config
+        rng = np.random.default_rng([c.seed, 7919, epoch])
+        torch.manual_seed(c.seed * 100_003 + epoch)
+        labels = self.prep.train_labels
+        order = self._epoch_order(labels, rng)
+        self.model.eval()  # BatchNorm frozen; dropout in the head switched on below
+        self.head.train()
+        losses = []
+        for start in range(0, len(order), c.batch_size):
+            idx = order[start : start + c.batch_size]
+            views = np.stack([self.aug(self.prep.train_images[i], np.random.default_rng([c.seed, 1 + epoch, i]))
+                              for i in idx])
+            x, y = self._batch(views), torch.from_numpy(labels[idx]).to(self.device)
+            t, lam, perm = self._targets(y, rng)
+            if perm is not None:
+                x = lam * x + (1 - lam) * x[perm]
+            loss = soft_cross_entropy(self.model(x), t, self._sample_weights(y))
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            losses.append(loss.item())
+            self.progress("batches", min(start + c.batch_size, len(order)), len(order))
+        return float(np.mean(losses))
+
+    def validate(self, return_predictions: bool = False):
+        torch = self.torch
+        self.model.eval()
+        y = torch.from_numpy(self.prep.val_labels).to(self.device)
+        with torch.no_grad():
+            logits = torch.cat([self.model(self._batch(self.val_x[i : i + 32])) for i in range(0, len(self.val_x), 32)])
+            loss = torch.nn.functional.cross_entropy(logits, y).item()
+            pred = logits.argmax(1)
+            acc = (pred == y).float().mean().item()
+        return (loss, acc, pred.cpu().numpy()) if return_predictions else (loss, acc)
+
+    def model_tensors(self) -> dict[str, np.ndarray]:
+        out = {f"head.{k}": v.detach().cpu().numpy() for k, v in self.head.state_dict().items()}
+        for k, v in self.backbone.state_dict().items():
+            if k in self.tail_names:
+                out[f"backbone.{k}"] = v.detach().cpu().numpy()
+        return out
+
+    def load_model_tensors(self, tensors: dict[str, np.ndarray]) -> None:
+        torch = self.torch
+        self.head.load_state_dict({k[5:]: torch.from_numpy(v.copy()) for k, v in tensors.items() if k.startswith("head.")})
+        self.backbone.load_state_dict({k[9:]: torch.from_numpy(v.copy()) for k, v in tensors.items()
+                                       if k.startswith("backbone.")}, strict=False)

@@ -1,0 +1,140 @@
+"""The run directory: everything a training run produced, and all a later step needs from it.
+
+    config.json        resolved training config, backbone spec, device plan, preprocessing
+    labels.json        class names, index = model output
+    model.safetensors  best weights: head.* (and backbone.* when the tail was unfrozen)
+    metrics.json       val_accuracy, val_loss, best_epoch, train_seconds, images_skipped, ...
+    history.csv        one row per epoch
+    report.png         learning curves + confusion matrix
+    state/             resume state: features cache, last checkpoint, progress
+
+Every file is written atomically, so an interrupted run is either resumable or untouched.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from toolkit import atomic
+from toolkit.backbones import BackboneSpec, get_spec
+from toolkit.errors import RunDirError
+
+MODEL_FILE = "model.safetensors"
+
+
+class RunDir:
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    # -- creation and validation -------------------------------------------------------------
+    @classmethod
+    def open(cls, path: Path, *, require_model: bool = True) -> "RunDir":
+        """Open an existing run; a missing or half-written one raises a RunDirError saying what to do."""
+        run = cls(path)
+        if not (run.path / "config.json").is_file():
+            raise RunDirError(
+                f"{run.path} is not an edgetune run (no config.json): "
+                f"train one with `edgetune train DATA --out {run.path}`."
+            )
+        if require_model and not (run.path / MODEL_FILE).is_file():
+            raise RunDirError(
+                f"{run.path} has no {MODEL_FILE}: training did not finish. "
+                f"Resume it with `edgetune train --resume {run.path}`."
+            )
+        return run
+
+    def write_config(self, config: dict[str, Any]) -> None:
+        atomic.write_json(self.path / "config.json", config)
+
+    def write_labels(self, labels: list[str]) -> None:
+        atomic.write_json(self.path / "labels.json", labels)
+
+    # -- reading -------------------------------------------------------------------------------
+    def _json(self, name: str) -> Any:
+        try:
+            return json.loads((self.path / name).read_text())
+        except FileNotFoundError:
+            raise RunDirError(f"{self.path / name} is missing: the run is incomplete; retrain it.") from None
+        except json.JSONDecodeError as e:
+            raise RunDirError(f"{self.path / name} is corrupt ({e.msg}): retrain the run.") from None
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return self._json("config.json")
+
+    @property
+    def labels(self) -> list[str]:
+        return self._json("labels.json")
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        return self._json("metrics.json")
+
+    @property
+    def spec(self) -> BackboneSpec:
+        return get_spec(self.config["train"]["backbone"])
+
+    def model_state(self) -> dict[str, np.ndarray]:
+        from safetensors.numpy import load_file
+
+        try:
+            return load_file(str(self.path / MODEL_FILE))
+        except Exception as e:  # safetensors raises its own error types for truncated files
+            raise RunDirError(f"{self.path / MODEL_FILE} cannot be read ({e}): retrain the run.") from None
+
+    # -- writing results -----------------------------------------------------------------------
+    def write_model(self, tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> None:
+        write_safetensors(self.path / MODEL_FILE, tensors, metadata)
+
+    def write_metrics(self, metrics: dict[str, Any]) -> None:
+        atomic.write_json(self.path / "metrics.json", metrics)
+
+    def write_history(self, rows: list[dict[str, Any]]) -> None:
+        if not rows:
+            return
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic.write_text(self.path / "history.csv", buf.getvalue())
+
+    # -- models --------------------------------------------------------------------------------
+    def build_classifier(self):
+        """The trained classifier as one torch module: float32 NCHW RGB 0-255 in, logits out.
+
+        This is the source model every exporter converts and checks parity against.
+        """
+        import torch
+
+        from toolkit.backbones import create_backbone
+        from toolkit.convert import with_normalization
+        from toolkit.heads import head_from_config
+
+        cfg, spec = self.config, self.spec
+        state = {k: torch.from_numpy(v) for k, v in self.model_state().items()}
+        backbone = create_backbone(spec.name)
+        tail = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+        if tail:
+            backbone.load_state_dict(tail, strict=False)
+        head = head_from_config(cfg["train"], spec.feature_dim, len(self.labels))
+        head.load_state_dict({k[len("head."):]: v for k, v in state.items() if k.startswith("head.")})
+        return with_normalization(torch.nn.Sequential(backbone, head), spec).eval()
+
+
+def write_safetensors(path: Path, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:
+    from safetensors.numpy import save
+
+    data = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+    atomic.write_bytes(path, save(data, metadata=metadata))
+
+
+def read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    return load_file(str(path))

@@ -1,0 +1,264 @@
+"""One training loop, read top to bottom: data -> views -> frozen-backbone features -> head.
+
+    splits = discover(DATA)                 # folders or CSV, seeded stratified split
+    images = decode_images(...)             # once, in parallel, downscaled, bad files skipped
+    features = extract_features(...)        # K augmented views + 1 clean view per image, cached
+    for epoch: train head (AdamW, label smoothing, mixup), validate, checkpoint, early stop
+    write model.safetensors, metrics.json, history.csv, report.png
+
+Every epoch's randomness is derived from (seed, epoch), and the checkpoint holds the optimizer
+state, so a resumed run ends exactly where an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from toolkit import __version__, atomic
+from toolkit.backbones import get_spec
+from toolkit.errors import EdgetuneError
+from toolkit.runs import RunDir, read_safetensors, write_safetensors
+
+logger = logging.getLogger(__name__)
+
+Progress = Callable[[str, int, int], None]  # (stage, done, total)
+
+
+@dataclass
+class TrainConfig:
+    backbone: str = "efficientnet_lite0"
+    head: str = "linear"  # "mlp" adds a hidden layer: more capacity, wants more images per class
+    hidden: int = 256  # mlp width
+    dropout: float = 0.2  # on the features: the cheapest regulariser for a few hundred images
+    epochs: int = 40  # upper bound; early stopping usually ends far sooner
+    patience: int = 8  # epochs without a better val score before stopping
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.05  # AdamW, on weight matrices only
+    label_smoothing: float = 0.1  # keeps a tiny head from becoming over-confident
+    mixup: float = 0.2  # Beta(alpha, alpha) feature mixup; 0 turns it off
+    views: int = 6  # augmented views per training image in the cache, besides the clean one
+    fresh_views: bool = False  # new augmented views every epoch: slower, less overfitting
+    augment: str = "default"  # none | light | default | strong
+    augment_overrides: dict[str, Any] = field(default_factory=dict)
+    balance: str = "none"  # none | sampler | weights: for imbalanced classes
+    val_fraction: float = 0.2  # only for DATA/<class>/* layouts
+    seed: int = 0
+    device: str = "auto"
+    backbone_precision: str = "fp32"  # int8: train on the quantized backbone you will ship
+    unfreeze: int = 0  # fine-tune the last N backbone blocks in torch (opt-in, much slower)
+    workers: int = 2  # decode / augmentation threads
+
+    def validate(self) -> None:
+        choices = {"balance": ("none", "sampler", "weights"), "head": ("linear", "mlp"),
+                   "backbone_precision": ("fp32", "fp16", "int8")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise EdgetuneError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, not '{getattr(self, name)}'.")
+        if self.unfreeze and self.backbone_precision != "fp32":
+            raise EdgetuneError("--unfreeze trains the backbone in torch: use --backbone-precision fp32.")
+        get_spec(self.backbone)
+
+
+@dataclass
+class Prepared:
+    """Everything the epoch loop needs, from the data side."""
+
+    classes: list[str]
+    train_images: list[np.ndarray]
+    train_labels: np.ndarray
+    val_images: list[np.ndarray]
+    val_labels: np.ndarray
+    skipped: list[dict[str, str]]
+    data_key: str  # fingerprint of the files, for the features cache
+
+
+def train(
+    data: Path | None,
+    out: Path,
+    config: TrainConfig | None = None,
+    *,
+    resume: bool = False,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Train a head on `data`, writing a run directory at `out`; returns the metrics.
+
+    With resume=True, `data` and `config` come from the run's own config.json.
+    """
+    t0 = time.perf_counter()
+    run = RunDir(out)
+    config, data = _resolve(run, data, config, resume)
+    progress = progress or (lambda *_: None)
+    spec = get_spec(config.backbone)
+    prep = _prepare_data(Path(data), config, spec.input_size, progress)
+    plan = _plan_devices(config)
+    if not resume:
+        run.write_labels(prep.classes)
+        run.write_config(_config_record(config, data, plan, spec))
+    from toolkit.learners import FeatureHeadLearner, UnfrozenLearner
+
+    learner_cls = UnfrozenLearner if config.unfreeze else FeatureHeadLearner
+    learner = learner_cls(config, prep, plan, run.path / "state", progress)
+    history, best = _epoch_loop(learner, config, run.path / "state", progress)
+    metrics = _finish(run, learner, config, prep, history, best, time.perf_counter() - t0)
+    return metrics
+
+
+def _resolve(run: RunDir, data, config, resume: bool):
+    if resume:
+        cfg = RunDir.open(run.path, require_model=False).config
+        return TrainConfig(**cfg["train"]), Path(cfg["data"])
+    if (run.path / "config.json").exists():
+        raise EdgetuneError(
+            f"{run.path} already holds a run: resume it with `edgetune train --resume {run.path}`, "
+            "or pick another --out."
+        )
+    if data is None:
+        raise EdgetuneError("No data given: edgetune train DATA --out RUN_DIR.")
+    config = config or TrainConfig()
+    config.validate()
+    return config, Path(data).resolve()
+
+
+def _prepare_data(data: Path, config: TrainConfig, size: int, progress: Progress) -> Prepared:
+    from toolkit.data import decode_images, discover
+
+    splits = discover(data, val_fraction=config.val_fraction, seed=config.seed)
+    if splits.val is None or len(splits.val) == 0:
+        raise EdgetuneError(f"{data} leaves no validation images: add a val/ folder or more images per class.")
+    # Keep images a bit larger than the eval view so random crops still have real detail.
+    min_side = round(size / 0.875)
+    total = len(splits.train) + len(splits.val)
+    done = [0]
+
+    def tick(n: int) -> None:
+        progress("decode", done[0] + n, total)
+
+    train_imgs, train_ds, skipped_t = decode_images(splits.train, min_side=min_side, workers=config.workers, progress=tick)
+    done[0] = len(splits.train)
+    val_imgs, val_ds, skipped_v = decode_images(splits.val, min_side=min_side, workers=config.workers, progress=tick)
+    key = hashlib.sha1()
+    for s in train_ds.samples + val_ds.samples:
+        st = s.path.stat()
+        key.update(f"{s.path}|{s.label}|{st.st_size}|{st.st_mtime_ns}".encode())
+    return Prepared(
+        classes=train_ds.classes,
+        train_images=train_imgs,
+        train_labels=train_ds.labels(),
+        val_images=val_imgs,
+        val_labels=val_ds.labels(),
+        skipped=[{"path": str(s.path), "reason": s.reason} for s in skipped_t + skipped_v],
+        data_key=key.hexdigest()[:16],
+    )
+
+
+def _plan_devices(config: TrainConfig):
+    from devices import detect_devices, plan_training
+
+    report = detect_devices()
+    plan = plan_training(config.device, report.devices, finetune_backbone=config.unfreeze > 0)
+    logger.info("Devices: %s", plan.reason)
+    return plan
+
+
+def _config_record(config: TrainConfig, data: Path, plan, spec) -> dict[str, Any]:
+    from toolkit.augment import augmentation_config
+
+    return {
+        "edgetune_version": __version__,
+        "data": str(data),
+        "train": dataclasses.asdict(config),
+        "backbone": spec.to_json(),
+        "augmentation": augmentation_config(config.augment, config.augment_overrides),
+        "preprocessing": preprocessing_record(spec),
+        "devices": plan.to_json(),
+    }
+
+
+def preprocessing_record(spec) -> dict[str, Any]:
+    """How an image becomes the model input: recorded in runs and in every export."""
+    return {
+        "color": "RGB",
+        "resize_shorter": round(spec.input_size / 0.875),
+        "center_crop": spec.input_size,
+        "input_range": "0-255 float32, NCHW",
+        "normalization": {"mean": list(spec.mean), "std": list(spec.std), "inside_model": True},
+    }
+
+
+# -- the epoch loop -------------------------------------------------------------------------
+
+
+def _epoch_loop(learner, config: TrainConfig, state_dir: Path, progress: Progress):
+    ckpt = state_dir / "checkpoint.safetensors"
+    status_file = state_dir / "progress.json"
+    history: list[dict[str, Any]] = []
+    best = {"epoch": -1, "accuracy": -1.0, "loss": float("inf"), "stale": 0}
+    start = 0
+    if status_file.exists() and ckpt.exists():
+        status = json.loads(status_file.read_text())
+        history, best, start = status["history"], status["best"], status["epoch"] + 1
+        learner.load_state(read_safetensors(ckpt))
+        logger.info("Resuming at epoch %d (best so far: epoch %d)", start + 1, best["epoch"] + 1)
+    for epoch in range(start, config.epochs):
+        if best["stale"] >= config.patience:
+            break
+        train_loss = learner.train_epoch(epoch)
+        val_loss, val_acc = learner.validate()
+        history.append({"epoch": epoch + 1, "train_loss": round(train_loss, 5),
+                        "val_loss": round(val_loss, 5), "val_accuracy": round(val_acc, 5)})
+        # Best = highest val accuracy, ties to lower loss: with 100-odd val images accuracy moves
+        # in coarse steps, and the loss says which of two equal-accuracy heads is more sure.
+        if (val_acc, -val_loss) > (best["accuracy"], -best["loss"]):
+            best = {"epoch": epoch, "accuracy": val_acc, "loss": val_loss, "stale": 0}
+            write_safetensors(state_dir / "best.safetensors", learner.model_tensors())
+        else:
+            best["stale"] += 1
+        write_safetensors(ckpt, learner.state())
+        atomic.write_json(status_file, {"epoch": epoch, "history": history, "best": best})
+        progress("epochs", epoch + 1, config.epochs)
+    return history, best
+
+
+def _finish(run: RunDir, learner, config, prep: Prepared, history, best, seconds: float) -> dict[str, Any]:
+    from toolkit.report import write_report
+
+    state_dir = run.path / "state"
+    tensors = read_safetensors(state_dir / "best.safetensors")
+    run.write_model(tensors, {"format": "edgetune-run", "backbone": config.backbone,
+                              "labels": json.dumps(prep.classes)})
+    learner.load_model_tensors(tensors)
+    val_loss, val_acc, pred = learner.validate(return_predictions=True)
+    n_cls = len(prep.classes)
+    confusion = np.zeros((n_cls, n_cls), np.int64)
+    np.add.at(confusion, (prep.val_labels, pred), 1)
+    metrics = {
+        "val_accuracy": round(float(val_acc), 5),
+        "val_loss": round(float(val_loss), 5),
+        "best_epoch": best["epoch"] + 1,
+        "epochs_run": len(history),
+        "train_seconds": round(seconds, 2),
+        "images_skipped": len(prep.skipped),
+        "skipped": prep.skipped,
+        "n_train": len(prep.train_labels),
+        "n_val": len(prep.val_labels),
+        "classes": prep.classes,
+        "per_class_accuracy": {c: round(float(confusion[i, i] / max(1, confusion[i].sum())), 5)
+                               for i, c in enumerate(prep.classes)},
+        "confusion": confusion.tolist(),
+        **learner.stats(),
+    }
+    run.write_history(history)
+    run.write_metrics(metrics)
+    write_report(run.path / "report.png", history, confusion, prep.classes, title=f"{run.path.name}: val accuracy {val_acc:.3f}")
+    return metrics
+
