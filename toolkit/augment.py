@@ -34,7 +34,7 @@ def eval_view(img: np.ndarray, size: int) -> np.ndarray:
     h, w = img.shape[:2]
     target = eval_resize_shorter(size)
     scale = target / min(h, w)
-    new_w, new_h = (target, max(target, round(h * scale))) if w <= h else (max(target, round(w * scale)), target)
+    new_w, new_h = max(target, round(w * scale)), max(target, round(h * scale))  # shorter side == target
     interp = cv2.INTER_AREA if scale < 1.0 else cv2.INTER_LINEAR
     resized = cv2.resize(img, (new_w, new_h), interpolation=interp) if (new_w, new_h) != (w, h) else img
     top, left = (new_h - size) // 2, (new_w - size) // 2
@@ -52,7 +52,7 @@ def _pair(value: Any, name: str) -> tuple[float, float]:
     try:
         lo, hi = (float(v) for v in value)
     except (TypeError, ValueError):
-        raise EdgetuneError(f"Augmentation setting '{name}' must be a [low, high] pair, got {value!r}") from None
+        raise EdgetuneError(f"Augmentation setting '{name}' must be a [low, high] pair, not {value!r}") from None
     if lo > hi:
         raise EdgetuneError(f"Augmentation setting '{name}' must have low <= high, got {value!r}")
     return lo, hi
@@ -98,7 +98,8 @@ def _affine_about_center(height: int, width: int, angle: float, scale: float) ->
 
 
 def _warp(img: np.ndarray, m: np.ndarray, height: int, width: int) -> np.ndarray:
-    return cv2.warpAffine(img, m[:2], (width, height), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
+    return cv2.warpAffine(img, m[:2], (width, height), flags=cv2.INTER_LINEAR,
+                          borderMode=cv2.BORDER_REFLECT_101)
 
 
 def resized_crop(img: np.ndarray, *, top: int, left: int, crop_h: int, crop_w: int, size: int) -> np.ndarray:
@@ -124,7 +125,7 @@ class RandomResizedCrop(Transform):
         self.scale = _pair(scale, "crop.scale")
         self.ratio = _pair(ratio, "crop.ratio")
         if not 0.0 < self.scale[0] <= self.scale[1] <= 1.0 or self.ratio[0] <= 0:
-            raise EdgetuneError(f"Augmentation 'crop': scale must lie in (0, 1] and ratio be > 0, got {scale}, {ratio}")
+            raise EdgetuneError(f"Augmentation 'crop': scale must lie in (0, 1] and ratio be > 0: {scale}, {ratio}")
 
     def draw(self, rng: np.random.Generator, height: int, width: int) -> dict:
         area = height * width
@@ -140,8 +141,9 @@ class RandomResizedCrop(Transform):
                 return {"top": top, "left": left, "crop_h": h, "crop_w": w, "size": self.size}
         # Extreme aspect ratios: fall back to the largest centred crop within the ratio range.
         aspect = min(max(width / height, self.ratio[0]), self.ratio[1])
-        w, h = (width, min(height, round(width / aspect))) if width / height < aspect else (min(width, round(height * aspect)), height)
-        return {"top": (height - h) // 2, "left": (width - w) // 2, "crop_h": h, "crop_w": w, "size": self.size}
+        w, h = min(width, round(height * aspect)), min(height, round(width / aspect))
+        return {"top": (height - h) // 2, "left": (width - w) // 2, "crop_h": h, "crop_w": w,
+                "size": self.size}
 
     apply = staticmethod(resized_crop)
 
@@ -245,7 +247,8 @@ class Scale(Transform):
 _LUMA = np.array([0.299, 0.587, 0.114])
 
 
-def color_jitter(img: np.ndarray, *, brightness: float, contrast: float, saturation: float, hue: float) -> np.ndarray:
+def color_jitter(img: np.ndarray, *, brightness: float, contrast: float, saturation: float,
+                 hue: float) -> np.ndarray:
     """Brightness, contrast, saturation and hue as ONE 3x4 colour matrix (a single cv2.transform).
 
     All four are linear in RGB: hue is a rotation about the grey axis (as in YIQ space), so they
@@ -272,8 +275,8 @@ class ColorJitter(Transform):
     def __init__(self, p: float = 0.8, brightness: float = 0.3, contrast: float = 0.3,
                  saturation: float = 0.3, hue: float = 0.05) -> None:
         super().__init__(p)
-        self.brightness, self.contrast, self.saturation = float(brightness), float(contrast), float(saturation)
-        self.hue = float(hue)
+        self.brightness, self.contrast = float(brightness), float(contrast)
+        self.saturation, self.hue = float(saturation), float(hue)
         if min(self.brightness, self.contrast, self.saturation, self.hue) < 0 or self.hue > 0.5:
             raise EdgetuneError("Augmentation 'color': amounts must be >= 0 and hue <= 0.5")
 
@@ -322,7 +325,7 @@ class Blur(Transform):
         self.ksize = (int(lo), int(hi))
         self._odd = [k for k in range(self.ksize[0], self.ksize[1] + 1) if k % 2 == 1]
         if not self._odd:
-            raise EdgetuneError(f"Augmentation 'blur': ksize range {list(ksize)} holds no odd size (try [3, 5])")
+            raise EdgetuneError(f"Augmentation 'blur': ksize {list(ksize)} holds no odd size (try [3, 5])")
 
     def draw(self, rng: np.random.Generator, height: int, width: int) -> dict:
         k = int(rng.choice(self._odd))
@@ -358,7 +361,7 @@ class Cutout(Transform):
         self.holes = (int(lo), int(hi))
         self.size = _pair(size, "cutout.size")
         if fill not in self._FILLS:
-            raise EdgetuneError(f"Augmentation 'cutout': fill must be one of {', '.join(self._FILLS)}, got {fill!r}")
+            raise EdgetuneError(f"Augmentation 'cutout': fill must be one of {', '.join(self._FILLS)}: {fill!r}")
         if not 0 < self.size[1] <= 1 or self.holes[0] < 0:
             raise EdgetuneError("Augmentation 'cutout': size must lie in (0, 1] and holes be >= 0")
         self.fill = fill
@@ -380,7 +383,8 @@ class Cutout(Transform):
 # overrides and config.json, and the order is the order Compose applies them.
 TRANSFORMS: dict[str, type[Transform]] = {
     cls.name: cls
-    for cls in (RandomResizedCrop, HorizontalFlip, VerticalFlip, Rotate, Scale, ColorJitter, GaussianNoise, Blur, Cutout)
+    for cls in (RandomResizedCrop, HorizontalFlip, VerticalFlip, Rotate, Scale,
+                ColorJitter, GaussianNoise, Blur, Cutout)
 }
 
 
@@ -515,7 +519,7 @@ def augmentation_config(preset: str = "default", overrides: dict | None = None) 
         if name not in TRANSFORMS:
             raise _unknown("augmentation", name, list(TRANSFORMS))
         if not isinstance(settings, dict):
-            raise EdgetuneError(f"Augmentation override for '{name}' must be a dict of settings, got {settings!r}")
+            raise EdgetuneError(f"Augmentation override for '{name}' must be a dict of settings: {settings!r}")
         valid = _settings_of(TRANSFORMS[name])
         for key, value in settings.items():
             if key not in valid:
@@ -547,7 +551,8 @@ def build_augmentation(preset: str = "default", *, size: int, overrides: dict | 
     return Compose(transforms, size)
 
 
-def augment_grid(images: list[np.ndarray], aug: Compose, *, seed: int, cols: int = 8, rows: int = 4) -> np.ndarray:
+def augment_grid(images: list[np.ndarray], aug: Compose, *, seed: int, cols: int = 8,
+                 rows: int = 4) -> np.ndarray:
     """Preview mosaic: one row per image, eval_view in the first column, augmented views after."""
     if not images:
         raise EdgetuneError("No images to preview: the dataset is empty")

@@ -205,7 +205,7 @@ def discover(
         return Splits(train, val, "train/val folders")
     if train_dir is not None:
         # DATA/train/<class> without a val folder: split it like plain class folders.
-        logger.info("No val/ folder beside %s: splitting %.0f%% of it off for validation", train_dir, val_fraction * 100)
+        logger.info("No val/ folder beside %s: splitting %.0f%% off for validation", train_dir, val_fraction * 100)
         source = train_dir
     full = _read_class_folders(source, classes, "Training")
     train, val = _split_stratified(full, val_fraction, seed)
@@ -234,7 +234,7 @@ def _read_csv_rows(csv_path: Path) -> list[tuple[int, Path, str, str | None]]:
             if not rel and not label:
                 continue
             if not rel or not label:
-                raise DataError(f"CSV {csv_path} row {row_no}: empty path or label: fill it in or remove the row")
+                raise DataError(f"CSV {csv_path} row {row_no}: empty path or label: fill it in or drop the row")
             path = (csv_path.parent / rel) if not Path(rel).is_absolute() else Path(rel)
             if not path.is_file():
                 raise DataError(
@@ -491,7 +491,7 @@ def decode_images(
 
 def _check_not_emptied(before: Dataset, after: Dataset) -> None:
     if len(before) and not len(after):
-        raise DataError(f"None of the {len(before)} images in {before.root} could be read: see the warning above")
+        raise DataError(f"None of the {len(before)} images in {before.root} could be read: see the warning")
     lost = [c for c, b, a in zip(before.classes, before.class_counts(), after.class_counts()) if b and not a]
     if lost:
         raise DataError(
