@@ -35,10 +35,12 @@ Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
 @dataclass
 class TrainConfig:
-    backbone: str = "efficientnet_lite0"
+    # Lite1 (240 px) beats Lite0 by 3 points on ants/bees (0.974 vs 0.935 val) for 1.5x the
+    # feature time: on OpenVINO that is still well under 10 s for a few hundred images.
+    backbone: str = "efficientnet_lite1"
     head: str = "linear"  # "mlp" adds a hidden layer: more capacity, wants more images per class
     hidden: int = 256  # mlp width
-    dropout: float = 0.2  # on the features: the cheapest regulariser for a few hundred images
+    dropout: float = 0.5  # on the features: the cheapest regulariser for a few hundred images
     epochs: int = 40  # upper bound; early stopping usually ends far sooner
     patience: int = 8  # epochs without a better val score before stopping
     batch_size: int = 64
@@ -46,9 +48,11 @@ class TrainConfig:
     weight_decay: float = 0.05  # AdamW, on weight matrices only
     label_smoothing: float = 0.1  # keeps a tiny head from becoming over-confident
     mixup: float = 0.2  # Beta(alpha, alpha) feature mixup; 0 turns it off
-    views: int = 6  # augmented views per training image in the cache, besides the clean one
+    views: int = 4  # augmented views per training image in the cache, besides the clean one
     fresh_views: bool = False  # new augmented views every epoch: slower, less overfitting
-    augment: str = "default"  # none | light | default | strong
+    # Frozen ImageNet features already resist small shifts; heavy crops pull the cached views
+    # away from the clean view that is deployed (default preset: 0.967 vs light 0.974 on ants/bees).
+    augment: str = "light"  # none | light | default | strong
     augment_overrides: dict[str, Any] = field(default_factory=dict)
     balance: str = "none"  # none | sampler | weights: for imbalanced classes
     val_fraction: float = 0.2  # only for DATA/<class>/* layouts

@@ -1,0 +1,300 @@
+"""`edgetune`: the command line. Thin: every command imports its heavy modules when it runs,
+so `edgetune --help` stays instant and `predict` on a robot never loads what it does not use."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from toolkit import __version__
+from toolkit.errors import EdgetuneError
+
+
+class UserError(click.ClickException):
+    """A problem the user can fix: one line on stderr, exit code 2, no traceback."""
+
+    exit_code = 2
+
+
+class Group(click.Group):
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except EdgetuneError as e:
+            raise UserError(str(e)) from None
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="edgetune")
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+def cli(verbose: int) -> None:
+    """Fine-tune small image classifiers on frozen pretrained backbones and ship them to robots."""
+    _setup_logging(verbose)
+
+
+def _setup_logging(verbose: int) -> None:
+    from rich.logging import RichHandler
+
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    handler = RichHandler(show_time=False, show_path=False, markup=False)
+    logging.basicConfig(level=level, format="%(message)s", handlers=[handler], force=True)
+    # NNCF and OpenVINO log their own progress at INFO; keep ours readable unless asked.
+    for noisy in ("nncf", "openvino", "matplotlib", "PIL"):
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+class _RichProgress:
+    """Adapts rich progress bars to the library's progress(stage, done, total) callback."""
+
+    def __init__(self) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.bar = Progress(TextColumn("{task.description:>16}"), BarColumn(), MofNCompleteColumn(),
+                            TimeElapsedColumn(), console=_console(), transient=False)
+        self.tasks: dict[str, Any] = {}
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if stage not in self.tasks:
+            self.tasks[stage] = self.bar.add_task(stage, total=total)
+        self.bar.update(self.tasks[stage], completed=done, total=total)
+
+    def __enter__(self):
+        self.bar.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.stop()
+
+
+def _parse_overrides(items: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    """--aug rotate.limit=10 --aug cutout.p=0 -> {"rotate": {"limit": 10}, "cutout": {"p": 0}}."""
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        transform, dot, setting = key.partition(".")
+        if not sep or not dot:
+            raise EdgetuneError(f"--aug '{item}' must look like TRANSFORM.SETTING=VALUE, e.g. rotate.limit=10.")
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            parsed = value
+        out.setdefault(transform, {})[setting] = parsed
+    return out
+
+
+# -- train ------------------------------------------------------------------------------------
+@cli.command()
+@click.argument("data", required=False, type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), help="Run directory [default: runs/<DATA name>].")
+@click.option("--resume", "resume", type=click.Path(path_type=Path), help="Continue an interrupted run directory.")
+@click.option("--backbone", default=None, help="Pretrained backbone (see `edgetune backbones`).")
+@click.option("--head", type=click.Choice(["linear", "mlp"]), default=None, help="Classifier head.")
+@click.option("--epochs", type=int, default=None, help="Maximum epochs (early stopping usually ends sooner).")
+@click.option("--patience", type=int, default=None, help="Epochs without improvement before stopping.")
+@click.option("--lr", type=float, default=None, help="AdamW learning rate.")
+@click.option("--weight-decay", type=float, default=None, help="AdamW weight decay (weight matrices only).")
+@click.option("--dropout", type=float, default=None, help="Dropout on the features.")
+@click.option("--label-smoothing", type=float, default=None)
+@click.option("--mixup", type=float, default=None, help="Mixup Beta(alpha, alpha); 0 disables.")
+@click.option("--views", type=int, default=None, help="Augmented views per image cached for the head.")
+@click.option("--fresh-views", is_flag=True, default=None, help="New augmented views every epoch (slower).")
+@click.option("--augment", type=click.Choice(["none", "light", "default", "strong"]), default=None)
+@click.option("--aug", "aug_overrides", multiple=True, metavar="T.S=V", help="Augmentation setting, e.g. rotate.limit=10 (repeatable).")
+@click.option("--balance", type=click.Choice(["none", "sampler", "weights"]), default=None, help="Class-imbalance handling.")
+@click.option("--val-fraction", type=float, default=None, help="Val split for DATA/<class>/* layouts.")
+@click.option("--seed", type=int, default=None)
+@click.option("--backbone-precision", type=click.Choice(["fp32", "fp16", "int8"]), default=None,
+              help="int8: learn on the quantized backbone you will ship (OpenVINO).")
+@click.option("--unfreeze", type=int, default=None, help="Fine-tune the last N backbone blocks in torch (slow).")
+@click.option("--workers", type=int, default=None, help="Decode/augmentation threads.")
+@click.option("--device", default=None, help="auto | cpu | cuda[:i] | xpu | mps | openvino:CPU|GPU|NPU | ort:<provider>.")
+def train(data: Path | None, out: Path | None, resume: Path | None, aug_overrides: tuple[str, ...], **options: Any) -> None:
+    """Train a classifier on DATA (DATA/train/<class>/* + DATA/val/<class>/*, DATA/<class>/*, or a CSV)."""
+    from toolkit.train import TrainConfig, train as run_training
+
+    if resume is None and data is None:
+        raise EdgetuneError("Give DATA to train on, or --resume RUN_DIR to continue a run.")
+    if resume is not None and data is not None:
+        raise EdgetuneError("--resume continues a run with its own data and settings: drop DATA.")
+    config = None
+    if resume is None:
+        values = {k: v for k, v in options.items() if v is not None}
+        if aug_overrides:
+            values["augment_overrides"] = _parse_overrides(aug_overrides)
+        config = TrainConfig(**values)
+        out = out or Path("runs") / Path(data).resolve().name
+    run_dir = resume or out
+    console = _console()
+    try:
+        with _RichProgress() as progress:
+            metrics = run_training(data, run_dir, config, resume=resume is not None, progress=progress)
+    except KeyboardInterrupt:
+        console.print(f"Interrupted. Progress is saved: resume with `edgetune train --resume {run_dir}`.")
+        sys.exit(130)
+    _print_train_summary(console, run_dir, metrics)
+
+
+def _print_train_summary(console, run_dir: Path, m: dict[str, Any]) -> None:
+    console.print(
+        f"[bold]val accuracy {m['val_accuracy']:.4f}[/] (loss {m['val_loss']:.4f}, best epoch {m['best_epoch']} "
+        f"of {m['epochs_run']}) in {m['train_seconds']:.1f} s"
+    )
+    if m.get("feature_engine"):
+        console.print(f"features: {m['feature_engine']}, {m['views_per_second']:.0f} views/s")
+    if m["images_skipped"]:
+        console.print(f"[yellow]{m['images_skipped']} unreadable images skipped (listed in {run_dir}/metrics.json)[/]")
+    console.print(f"run: {run_dir}  (next: edgetune export {run_dir} --format openvino-int8)")
+
+
+# -- evaluate / predict -----------------------------------------------------------------------
+@cli.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.argument("data", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
+@click.option("--device", default="auto", help="Where to run the model (see `edgetune devices`).")
+def evaluate(model: Path, data: Path, as_json: bool, device: str) -> None:
+    """Measure MODEL (a run directory or an exported bundle) on the labelled images in DATA."""
+    from toolkit.data import load_eval_set
+    from toolkit.evaluate import evaluate as run_evaluation
+    from toolkit.runtime import load_predictor
+
+    predictor = load_predictor(model, device=device)
+    dataset = load_eval_set(data, predictor.labels)
+    with _RichProgress() as progress:
+        metrics = run_evaluation(predictor, dataset, progress=progress)
+    if as_json:
+        click.echo(json.dumps(metrics, indent=2))
+        return
+    console = _console()
+    console.print(f"[bold]accuracy {metrics['accuracy']:.4f}[/] on {metrics['n']} images ({predictor.describe()})")
+    for name, pc in metrics["per_class"].items():
+        console.print(f"  {name:>20}: precision {pc['precision']:.3f}  recall {pc['recall']:.3f}  n={pc['support']}")
+
+
+@cli.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per image.")
+@click.option("--top-k", type=int, default=1, show_default=True)
+@click.option("--device", default="auto", help="Where to run the model (see `edgetune devices`).")
+def predict(model: Path, inputs: tuple[Path, ...], as_json: bool, top_k: int, device: str) -> None:
+    """Classify images and folders of images with MODEL (a run directory or an exported bundle)."""
+    from toolkit.predict import predict_paths
+
+    predictor_results = predict_paths(model, inputs, top_k=top_k, device=device)
+    for r in predictor_results:
+        if as_json:
+            click.echo(json.dumps(r))
+        elif "error" in r:
+            click.echo(f"{r['path']}: skipped ({r['error']})", err=True)
+        else:
+            top = ", ".join(f"{p['label']} {p['probability']:.3f}" for p in r["top"])
+            click.echo(f"{r['path']}: {top}")
+
+
+# -- augment / demo / backbones -------------------------------------------------------------
+@cli.command()
+@click.argument("data", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), default=Path("augment_preview.png"), show_default=True)
+@click.option("--augment", "preset", type=click.Choice(["none", "light", "default", "strong"]), default="light", show_default=True)
+@click.option("--aug", "aug_overrides", multiple=True, metavar="T.S=V", help="Augmentation setting, e.g. rotate.limit=10.")
+@click.option("--backbone", default="efficientnet_lite1", show_default=True, help="Sets the view size.")
+@click.option("--seed", type=int, default=0, show_default=True)
+def augment(data: Path, out: Path, preset: str, aug_overrides: tuple[str, ...], backbone: str, seed: int) -> None:
+    """Write a grid of augmented samples from DATA: what the model will see (first column: clean view)."""
+    import cv2
+
+    from toolkit import atomic
+    from toolkit.augment import augment_grid, build_augmentation
+    from toolkit.backbones import get_spec
+    from toolkit.data import decode_images, discover
+
+    size = get_spec(backbone).input_size
+    splits = discover(data, seed=seed)
+    rng = __import__("numpy").random.default_rng(seed)
+    picks = rng.choice(len(splits.train), size=min(4, len(splits.train)), replace=False)
+    subset = type(splits.train)(samples=[splits.train.samples[i] for i in picks], classes=splits.train.classes, root=splits.train.root)
+    images, _, _ = decode_images(subset, min_side=round(size / 0.875))
+    aug = build_augmentation(preset, size=size, overrides=_parse_overrides(aug_overrides))
+    grid = augment_grid(images, aug, seed=seed, rows=len(images))
+    ok, png = cv2.imencode(".png", cv2.cvtColor(grid, cv2.COLOR_RGB2BGR))
+    atomic.write_bytes(out, png.tobytes())
+    click.echo(f"wrote {out} ({grid.shape[1]}x{grid.shape[0]}, preset {preset})")
+
+
+@cli.command()
+@click.option("--out", type=click.Path(path_type=Path), default=Path("runs/demo"), show_default=True)
+@click.option("--per-class", type=int, default=40, show_default=True, help="Training images per class.")
+@click.option("--seed", type=int, default=0, show_default=True)
+def demo(out: Path, per_class: int, seed: int) -> None:
+    """Run the main job on a synthetic tabletop-objects set: no data of yours needed."""
+    import shutil
+    import tempfile
+    import time
+
+    from toolkit.data import load_eval_set
+    from toolkit.evaluate import evaluate as run_evaluation
+    from toolkit.runtime import load_predictor
+    from toolkit.synthetic import make_tabletop_dataset
+    from toolkit.train import TrainConfig, train as run_training
+
+    console = _console()
+    t0 = time.perf_counter()
+    data = Path(tempfile.mkdtemp(prefix="edgetune-demo-"))
+    try:
+        make_tabletop_dataset(data, per_class=per_class, seed=seed)
+        console.print(f"synthesised tabletop objects in {data} ({time.perf_counter() - t0:.1f} s)")
+        if (out / "config.json").exists():
+            shutil.rmtree(out)  # the demo's own run: safe to replace
+        with _RichProgress() as progress:
+            metrics = run_training(data, out, TrainConfig(seed=seed), progress=progress)
+        _print_train_summary(console, out, metrics)
+        result = run_evaluation(load_predictor(out), load_eval_set(data / "val", metrics["classes"]))
+        console.print(f"re-evaluated from the run directory: accuracy {result['accuracy']:.4f} on {result['n']} images")
+        for name, pc in result["per_class"].items():
+            console.print(f"  {name:>12}: recall {pc['recall']:.3f}")
+        console.print(f"demo finished in {time.perf_counter() - t0:.1f} s")
+    finally:
+        shutil.rmtree(data, ignore_errors=True)
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True)
+def backbones(as_json: bool) -> None:
+    """List the pretrained backbones."""
+    from toolkit.backbones import get_spec, list_backbones
+
+    specs = [get_spec(n).to_json() for n in list_backbones()]
+    if as_json:
+        click.echo(json.dumps(specs, indent=2))
+        return
+    for s in specs:
+        click.echo(f"{s['name']:<20} {s['input_size']}px  {s['feature_dim']} features  {s['licence']}  weights: {s['weights']}")
+
+
+def _register_subcommands() -> None:
+    from devices.commands import devices_command
+
+    cli.add_command(devices_command)
+
+
+_register_subcommands()
+
+
+def main() -> None:
+    cli(prog_name="edgetune")
+
+
+if __name__ == "__main__":
+    main()

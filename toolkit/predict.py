@@ -1,0 +1,63 @@
+"""Classify image files and folders with any model edgetune can load (run dir or export)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+from toolkit.data import IMAGE_EXTENSIONS, ImageReadError, read_image
+from toolkit.errors import EdgetuneError
+
+logger = logging.getLogger(__name__)
+
+
+def expand_inputs(inputs: Iterable[Path]) -> list[Path]:
+    """Files as given, folders expanded to their images (recursively, sorted)."""
+    files: list[Path] = []
+    for p in map(Path, inputs):
+        if p.is_dir():
+            files += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS
+                            and not any(part.startswith(".") for part in f.relative_to(p).parts))
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise EdgetuneError(f"{p} does not exist: give image files or folders of images.")
+    if not files:
+        raise EdgetuneError(f"No images found in {', '.join(map(str, inputs))}.")
+    return files
+
+
+def predict_paths(model: Path, inputs: Iterable[Path], *, top_k: int = 1, device: str = "auto",
+                  batch_size: int = 16) -> list[dict[str, Any]]:
+    """One result per file: {"path", "label", "probability", "top": [...]} or {"path", "error"}."""
+    from toolkit.runtime import load_predictor
+
+    predictor = load_predictor(Path(model), device=device)
+    files = expand_inputs(inputs)
+    results: list[dict[str, Any]] = []
+    for start in range(0, len(files), batch_size):
+        chunk, views, order = files[start : start + batch_size], [], []
+        for f in chunk:
+            try:
+                views.append(predictor.preprocess(read_image(f)))
+                order.append(f)
+            except ImageReadError as e:
+                logger.warning("Skipped %s: %s", f, e.reason)
+                results.append({"path": str(f), "error": e.reason})
+        if views:
+            probs = predictor.predict(np.stack(views))
+            results += [_result(f, p, predictor.labels, top_k) for f, p in zip(order, probs)]
+    return results
+
+
+def _result(path: Path, probs: np.ndarray, labels: list[str], top_k: int) -> dict[str, Any]:
+    top = np.argsort(-probs)[: max(1, top_k)]
+    return {
+        "path": str(path),
+        "label": labels[top[0]],
+        "probability": round(float(probs[top[0]]), 5),
+        "top": [{"label": labels[i], "probability": round(float(probs[i]), 5)} for i in top],
+    }
