@@ -1,0 +1,222 @@
+"""The shape every exporter has, and the one flow they all go through.
+
+    stage a temp dir -> exporter.build() -> parity on the run's val images -> manifest + embedded
+    metadata -> move into place
+
+A subclass sets its name, runtime, precision and tolerance and implements `build`; everything else
+(inputs, parity gate, bundle, atomicity) is shared, so a failed export leaves no partial files.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ClassVar
+
+import numpy as np
+
+from toolkit.errors import EdgetuneError
+from toolkit.runs import RunDir
+
+logger = logging.getLogger(__name__)
+
+Progress = Callable[[str, int, int], None]
+MAX_CALIBRATION = 300  # NNCF's default subset: more images barely move int8 ranges
+
+
+@dataclass
+class ExportResult:
+    format: str
+    out_dir: Path
+    model: Path
+    files: dict[str, int]  # name -> bytes
+    parity: dict[str, Any]
+    manifest: dict[str, Any]
+
+
+@dataclass
+class ExportContext:
+    """What an exporter may need besides the classifier; data loads lazily and once."""
+
+    run: RunDir
+    calibration: Path | None = None
+    max_drop: float | None = None
+    static: bool = False
+    fp32: bool = False
+    progress: Progress = lambda *_: None
+    _val: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)
+    _calib: np.ndarray | None = field(default=None, repr=False)
+    extra: dict[str, Any] = field(default_factory=dict)  # exporter notes for the manifest
+
+    @property
+    def input_size(self) -> int:
+        return self.run.spec.input_size
+
+    @property
+    def static_batch(self) -> int | None:
+        return 1 if self.static else None
+
+    def val_inputs(self) -> tuple[np.ndarray, np.ndarray]:
+        """(float32 NCHW 0-255 eval views, labels) of the run's validation split."""
+        if self._val is None:
+            self._val = val_set(self.run)
+        return self._val
+
+    def calibration_inputs(self) -> np.ndarray:
+        """float32 NCHW eval views for int8 calibration: --calib images, else the run's training split."""
+        if self._calib is None:
+            self._calib = calibration_set(self.run, self.calibration, MAX_CALIBRATION)
+        return self._calib
+
+
+class Exporter:
+    """One export target. Subclasses set the class attributes and implement `build`."""
+
+    name: ClassVar[str] = "?"
+    runtime: ClassVar[str] = "onnxruntime"  # "onnxruntime" | "openvino": what runs the model file
+    precision: ClassVar[str] = "fp32"
+    tolerance: ClassVar[float | None] = 1e-3  # max abs logit diff; None: int8, gated on accuracy drop
+    min_agreement: ClassVar[float] = 1.0  # top-1 agreement required when tolerance is set
+    description: ClassVar[str] = ""
+
+    def __init__(self, ctx: ExportContext | None = None) -> None:
+        self.ctx = ctx
+        self.effective_precision = self.precision
+
+    def build(self, run: RunDir, classifier, out_dir: Path, ctx: ExportContext) -> Path:
+        """Write the model (and any companion files) into `out_dir`; return the model file path."""
+        raise NotImplementedError
+
+    def tolerance_for(self, ctx: ExportContext) -> float | None:
+        return self.tolerance
+
+    def runner(self, model: Path, ctx: ExportContext) -> Callable[[np.ndarray], np.ndarray]:
+        """float32 NCHW -> logits with the model's own runtime, for the parity check."""
+        from toolkit.runtime import onnx_runner, openvino_runner
+
+        if self.runtime == "openvino":
+            return openvino_runner(model, batch=ctx.static_batch)
+        return onnx_runner(model)
+
+    def embed(self, model: Path, manifest: dict[str, Any]) -> None:
+        from exporters import bundle
+
+        if model.suffix == ".onnx":
+            bundle.embed_onnx(model, manifest)
+        else:
+            bundle.embed_openvino(model, manifest)
+
+    # -- the shared flow -------------------------------------------------------------------
+    def export(self, run: RunDir, out_dir: Path, ctx: ExportContext) -> ExportResult:
+        from exporters import bundle, parity
+        from toolkit.atomic import staged_dir
+
+        _check_out_dir(out_dir)
+        inputs, labels = ctx.val_inputs()
+        classifier = run.build_classifier()
+        ctx.progress("source", 0, 1)
+        reference = parity.cached_source_logits(run, classifier, inputs)
+        try:
+            with staged_dir(out_dir) as stage:
+                ctx.progress("build", 0, 1)
+                model = Path(self.build(run, classifier, stage, ctx))
+                ctx.progress("parity", 0, 1)
+                exported = parity.run_batched(self.runner(model, ctx), inputs, batch=ctx.static_batch)
+                measured = parity.measure(reference, exported, labels)
+                parity.check(measured, fmt=self.name, tolerance=self.tolerance_for(ctx),
+                             min_agreement=self.min_agreement, max_drop=ctx.max_drop)
+                record = {**measured.to_json(), "tolerance": self.tolerance_for(ctx), "max_drop": ctx.max_drop}
+                files = sorted(p.name for p in stage.iterdir() if p.is_file())
+                manifest = bundle.make_manifest(run, self, model.name, parity=record, static_batch=ctx.static_batch,
+                                                extra_files=files, extra=ctx.extra)
+                self.embed(model, manifest)
+                bundle.write_manifest(stage, manifest)
+                sizes = {p.name: p.stat().st_size for p in sorted(stage.iterdir()) if p.is_file()}
+        except OSError as e:
+            raise EdgetuneError(f"Cannot write the export to {out_dir} ({e.strerror or e}): pick another --out.") from None
+        return ExportResult(self.name, out_dir, out_dir / model.name, sizes, record, manifest)
+
+
+# -- inputs ------------------------------------------------------------------------------------
+
+
+def _views(images: list[np.ndarray], size: int) -> np.ndarray:
+    from toolkit.augment import eval_view
+    from toolkit.runtime import to_nchw_float
+
+    return to_nchw_float(np.stack([eval_view(img, size) for img in images]))
+
+
+def _splits(run: RunDir):
+    from toolkit.data import discover
+
+    cfg = run.config
+    data = Path(cfg["data"])
+    if not data.exists():
+        raise EdgetuneError(
+            f"The run's dataset {data} is gone: exports check parity on its val images. "
+            "Restore it at that path (or retrain the run on the data's new location)."
+        )
+    return discover(data, val_fraction=cfg["train"]["val_fraction"], seed=cfg["train"]["seed"], classes=run.labels)
+
+
+def val_set(run: RunDir) -> tuple[np.ndarray, np.ndarray]:
+    """The run's own validation split, exactly as training validated it."""
+    from toolkit.data import decode_images
+
+    size = run.spec.input_size
+    val = _splits(run).val
+    if val is None or not len(val):
+        raise EdgetuneError(f"The run's dataset {run.config['data']} has no validation images to check parity on.")
+    images, kept, _ = decode_images(val, min_side=round(size / 0.875), workers=2)
+    return _views(images, size), kept.labels()
+
+
+def _image_paths(folder: Path) -> list[Path]:
+    from toolkit.data import IMAGE_EXTENSIONS
+
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+
+
+def calibration_set(run: RunDir, calibration: Path | None, limit: int) -> np.ndarray:
+    """float32 NCHW eval views of up to `limit` images, spread evenly over the source."""
+    from toolkit.data import ImageReadError, read_image
+
+    size = run.spec.input_size
+    if calibration is None:
+        paths = [s.path for s in _splits(run).train.samples]
+        where = f"the run's training images ({run.config['data']})"
+    else:
+        calibration = Path(calibration)
+        if not calibration.is_dir():
+            raise EdgetuneError(f"--calib {calibration} is not a folder: pass a folder of images (subfolders are fine).")
+        paths, where = _image_paths(calibration), f"--calib {calibration}"
+    if len(paths) > limit:
+        paths = [paths[i] for i in np.linspace(0, len(paths) - 1, limit).round().astype(int)]
+    images, bad = [], []
+    for p in paths:
+        try:
+            images.append(read_image(p, min_side=round(size / 0.875)))
+        except ImageReadError as e:
+            bad.append(f"{p.name} ({e.reason})")
+    if not images:
+        detail = f": {', '.join(bad[:3])}" if bad else ""
+        raise EdgetuneError(
+            f"No readable calibration images in {where} ({len(paths)} files{detail}). "
+            "Pass --calib with a folder of real JPEG/PNG images."
+        )
+    if bad:
+        logger.warning("Skipped %d unreadable calibration images: %s", len(bad), ", ".join(bad[:5]))
+    return _views(images, size)
+
+
+def _check_out_dir(out_dir: Path) -> None:
+    """Fail before any work when the output location cannot be a directory."""
+    out_dir = Path(out_dir)
+    for parent in [out_dir, *out_dir.parents]:
+        if parent.exists():
+            if not parent.is_dir():
+                raise EdgetuneError(f"Cannot write the export to {out_dir}: {parent} is a file. Pick another --out.")
+            break

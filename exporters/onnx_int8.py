@@ -1,0 +1,110 @@
+"""ONNX int8: static QDQ quantization with onnxruntime.quantization, per-channel weights.
+
+The fp32 graph is first run through quant_pre_process (shape inference + graph optimisation, as
+ORT recommends), then calibrated on eval views of the run's training images (or --calib). The
+head (Gemm) and softmax stay fp32: they are a tiny share of the compute, and int8 logits would
+round near-ties. With --max-drop, a fallback keeps the most sensitive layers (stem, last conv,
+then every depthwise conv) in fp32 until the val accuracy drop is within budget.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from exporters import register
+from exporters.base import ExportContext, Exporter
+from exporters.onnx_fp32 import write_onnx
+from toolkit.runs import RunDir
+
+logger = logging.getLogger(__name__)
+
+
+def _reader(inputs: np.ndarray, input_name: str, batch: int):
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self._it = iter(range(0, len(inputs), batch))
+
+        def get_next(self):
+            i = next(self._it, None)
+            if i is None:
+                return None
+            chunk = inputs[i : i + batch]
+            if len(chunk) < batch:  # a static-shape graph takes full batches only
+                chunk = np.concatenate([chunk, inputs[: batch - len(chunk)]])
+            return {input_name: chunk}
+
+    return Reader()
+
+
+def _sensitive_steps(model_path: Path) -> list[list[str]]:
+    """Nodes to keep in fp32, cumulatively, one step per fallback attempt."""
+    import onnx
+
+    graph = onnx.load(str(model_path)).graph
+    convs = [n for n in graph.node if n.op_type == "Conv"]
+    depthwise = [n.name for n in convs if any(a.name == "group" and a.i > 1 for a in n.attribute)]
+    step1 = [convs[0].name, convs[-1].name] if convs else []
+    return [[], step1, step1 + depthwise]
+
+
+def quantize(fp32: Path, out: Path, calib: np.ndarray, *, batch: int, exclude: list[str]) -> None:
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    graph = onnx.load(str(fp32)).graph
+    head = [n.name for n in graph.node if n.op_type in ("Gemm", "MatMul", "Softmax")]
+    quantize_static(
+        str(fp32), str(out), _reader(calib, graph.input[0].name, batch),
+        quant_format=QuantFormat.QDQ, per_channel=True,
+        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+        calibrate_method=CalibrationMethod.MinMax,
+        nodes_to_exclude=head + exclude,
+        # Fold ranges every few batches: MinMax otherwise keeps every activation of every batch.
+        extra_options={"CalibMaxIntermediateOutputs": 4},
+    )
+
+
+@register
+class OnnxInt8Exporter(Exporter):
+    name = "onnx-int8"
+    runtime = "onnxruntime"
+    precision = "int8"
+    tolerance = None
+    description = "ONNX int8 (QDQ, per-channel), for ORT CPU / NPU execution providers"
+
+    def build(self, run: RunDir, classifier, out_dir: Path, ctx: ExportContext) -> Path:
+        from onnxruntime.quantization.shape_inference import quant_pre_process
+
+        out_dir = Path(out_dir)
+        calib = ctx.calibration_inputs()
+        model = out_dir / "model.onnx"
+        with tempfile.TemporaryDirectory(dir=out_dir, prefix=".work.") as work:
+            fp32, prep = Path(work) / "fp32.onnx", Path(work) / "prep.onnx"
+            write_onnx(classifier, fp32, ctx)
+            quant_pre_process(str(fp32), str(prep), skip_symbolic_shape=False)
+            steps = _sensitive_steps(prep) if ctx.max_drop is not None else [[]]
+            for attempt, exclude in enumerate(steps):
+                quantize(prep, model, calib, batch=ctx.static_batch or 8, exclude=exclude)
+                if ctx.max_drop is None:
+                    break
+                drop = _accuracy_drop(self, model, ctx, run)
+                ctx.extra["kept_fp32_nodes"] = len(exclude)
+                logger.info("onnx-int8 attempt %d (%d nodes kept fp32): drop %.2f points", attempt, len(exclude), drop)
+                if drop <= ctx.max_drop:
+                    break
+        return model
+
+
+def _accuracy_drop(exporter: Exporter, model: Path, ctx: ExportContext, run: RunDir) -> float:
+    from exporters import parity
+
+    inputs, labels = ctx.val_inputs()
+    reference = parity.cached_source_logits(run, run.build_classifier(), inputs)
+    exported = parity.run_batched(exporter.runner(model, ctx), inputs, batch=ctx.static_batch)
+    return parity.measure(reference, exported, labels).accuracy_drop

@@ -1,0 +1,107 @@
+"""ONNX Runtime on-device training artifacts: a robot keeps training the head without PyTorch.
+
+Writes training_model.onnx, eval_model.onnx, optimizer_model.onnx and checkpoint (for
+onnxruntime.training.api), plus inference.onnx exported from them, which the parity check and
+`edgetune predict` run. Only the head's parameters get gradients; the backbone is exported in eval
+mode, so BatchNorm uses its running statistics and never updates them.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import sys
+import tempfile
+from pathlib import Path
+
+from exporters import register
+from exporters.base import ExportContext, Exporter
+from toolkit.convert import ONNX_MAX_IR, ONNX_OPSET
+from toolkit.errors import EdgetuneError
+from toolkit.runs import RunDir
+
+logger = logging.getLogger(__name__)
+
+ARTIFACTS = ("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx", "checkpoint")
+INFERENCE_MODEL = "inference.onnx"
+HEAD_PREFIX = "inner.1."  # with_normalization(Sequential(backbone, head)): the head is inner.1
+
+
+def require_training_api():
+    """Import onnxruntime.training.artifacts, or say clearly why it is not here."""
+    try:
+        from onnxruntime.training import artifacts
+    except ImportError as e:
+        raise EdgetuneError(
+            "onnxruntime-training is not available on this platform "
+            f"(Python {sys.version_info.major}.{sys.version_info.minor}, {platform.machine()}: {e}). "
+            "Upstream publishes onnxruntime-training-cpu for CPython <= 3.12 on x86_64 only; "
+            "use --format onnx and train on a machine with edgetune instead."
+        ) from None
+    return artifacts
+
+
+def export_trainable_onnx(classifier, path: Path, ctx: ExportContext) -> None:
+    """The classifier with parameters kept as named initializers (no constant folding)."""
+    import onnx
+    import torch
+
+    with torch.no_grad():
+        torch.onnx.export(
+            classifier.eval(),
+            (torch.zeros(ctx.static_batch or 1, 3, ctx.input_size, ctx.input_size),),
+            str(path),
+            dynamo=False,
+            export_params=True,
+            do_constant_folding=False,  # folding would bake parameters into anonymous constants
+            training=torch.onnx.TrainingMode.EVAL,  # BatchNorm frozen: running statistics only
+            opset_version=ONNX_OPSET,
+            input_names=["image"],
+            output_names=["logits"],
+            dynamic_axes=None if ctx.static else {"image": {0: "batch"}, "logits": {0: "batch"}},
+        )
+    model = onnx.load(str(path))
+    if model.ir_version > ONNX_MAX_IR:
+        model.ir_version = ONNX_MAX_IR
+        onnx.save(model, str(path))
+
+
+@register
+class OrtTrainingExporter(Exporter):
+    name = "ort-training"
+    runtime = "onnxruntime"
+    precision = "fp32"
+    tolerance = 1e-3
+    description = "ONNX Runtime on-device training artifacts (head trainable) + inference.onnx"
+
+    def build(self, run: RunDir, classifier, out_dir: Path, ctx: ExportContext) -> Path:
+        import onnx
+
+        artifacts = require_training_api()
+        from onnxruntime.training import api
+
+        out_dir = Path(out_dir)
+        trainable = [n for n, p in classifier.named_parameters() if n.startswith(HEAD_PREFIX)]
+        with tempfile.TemporaryDirectory(dir=out_dir, prefix=".work.") as work:
+            base = Path(work) / "base.onnx"
+            export_trainable_onnx(classifier, base, ctx)
+            model = onnx.load(str(base))
+            names = {init.name for init in model.graph.initializer}
+            missing = [n for n in trainable if n not in names]
+            if missing:
+                raise EdgetuneError(f"ort-training: head parameters {missing} were not kept as initializers.")
+            frozen = [n for n in names if n not in trainable]
+            artifacts.generate_artifacts(
+                model, requires_grad=trainable, frozen_params=frozen,
+                loss=artifacts.LossType.CrossEntropyLoss, optimizer=artifacts.OptimType.AdamW,
+                artifact_directory=str(out_dir),
+            )
+        state = api.CheckpointState.load_checkpoint(str(out_dir / "checkpoint"))
+        module = api.Module(str(out_dir / "training_model.onnx"), state, str(out_dir / "eval_model.onnx"))
+        module.export_model_for_inferencing(str(out_dir / INFERENCE_MODEL), ["logits"])
+        ctx.extra.update({
+            "outputs": ["logits"],
+            "training": {"artifacts": list(ARTIFACTS), "trainable": trainable, "loss": "CrossEntropyLoss",
+                         "optimizer": "AdamW", "labels_input": "labels (int64, N)", "backbone": "frozen, eval mode"},
+        })
+        return out_dir / INFERENCE_MODEL

@@ -1,0 +1,190 @@
+"""Run a trained or exported classifier: one Predictor for run dirs and every export bundle.
+
+A bundle (a folder with manifest.json, written by `edgetune export`) runs on its own runtime,
+ONNX Runtime or OpenVINO, without importing torch: this is the path a robot takes. A run directory
+runs its frozen backbone on the OpenVINO feature engine plus the head as numpy, or, when the
+backbone tail was fine-tuned, the whole classifier converted to OpenVINO.
+
+Every predictor takes uint8 NHWC RGB views (toolkit.augment.eval_view output) and returns
+probabilities; `logits` gives the raw scores.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from toolkit.augment import eval_view
+from toolkit.errors import EdgetuneError
+
+logger = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def to_nchw_float(views: np.ndarray) -> np.ndarray:
+    """uint8 NHWC views -> float32 NCHW 0-255, the input every exported model takes."""
+    return np.ascontiguousarray(np.asarray(views).transpose(0, 3, 1, 2), dtype=np.float32)
+
+
+class Predictor:
+    """A classifier ready to run: `labels`, `input_size`, `preprocess`, `predict`, `logits`."""
+
+    def __init__(self, labels: list[str], input_size: int, run_logits: Callable[[np.ndarray], np.ndarray],
+                 description: str, *, static_batch: int | None = None, info: dict[str, Any] | None = None) -> None:
+        self.labels = list(labels)
+        self.input_size = int(input_size)
+        self._run = run_logits  # uint8 NHWC batch of any size -> float32 logits
+        self._description = description
+        self.static_batch = static_batch
+        self.info = info or {}
+
+    def preprocess(self, img: np.ndarray) -> np.ndarray:
+        """uint8 HxWx3 RGB image of any size -> the model's uint8 view (resize shorter, centre crop)."""
+        return eval_view(img, self.input_size)
+
+    def logits(self, views: np.ndarray) -> np.ndarray:
+        views = np.asarray(views)
+        if views.ndim == 3:
+            views = views[None]
+        if views.shape[1:] != (self.input_size, self.input_size, 3):
+            raise EdgetuneError(
+                f"Expected views of shape (N, {self.input_size}, {self.input_size}, 3), got {views.shape}: "
+                "pass images through predictor.preprocess first."
+            )
+        if not self.static_batch:
+            return np.asarray(self._run(views), dtype=np.float32)
+        b, out = self.static_batch, []
+        for i in range(0, len(views), b):
+            chunk = views[i : i + b]
+            n = len(chunk)
+            if n < b:  # a static-shape model: pad the last batch, drop the padding's outputs
+                chunk = np.concatenate([chunk, np.zeros((b - n, *chunk.shape[1:]), chunk.dtype)])
+            out.append(np.asarray(self._run(chunk), dtype=np.float32)[:n])
+        return np.concatenate(out) if out else np.zeros((0, len(self.labels)), np.float32)
+
+    def predict(self, views: np.ndarray) -> np.ndarray:
+        """Probabilities (N, C) for uint8 NHWC views."""
+        return softmax(self.logits(views))
+
+    def describe(self) -> str:
+        return self._description
+
+
+def load_predictor(path: Path, *, device: str = "auto") -> Predictor:
+    """A Predictor for a bundle dir (manifest.json), a model file inside one, or a run dir."""
+    path = Path(path)
+    if path.is_file() and (path.parent / MANIFEST).is_file():
+        path = path.parent
+    if (path / MANIFEST).is_file():
+        return _bundle_predictor(path, device)
+    if (path / "config.json").is_file():
+        return _run_predictor(path, device)
+    if not path.exists():
+        raise EdgetuneError(f"{path} does not exist: pass a run directory or an export bundle.")
+    raise EdgetuneError(
+        f"{path} is neither an edgetune run (config.json) nor an export bundle (manifest.json): "
+        "pass the folder `edgetune train` or `edgetune export` wrote."
+    )
+
+
+# ------------------------------------------------------------------------------------- bundles
+
+
+def read_manifest(bundle: Path) -> dict[str, Any]:
+    try:
+        return json.loads((Path(bundle) / MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise EdgetuneError(f"{Path(bundle) / MANIFEST} cannot be read ({e}): export the run again.") from None
+
+
+def _pick_device(request: str, runtime: str):
+    from devices import detect_devices, select_inference_device
+
+    # Probe only the runtime this model needs: a bundle must never import torch.
+    report = detect_devices(runtimes=(runtime,))
+    return select_inference_device(request, report.devices, runtime=runtime)
+
+
+def _bundle_predictor(bundle: Path, device: str) -> Predictor:
+    manifest = read_manifest(bundle)
+    model = bundle / manifest["model"]
+    if not model.is_file():
+        raise EdgetuneError(f"{model} is missing: the bundle is incomplete; export the run again.")
+    runtime = manifest["runtime"]
+    static = manifest["input"].get("batch")
+    dev = _pick_device(device, runtime)
+    name = dev.id.partition(":")[2]
+    if runtime == "onnxruntime":
+        run = onnx_runner(model, provider=name)
+    elif runtime == "openvino":
+        run = openvino_runner(model, device=name, batch=static)
+    else:
+        raise EdgetuneError(f"{bundle}: unknown runtime '{runtime}' in {MANIFEST}.")
+    desc = f"{manifest['format']} bundle {bundle} on {dev.id} ({manifest.get('precision', '?')})"
+    return Predictor(manifest["labels"], manifest["input"]["size"], lambda v: run(to_nchw_float(v)), desc,
+                     static_batch=static, info=manifest)
+
+
+def onnx_runner(model: Path, *, provider: str = "CPUExecutionProvider") -> Callable[[np.ndarray], np.ndarray]:
+    """float32 NCHW -> logits with ONNX Runtime (the first graph output is the logits)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    session = ort.InferenceSession(str(model), opts, providers=[provider])
+    input_name = session.get_inputs()[0].name
+    output_name = session.get_outputs()[0].name
+    return lambda x: session.run([output_name], {input_name: x})[0]
+
+
+def openvino_runner(model: Path, *, device: str = "CPU", batch: int | None = None,
+                    latency: bool = False) -> Callable[[np.ndarray], np.ndarray]:
+    """float32 NCHW -> logits with OpenVINO (IR or ONNX path)."""
+    from devices.openvino_compile import compile_model
+
+    compiled = compile_model(Path(model), device, batch=batch, latency=latency)
+    request = compiled.create_infer_request()
+    return lambda x: request.infer({0: x})[0].copy()
+
+
+# ------------------------------------------------------------------------------------ run dirs
+
+
+def _run_predictor(path: Path, device: str) -> Predictor:
+    from toolkit.runs import RunDir
+
+    run = RunDir.open(path)
+    spec, labels, cfg = run.spec, run.labels, run.config
+    state = run.model_state()
+    if device not in ("auto",) and not device.lower().startswith("openvino:"):
+        raise EdgetuneError(f"A run directory runs on OpenVINO here: use --device auto or openvino:CPU, not '{device}'.")
+    dev = _pick_device(device, "openvino")
+    ov_device = dev.id.partition(":")[2]
+    if any(k.startswith("backbone.") for k in state):
+        # The backbone's tail was fine-tuned: convert the whole classifier once.
+        from toolkit.convert import to_openvino
+
+        model = to_openvino(run.build_classifier(), spec.input_size)
+        from devices.openvino_compile import compile_model
+
+        compiled = compile_model(model, ov_device)
+        desc = f"run {path} (fine-tuned classifier) on {dev.id}"
+        return Predictor(labels, spec.input_size, lambda v: compiled(to_nchw_float(v))[0], desc)
+    from toolkit.features import create_engine
+    from toolkit.heads import numpy_head
+
+    engine = create_engine(spec.name, "openvino", ov_device)
+    head = numpy_head({k[len("head."):]: v for k, v in state.items() if k.startswith("head.")}, cfg["train"]["head"])
+    desc = f"run {path} ({engine.name} + numpy {cfg['train']['head']} head)"
+    return Predictor(labels, spec.input_size, lambda v: head(engine.extract(np.ascontiguousarray(v))), desc)
