@@ -54,12 +54,14 @@ def needs_static_shapes(device: Device | str) -> bool:
 
 
 def compile_config(
-    device: Device | str, *, cache_dir: Path | None = None, latency: bool = False
+    device: Device | str, *, cache_dir: Path | None = None, latency: bool = False, exact: bool = False
 ) -> dict[str, Any]:
     """Properties for `core.compile_model(model, name, config)` on this device.
 
     THROUGHPUT for feature extraction (batches, all cores or NPU tiles busy), LATENCY for predict
     (one image at a time); fp16 inference on NPUs that list it (the NPU's native precision).
+    exact=True asks for f32 compute: CPUs with bf16 units otherwise run fp32 models in bf16,
+    which is right for speed but not for checking an export against its source.
     """
     import openvino as ov
     import openvino.properties as props
@@ -75,6 +77,8 @@ def compile_config(
         precisions = device.precisions if isinstance(device, Device) else ("fp16",)
         if "fp16" in precisions:
             config[hints.inference_precision()] = ov.Type.f16
+    if exact:
+        config[hints.inference_precision()] = ov.Type.f32
     return config
 
 
@@ -108,6 +112,7 @@ def compile_model(
     batch: int | None = None,
     cache_dir: Path | None = None,
     latency: bool = False,
+    exact: bool = False,
     core=None,
 ):
     """Compile an OpenVINO model (ov.Model or a path to IR/ONNX) for `device` and return the CompiledModel.
@@ -121,7 +126,7 @@ def compile_model(
         model = core.read_model(str(model))
     if needs_static_shapes(device):
         model = _static_shape(model, batch)
-    config = compile_config(device, cache_dir=cache_dir, latency=latency)
+    config = compile_config(device, cache_dir=cache_dir, latency=latency, exact=exact)
     Path(config["CACHE_DIR"]).mkdir(parents=True, exist_ok=True)
     name = ov_device_name(device)
     log.info("compiling for openvino:%s with %s", name, {k: str(v) for k, v in config.items()})

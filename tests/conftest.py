@@ -54,3 +54,23 @@ def make_image_folder() -> Callable[..., Path]:
         return root
 
     return make
+
+
+# The real small dataset lives beside the repository, never inside it.
+HYMENOPTERA = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "hymenoptera"
+
+
+@pytest.fixture(scope="session")
+def hymenoptera() -> Path:
+    if not (HYMENOPTERA / "train").is_dir():
+        pytest.skip(f"real dataset not found at {HYMENOPTERA} (needs ../shared beside the repo)")
+    return HYMENOPTERA
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory) -> Path:
+    """train/val class folders of three colour classes, big enough for a 224+ px backbone."""
+    root = tmp_path_factory.mktemp("tiny") / "data"
+    write_class_folder(root / "train", ("red", "green", "blue"), 8, (96, 128))
+    write_class_folder(root / "val", ("red", "green", "blue"), 4, (96, 128))
+    return root

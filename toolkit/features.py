@@ -44,9 +44,12 @@ class FeatureEngine(abc.ABC):
     def __init__(self, spec: BackboneSpec, device: str, precision: str) -> None:
         self.spec, self.device, self.precision = spec, device, precision
 
+    compute = "fp32"  # what the device really computes in (OpenVINO may pick bf16 on the CPU)
+
     @property
     def name(self) -> str:
-        return f"{self.spec.name} on {self.runtime}:{self.device} ({self.precision})"
+        compute = "" if self.compute == self.precision else f", {self.compute} compute"
+        return f"{self.spec.name} on {self.runtime}:{self.device} ({self.precision}{compute})"
 
     def extract(self, batch: np.ndarray) -> np.ndarray:
         n = len(batch)
@@ -110,6 +113,10 @@ class OpenVINOEngine(FeatureEngine):
         if needs_static_shapes(device):
             self.static_batch = batch
         self.compiled = compile_model(model, device, batch=self.static_batch)
+        compute = self.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
+        self.compute = {"bf16": "bf16", "f16": "fp16"}.get(compute, self.compute)
+        if precision == "int8":
+            self.compute = "int8"
         self._ov = ov
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
