@@ -1,0 +1,119 @@
+"""Training: the run directory, determinism, resume after Ctrl-C, and the torch unfreeze path."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from toolkit.errors import DataError, EdgetuneError
+from toolkit.runs import RunDir
+from toolkit.train import TrainConfig, train
+
+FAST = dict(backbone="efficientnet_lite0", views=1, epochs=4, patience=4, workers=2)
+
+
+@pytest.fixture(scope="module")
+def run(tiny_dataset, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "tiny"
+    metrics = train(tiny_dataset, out, TrainConfig(**FAST))
+    return out, metrics
+
+
+def test_run_directory_has_everything_later_steps_need(run):
+    out, metrics = run
+    for name in ("config.json", "labels.json", "model.safetensors", "metrics.json", "history.csv", "report.png"):
+        assert (out / name).is_file(), name
+    for key in ("val_accuracy", "val_loss", "best_epoch", "train_seconds", "images_skipped"):
+        assert key in metrics
+    assert json.loads((out / "labels.json").read_text()) == ["blue", "green", "red"]
+    assert metrics["val_accuracy"] >= 0.9, "three flat colours must be trivially separable"
+    assert (out / "report.png").read_bytes()[:4] == b"\x89PNG"
+    assert not list(out.rglob("*.tmp")), "atomic writes leave no temporary files"
+
+
+def test_weights_are_safetensors_never_pickle(run):
+    out, _ = run
+    head = open(out / "model.safetensors", "rb").read(8)
+    assert int.from_bytes(head, "little") < 10_000_000  # safetensors starts with its header length
+    state = RunDir.open(out).model_state()
+    assert {"head.layers.1.weight", "head.layers.1.bias", "head.feature_mean"} <= set(state)
+
+
+def test_same_seed_same_metrics(run, tiny_dataset, tmp_path):
+    _, metrics = run
+    again = train(tiny_dataset, tmp_path / "again", TrainConfig(**FAST))
+    for key in ("val_accuracy", "val_loss", "best_epoch", "epochs_run"):
+        assert again[key] == metrics[key]
+
+
+def test_interrupted_run_resumes_to_the_same_result(run, tiny_dataset, tmp_path):
+    _, metrics = run
+    out = tmp_path / "interrupted"
+
+    def ctrl_c_after_two_epochs(stage, done, total):
+        if stage == "epochs" and done == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_dataset, out, TrainConfig(**FAST), progress=ctrl_c_after_two_epochs)
+    assert not (out / "model.safetensors").exists()
+    with pytest.raises(EdgetuneError, match="resume"):
+        RunDir.open(out)
+    resumed = train(None, out, resume=True)
+    for key in ("val_accuracy", "val_loss", "best_epoch", "epochs_run"):
+        assert resumed[key] == metrics[key]
+
+
+def test_existing_run_is_never_overwritten(run, tiny_dataset):
+    out, _ = run
+    before = (out / "model.safetensors").read_bytes()
+    with pytest.raises(EdgetuneError, match="already holds a run"):
+        train(tiny_dataset, out, TrainConfig(**FAST))
+    assert (out / "model.safetensors").read_bytes() == before
+
+
+def test_classifier_matches_head_on_features(run):
+    """The exported source model (backbone + head) gives the predictions training measured."""
+    import torch
+
+    from toolkit.augment import eval_view
+    from toolkit.data import decode_images, load_eval_set
+
+    out, metrics = run
+    r = RunDir.open(out)
+    ds = load_eval_set(r.config["data"], r.labels)
+    images, ds, _ = decode_images(ds, min_side=256)
+    x = np.stack([eval_view(im, r.spec.input_size) for im in images]).transpose(0, 3, 1, 2)
+    with torch.no_grad():
+        pred = r.build_classifier()(torch.from_numpy(x.astype(np.float32))).argmax(1).numpy()
+    assert np.mean(pred == ds.labels()) == pytest.approx(metrics["val_accuracy"], abs=0.1)
+
+
+@pytest.mark.parametrize("extra", [{"head": "mlp", "balance": "sampler", "mixup": 0.0},
+                                   {"balance": "weights", "fresh_views": True, "views": 1}])
+def test_options_train(extra, tiny_dataset, tmp_path):
+    metrics = train(tiny_dataset, tmp_path / "opt", TrainConfig(**{**FAST, **extra, "epochs": 2}))
+    assert metrics["epochs_run"] == 2
+
+
+def test_unfreezing_trains_the_tail_in_torch(tiny_dataset, tmp_path):
+    out = tmp_path / "unfrozen"
+    metrics = train(tiny_dataset, out, TrainConfig(**{**FAST, "unfreeze": 1, "epochs": 1, "batch_size": 8}))
+    state = RunDir.open(out).model_state()
+    assert any(k.startswith("backbone._blocks.15.") for k in state)
+    assert metrics["unfrozen_blocks"] == 1
+
+
+def test_bad_config_is_a_clear_error(tiny_dataset, tmp_path):
+    with pytest.raises(EdgetuneError, match="balance"):
+        train(tiny_dataset, tmp_path / "x", TrainConfig(balance="sometimes"))
+    with pytest.raises(EdgetuneError, match="Unknown backbone"):
+        train(tiny_dataset, tmp_path / "y", TrainConfig(backbone="resnet9000"))
+
+
+def test_single_class_is_a_data_error(make_image_folder, tmp_path):
+    data = make_image_folder(tmp_path, classes=("only",), n=4)
+    with pytest.raises(DataError, match="at least 2 classes"):
+        train(data, tmp_path / "run", TrainConfig(**FAST))
