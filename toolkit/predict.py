@@ -39,24 +39,26 @@ def predict_paths(model: Path, inputs: Iterable[Path], *, top_k: int = 1, device
     files = expand_inputs(inputs)
     results: list[dict[str, Any]] = []
     for start in range(0, len(files), batch_size):
-        chunk, views, order = files[start : start + batch_size], [], []
-        for f in chunk:
+        chunk: list[dict[str, Any]] = []
+        views, readable = [], []
+        for f in files[start : start + batch_size]:
             try:
                 views.append(predictor.preprocess(read_image(f)))
-                order.append(f)
+                readable.append(len(chunk))
+                chunk.append({"path": str(f)})
             except ImageReadError as e:
                 logger.warning("Skipped %s: %s", f, e.reason)
-                results.append({"path": str(f), "error": e.reason})
+                chunk.append({"path": str(f), "error": e.reason})
         if views:
-            probs = predictor.predict(np.stack(views))
-            results += [_result(f, p, predictor.labels, top_k) for f, p in zip(order, probs)]
+            for slot, probs in zip(readable, predictor.predict(np.stack(views))):
+                chunk[slot].update(_result(probs, predictor.labels, top_k))
+        results += chunk  # input order, skipped files included
     return results
 
 
-def _result(path: Path, probs: np.ndarray, labels: list[str], top_k: int) -> dict[str, Any]:
+def _result(probs: np.ndarray, labels: list[str], top_k: int) -> dict[str, Any]:
     top = np.argsort(-probs)[: max(1, top_k)]
     return {
-        "path": str(path),
         "label": labels[top[0]],
         "probability": round(float(probs[top[0]]), 5),
         "top": [{"label": labels[i], "probability": round(float(probs[i]), 5)} for i in top],

@@ -1,0 +1,101 @@
+"""The command line as users drive it: exit codes, one-line errors, JSON shapes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from toolkit.cli import cli
+
+FAST = ["--backbone", "efficientnet_lite0", "--views", "1", "--epochs", "3"]
+
+
+@pytest.fixture(scope="module")
+def runner():
+    return CliRunner()
+
+
+@pytest.fixture(scope="module")
+def trained(runner, tiny_dataset, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "run"
+    result = runner.invoke(cli, ["train", str(tiny_dataset), "--out", str(out), *FAST])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def _one_line_error(result, *fragments):
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    lines = [ln for ln in result.output.strip().splitlines() if ln.startswith("Error")]
+    assert len(lines) == 1, result.output
+    for f in fragments:
+        assert f in lines[0], lines[0]
+
+
+def test_train_prints_accuracy_and_next_step(trained, runner, tiny_dataset):
+    assert (trained / "model.safetensors").exists()
+
+
+def test_train_errors_are_one_line_exit_2(runner, tmp_path, make_image_folder):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    _one_line_error(runner.invoke(cli, ["train", str(empty), "--out", str(tmp_path / "r1")]), str(empty))
+    single = make_image_folder(tmp_path, classes=("only",), n=3, name="single")
+    _one_line_error(runner.invoke(cli, ["train", str(single), "--out", str(tmp_path / "r2")]), "2 classes")
+    _one_line_error(runner.invoke(cli, ["train", str(tmp_path / "nope")]), "nope")
+    _one_line_error(runner.invoke(cli, ["train", "--resume", str(tmp_path / "nope")]), "not an edgetune run")
+    _one_line_error(runner.invoke(cli, ["train", str(empty), "--aug", "rotate=3"]), "TRANSFORM.SETTING")
+
+
+def test_train_refuses_to_overwrite_a_run(trained, runner, tiny_dataset):
+    result = runner.invoke(cli, ["train", str(tiny_dataset), "--out", str(trained), *FAST])
+    _one_line_error(result, "--resume")
+
+
+def test_evaluate_json(trained, runner, tiny_dataset):
+    result = runner.invoke(cli, ["evaluate", str(trained), str(tiny_dataset / "val"), "--json"])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(result.stdout)
+    assert metrics["n"] == 12 and metrics["accuracy"] >= 0.9
+    assert set(metrics["per_class"]) == {"red", "green", "blue"}
+
+
+def test_evaluate_missing_run_is_a_clear_error(runner, tmp_path, tiny_dataset):
+    _one_line_error(runner.invoke(cli, ["evaluate", str(tmp_path), str(tiny_dataset)]), "edgetune train")
+
+
+def test_predict_files_and_folders_with_bad_files_skipped(trained, runner, tiny_dataset, tmp_path):
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"")
+    red = next((tiny_dataset / "val" / "red").iterdir())
+    result = runner.invoke(cli, ["predict", str(trained), str(red), str(tiny_dataset / "val" / "blue"), str(bad), "--json"])
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(ln) for ln in result.stdout.splitlines() if ln.startswith("{")]
+    assert len(rows) == 1 + 4 + 1
+    assert rows[0]["label"] == "red" and 0 <= rows[0]["probability"] <= 1
+    assert "error" in rows[-1] and rows[-1]["path"].endswith("broken.jpg")
+
+
+def test_augment_preview(runner, tiny_dataset, tmp_path):
+    out = tmp_path / "preview.png"
+    result = runner.invoke(cli, ["augment", str(tiny_dataset), "--out", str(out), "--augment", "strong"])
+    assert result.exit_code == 0, result.output
+    assert out.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_backbones_json(runner):
+    specs = json.loads(runner.invoke(cli, ["backbones", "--json"]).stdout)
+    assert {s["name"] for s in specs} >= {"efficientnet_lite0", "efficientnet_lite1"}
+    assert all(s["licence"] and s["input_size"] for s in specs)
+
+
+def test_help_imports_nothing_heavy():
+    code = ("import sys; from toolkit.cli import cli; "
+            "heavy = [m for m in ('torch', 'openvino', 'onnxruntime', 'nncf', 'cv2') if m in sys.modules]; "
+            "print(','.join(heavy))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == ""
