@@ -96,7 +96,7 @@ class Exporter:
         from toolkit.runtime import onnx_runner, openvino_runner
 
         if self.runtime == "openvino":
-            return openvino_runner(model, batch=ctx.static_batch)
+            return openvino_runner(model, batch=ctx.static_batch, precise=True)
         return onnx_runner(model)
 
     def embed(self, model: Path, manifest: dict[str, Any]) -> None:
@@ -132,6 +132,7 @@ class Exporter:
                                                 extra_files=files, extra=ctx.extra)
                 self.embed(model, manifest)
                 bundle.write_manifest(stage, manifest)
+                _publishable(stage)
                 sizes = {p.name: p.stat().st_size for p in sorted(stage.iterdir()) if p.is_file()}
         except OSError as e:
             raise EdgetuneError(f"Cannot write the export to {out_dir} ({e.strerror or e}): pick another --out.") from None
@@ -210,6 +211,17 @@ def calibration_set(run: RunDir, calibration: Path | None, limit: int) -> np.nda
     if bad:
         logger.warning("Skipped %d unreadable calibration images: %s", len(bad), ", ".join(bad[:5]))
     return _views(images, size)
+
+
+def _publishable(stage: Path) -> None:
+    """Temp dirs and atomic files are private (0700/0600); a bundle is meant to be copied and shared."""
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    stage.chmod(0o777 & ~umask)
+    for p in stage.iterdir():
+        p.chmod(0o666 & ~umask)
 
 
 def _check_out_dir(out_dir: Path) -> None:

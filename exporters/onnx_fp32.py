@@ -28,10 +28,14 @@ def with_probabilities(classifier):
 
 
 def write_onnx(classifier, path: Path, ctx: ExportContext) -> Path:
+    import warnings
+
     from toolkit.convert import to_onnx
 
-    to_onnx(with_probabilities(classifier), path, ctx.input_size, output_names=OUTPUTS,
-            dynamic_batch=not ctx.static, batch=ctx.static_batch or 1)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Constant folding")  # harmless TorchScript notes
+        to_onnx(with_probabilities(classifier), path, ctx.input_size, output_names=OUTPUTS,
+                dynamic_batch=not ctx.static, batch=ctx.static_batch or 1)
     return path
 
 

@@ -23,6 +23,13 @@ logger = logging.getLogger(__name__)
 MODEL_FILE = "model.xml"
 
 
+def HEAD_SCOPE():
+    """The head (MatMul) and softmax stay fp32: a sliver of the compute, and int8 logits round near-ties."""
+    import nncf
+
+    return nncf.IgnoredScope(types=["MatMul", "Softmax"], validate=False)
+
+
 def convert(classifier, ctx: ExportContext):
     """The classifier as an openvino.Model with named input/outputs (image -> logits, probabilities)."""
     from toolkit.convert import to_openvino
@@ -75,7 +82,8 @@ class OpenVINOInt8Exporter(Exporter):
         b = ctx.static_batch or 1
         calibration = nncf.Dataset([calib[i : i + b] for i in range(0, len(calib) - b + 1, b)])
         if ctx.max_drop is None:
-            quantized = nncf.quantize(model, calibration, subset_size=len(calib), fast_bias_correction=True)
+            quantized = nncf.quantize(model, calibration, subset_size=len(calib), fast_bias_correction=True,
+                                      ignored_scope=HEAD_SCOPE())
         else:
             quantized = self._quantize_with_budget(model, calibration, ctx)
         # Remaining float constants (biases, scales) as fp16: smaller file, same int8 compute.
@@ -101,5 +109,5 @@ class OpenVINOInt8Exporter(Exporter):
         logger.info("NNCF accuracy-controlled quantization, max drop %.2f points", ctx.max_drop)
         return nncf.quantize_with_accuracy_control(
             model, calibration, validation, accuracy, max_drop=ctx.max_drop / 100.0,
-            drop_type=nncf.DropType.ABSOLUTE, subset_size=300,
+            drop_type=nncf.DropType.ABSOLUTE, subset_size=300, ignored_scope=HEAD_SCOPE(),
         )

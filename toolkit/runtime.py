@@ -148,12 +148,23 @@ def onnx_runner(model: Path, *, provider: str = "CPUExecutionProvider") -> Calla
     return lambda x: session.run([output_name], {input_name: x})[0]
 
 
-def openvino_runner(model: Path, *, device: str = "CPU", batch: int | None = None,
-                    latency: bool = False) -> Callable[[np.ndarray], np.ndarray]:
-    """float32 NCHW -> logits with OpenVINO (IR or ONNX path)."""
+def openvino_runner(model: Path, *, device: str = "CPU", batch: int | None = None, latency: bool = False,
+                    precise: bool = False) -> Callable[[np.ndarray], np.ndarray]:
+    """float32 NCHW -> logits with OpenVINO (IR or ONNX path).
+
+    precise=True computes in fp32 on CPU: by default CPUs with AVX512-BF16/AMX run bf16, which moves
+    logits by ~0.1 and would hide what the model file itself does (parity checks the file).
+    """
+    import openvino as ov
+
     from devices.openvino_compile import compile_model
 
-    compiled = compile_model(Path(model), device, batch=batch, latency=latency)
+    core = ov.Core()
+    if precise and device.upper().startswith("CPU"):
+        import openvino.properties.hint as hints
+
+        core.set_property("CPU", {hints.inference_precision(): ov.Type.f32})
+    compiled = compile_model(Path(model), device, batch=batch, latency=latency, core=core)
     request = compiled.create_infer_request()
     return lambda x: request.infer({0: x})[0].copy()
 
