@@ -78,6 +78,7 @@ class Exporter:
     precision: ClassVar[str] = "fp32"
     tolerance: ClassVar[float | None] = 1e-3  # max abs logit diff; None: int8, gated on accuracy drop
     min_agreement: ClassVar[float] = 1.0  # top-1 agreement required when tolerance is set
+    relative_tolerance: ClassVar[bool] = False  # tolerance x max(1, largest |logit|) (fp16)
     description: ClassVar[str] = ""
 
     def __init__(self, ctx: ExportContext | None = None) -> None:
@@ -125,8 +126,10 @@ class Exporter:
                 exported = parity.run_batched(self.runner(model, ctx), inputs, batch=ctx.static_batch)
                 measured = parity.measure(reference, exported, labels)
                 parity.check(measured, fmt=self.name, tolerance=self.tolerance_for(ctx),
-                             min_agreement=self.min_agreement, max_drop=ctx.max_drop)
-                record = {**measured.to_json(), "tolerance": self.tolerance_for(ctx), "max_drop": ctx.max_drop}
+                             min_agreement=self.min_agreement, max_drop=ctx.max_drop,
+                             relative=self.relative_tolerance and not ctx.fp32)
+                record = {**measured.to_json(), "tolerance": self.tolerance_for(ctx), "max_drop": ctx.max_drop,
+                          "relative_tolerance": self.relative_tolerance and not ctx.fp32}
                 files = sorted(p.name for p in stage.iterdir() if p.is_file())
                 manifest = bundle.make_manifest(run, self, model.name, parity=record, static_batch=ctx.static_batch,
                                                 extra_files=files, extra=ctx.extra)

@@ -102,5 +102,5 @@ def read_embedded(model_path: Path) -> dict[str, str]:
     model = ov.Core().read_model(str(model_path))
     if not model.has_rt_info(["edgetune"]):
         return {}
-    info = model.get_rt_info(["edgetune"])
-    return {k: str(v.astype(str)) if hasattr(v, "astype") else str(v) for k, v in info.items()}
+    keys = model.get_rt_info(["edgetune"]).astype(dict)
+    return {k: model.get_rt_info(["edgetune", k]).astype(str) for k in keys}

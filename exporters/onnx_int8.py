@@ -42,6 +42,14 @@ def _reader(inputs: np.ndarray, input_name: str, batch: int):
     return Reader()
 
 
+def _fold_every(n_batches: int) -> int:
+    # ORT 1.19 loses the ranges ("No data is collected") when the batch count is a multiple of it.
+    every = 4
+    while n_batches % every == 0:
+        every += 1
+    return every
+
+
 def _sensitive_steps(model_path: Path) -> list[list[str]]:
     """Nodes to keep in fp32, cumulatively, one step per fallback attempt."""
     import onnx
@@ -66,7 +74,7 @@ def quantize(fp32: Path, out: Path, calib: np.ndarray, *, batch: int, exclude: l
         calibrate_method=CalibrationMethod.MinMax,
         nodes_to_exclude=head + exclude,
         # Fold ranges every few batches: MinMax otherwise keeps every activation of every batch.
-        extra_options={"CalibMaxIntermediateOutputs": 4},
+        extra_options={"CalibMaxIntermediateOutputs": _fold_every(-(-len(calib) // batch))},
     )
 
 

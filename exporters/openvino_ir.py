@@ -53,8 +53,9 @@ class OpenVINOExporter(Exporter):
     name = "openvino"
     runtime = "openvino"
     precision = "fp16"
-    # fp16 weights move logits by ~1e-3..1e-2; top-1 must still agree everywhere.
-    tolerance = 5e-2
+    # fp16 weights (11-bit mantissa) move logits by ~1e-3 of their magnitude; top-1 must still agree.
+    tolerance = 2e-2
+    relative_tolerance = True
     fp32_tolerance = 1e-3
     description = "OpenVINO IR (fp16 weights; --fp32 keeps fp32)"
 

@@ -66,6 +66,15 @@ def export_trainable_onnx(classifier, path: Path, ctx: ExportContext) -> None:
         onnx.save(model, str(path))
 
 
+def _cap_ir(path: Path) -> None:
+    import onnx
+
+    model = onnx.load(str(path))
+    if model.ir_version > ONNX_MAX_IR:
+        model.ir_version = ONNX_MAX_IR
+        onnx.save(model, str(path))
+
+
 @register
 class OrtTrainingExporter(Exporter):
     name = "ort-training"
@@ -96,6 +105,8 @@ class OrtTrainingExporter(Exporter):
                 loss=artifacts.LossType.CrossEntropyLoss, optimizer=artifacts.OptimType.AdamW,
                 artifact_directory=str(out_dir),
             )
+        for name in ARTIFACTS[:3]:  # onnxblock writes the onnx package's IR (14 with onnx 1.23)
+            _cap_ir(out_dir / name)
         state = api.CheckpointState.load_checkpoint(str(out_dir / "checkpoint"))
         module = api.Module(str(out_dir / "training_model.onnx"), state, str(out_dir / "eval_model.onnx"))
         module.export_model_for_inferencing(str(out_dir / INFERENCE_MODEL), ["logits"])

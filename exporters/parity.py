@@ -23,6 +23,7 @@ class Parity:
     n: int
     agreement: float  # fraction of val images with the same top-1 class
     max_abs_diff: float  # largest |logit_source - logit_export|
+    logit_scale: float  # largest |logit_source|: fp16 tolerances scale with it
     source_accuracy: float
     export_accuracy: float
 
@@ -69,16 +70,22 @@ def measure(reference: np.ndarray, exported: np.ndarray, labels: np.ndarray) -> 
         n=len(labels),
         agreement=round(float((ref_top == exp_top).mean()), 6),
         max_abs_diff=float(np.abs(reference - exported).max()),
+        logit_scale=float(np.abs(reference).max()),
         source_accuracy=round(float((ref_top == labels).mean()), 6),
         export_accuracy=round(float((exp_top == labels).mean()), 6),
     )
 
 
 def check(parity: Parity, *, fmt: str, tolerance: float | None, min_agreement: float,
-          max_drop: float | None) -> None:
-    """Raise EdgetuneError("Export failed parity: ...") when `parity` is outside the gate."""
+          max_drop: float | None, relative: bool = False) -> None:
+    """Raise EdgetuneError("Export failed parity: ...") when `parity` is outside the gate.
+
+    relative=True scales the tolerance by max(1, largest |logit|): fp16 weights err relative to
+    the magnitude of what they compute.
+    """
     problems = []
     if tolerance is not None:
+        tolerance = tolerance * max(1.0, parity.logit_scale) if relative else tolerance
         if parity.max_abs_diff > tolerance:
             problems.append(f"max |logit diff| {parity.max_abs_diff:.3e} > tolerance {tolerance:.0e}")
         if parity.agreement < min_agreement:
