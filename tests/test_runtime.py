@@ -1,0 +1,102 @@
+"""toolkit.runtime predictors and toolkit.evaluate on run dirs and bundles."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.exporters_fixtures import exported, trained_run  # noqa: F401  (pytest fixtures)
+from toolkit.errors import EdgetuneError
+from toolkit.runs import RunDir
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _val_views(run_dir: Path, size: int) -> tuple[np.ndarray, np.ndarray]:
+    from toolkit.augment import eval_view
+    from toolkit.data import load_eval_set, read_image
+
+    ds = load_eval_set(Path(RunDir(run_dir).config["data"]) / "val", RunDir(run_dir).labels)
+    return np.stack([eval_view(read_image(s.path), size) for s in ds.samples]), ds.labels()
+
+
+def test_run_dir_predictor_matches_torch(trained_run):
+    import torch
+
+    from toolkit.runtime import load_predictor, to_nchw_float
+
+    predictor = load_predictor(trained_run)
+    views, _ = _val_views(trained_run, predictor.input_size)
+    with torch.inference_mode():
+        ref = RunDir(trained_run).build_classifier()(torch.from_numpy(to_nchw_float(views))).numpy()
+    probs = predictor.predict(views)
+    assert probs.shape == ref.shape
+    assert (probs.argmax(1) == ref.argmax(1)).all()
+    assert predictor.describe()
+
+
+def test_evaluate_shape(trained_run):
+    from toolkit.evaluate import evaluate
+    from toolkit.runtime import load_predictor
+
+    predictor = load_predictor(trained_run)
+    m = evaluate(predictor, Path(RunDir(trained_run).config["data"]) / "val")
+    assert set(m) >= {"accuracy", "n", "loss", "per_class", "confusion", "ece", "images_skipped"}
+    assert m["n"] == 8 and len(m["confusion"]) == 2 and sum(map(sum, m["confusion"])) == 8
+    assert set(m["per_class"]["ants"]) == {"precision", "recall", "f1", "support"}
+    assert 0.0 <= m["ece"] <= 1.0 and m["loss"] > 0
+
+
+def test_ece_perfectly_calibrated_is_zero():
+    from toolkit.evaluate import expected_calibration_error
+
+    probs = np.array([[1.0, 0.0], [0.0, 1.0]])
+    assert expected_calibration_error(probs, np.array([0, 1])) == 0.0
+
+
+def test_not_a_model(tmp_path):
+    from toolkit.runtime import load_predictor
+
+    with pytest.raises(EdgetuneError, match="neither an edgetune run"):
+        load_predictor(tmp_path)
+    with pytest.raises(EdgetuneError, match="does not exist"):
+        load_predictor(tmp_path / "nope")
+
+
+_NO_TORCH = """
+import sys, numpy as np
+{block}
+from toolkit.runtime import load_predictor
+p = load_predictor(sys.argv[1])
+probs = p.predict(np.zeros((2, p.input_size, p.input_size, 3), np.uint8))
+assert probs.shape == (2, len(p.labels))
+print(sys.modules.get("torch") is not None)
+"""
+
+
+@pytest.mark.parametrize("fmt", ["openvino", "onnx"])
+def test_bundle_runtime_is_torch_free(fmt, exported):
+    bundle = exported(fmt).out_dir
+    # onnxruntime-training's own import-time check imports torch when it is installed (plain
+    # onnxruntime on a robot does not): for ONNX bundles, prove edgetune never needs it by
+    # making torch unimportable. OpenVINO bundles must not load torch at all.
+    block = "sys.modules['torch'] = None" if fmt == "onnx" else ""
+    out = subprocess.run([sys.executable, "-c", _NO_TORCH.format(block=block), str(bundle)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_static_bundle_pads_batches(trained_run, tmp_path):
+    from exporters import export
+    from toolkit.runtime import load_predictor
+
+    result = export(trained_run, "onnx", tmp_path / "static", static=True)
+    assert json.loads((result.out_dir / "manifest.json").read_text())["input"]["batch"] == 1
+    p = load_predictor(result.out_dir)
+    assert p.predict(np.zeros((3, p.input_size, p.input_size, 3), np.uint8)).shape == (3, 2)
