@@ -285,8 +285,10 @@ def backbones(as_json: bool) -> None:
 
 def _register_subcommands() -> None:
     from devices.commands import devices_command
+    from exporters.commands import benchmark_command, export_command
 
-    cli.add_command(devices_command)
+    for command in (devices_command, export_command, benchmark_command):
+        cli.add_command(command)
 
 
 _register_subcommands()

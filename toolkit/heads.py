@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 HEAD_KINDS = ("linear", "mlp")
+MIN_FEATURE_STD = 1e-2  # features are ReLU6 outputs in [0, 6]; typical std is ~0.5
 
 
 def create_head(
@@ -33,8 +34,9 @@ def create_head(
             mean = torch.zeros(in_dim) if feature_mean is None else torch.as_tensor(feature_mean, dtype=torch.float32)
             std = torch.ones(in_dim) if feature_std is None else torch.as_tensor(feature_std, dtype=torch.float32)
             self.register_buffer("feature_mean", mean)
-            # A dead channel (std 0) would divide by zero: treat it as unit scale.
-            self.register_buffer("feature_inv_std", 1.0 / torch.where(std > 1e-6, std, torch.ones_like(std)))
+            # A (nearly) dead channel carries nothing a linear head can use, but 1/std would reach
+            # 1e5 and overflow an fp16 export: floor the scale so the head stays fp16-safe.
+            self.register_buffer("feature_inv_std", 1.0 / std.clamp(min=MIN_FEATURE_STD))
             if kind == "linear":
                 self.layers = nn.Sequential(nn.Dropout(dropout), nn.Linear(in_dim, n_classes))
             elif kind == "mlp":
