@@ -150,6 +150,7 @@ def _print_train_summary(console, run_dir: Path, m: dict[str, Any]) -> None:
         f"[bold]val accuracy {m['val_accuracy']:.4f}[/] (loss {m['val_loss']:.4f}, best epoch {m['best_epoch']} "
         f"of {m['epochs_run']}) in {m['train_seconds']:.1f} s"
     )
+    console.print(f"devices: {m['devices']}")
     if m.get("feature_engine"):
         console.print(f"features: {m['feature_engine']}, {m['views_per_second']:.0f} views/s")
     if m["images_skipped"]:
