@@ -17,13 +17,18 @@ from toolkit.errors import DeviceError
 log = logging.getLogger(__name__)
 
 
-def default_cache_dir() -> Path:
-    """Per-user compiled-model cache: $XDG_CACHE_HOME/edgetune/ov_cache or ~/.cache/edgetune/ov_cache.
+def edgetune_cache_dir() -> Path:
+    """Per-user cache root: $XDG_CACHE_HOME/edgetune or ~/.cache/edgetune.
 
-    Only read from the environment, never written; the folder is created when a model is compiled.
+    Only read from the environment, never written; folders are created when first used.
     """
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "edgetune" / "ov_cache"
+    return Path(base) / "edgetune"
+
+
+def default_cache_dir() -> Path:
+    """Compiled-model cache (OpenVINO CACHE_DIR): a robot's second start skips compilation."""
+    return edgetune_cache_dir() / "ov_cache"
 
 
 def ov_device_name(device: Device | str) -> str:

@@ -9,6 +9,7 @@ A subclass sets its name, runtime, precision and tolerance and implements `build
 
 from __future__ import annotations
 
+import abc
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,7 +71,7 @@ class ExportContext:
         return self._calib
 
 
-class Exporter:
+class Exporter(abc.ABC):
     """One export target. Subclasses set the class attributes and implement `build`."""
 
     name: ClassVar[str] = "?"
@@ -85,9 +86,9 @@ class Exporter:
         self.ctx = ctx
         self.effective_precision = self.precision
 
+    @abc.abstractmethod
     def build(self, run: RunDir, classifier, out_dir: Path, ctx: ExportContext) -> Path:
         """Write the model (and any companion files) into `out_dir`; return the model file path."""
-        raise NotImplementedError
 
     def tolerance_for(self, ctx: ExportContext) -> float | None:
         return self.tolerance

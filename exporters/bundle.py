@@ -9,12 +9,11 @@ on its own still says what it is.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from toolkit import __version__, atomic
+from toolkit.convert import save_ir
 from toolkit.runtime import MANIFEST
 
 # Training metrics worth carrying into the export (the rest stays in the run).
@@ -75,18 +74,7 @@ def embed_openvino(xml_path: Path, manifest: dict[str, Any]) -> None:
     model = ov.Core().read_model(str(xml_path))
     for key, value in flat_metadata(manifest).items():
         model.set_rt_info(value, ["edgetune", key])
-    # Save beside, then swap .bin before .xml: the weights are re-serialised exactly as read
-    # (fp16/int8 constants stay as they are), so no second compression happens.
-    tmp = Path(tempfile.mkdtemp(dir=xml_path.parent, prefix=".embed."))
-    try:
-        ov.save_model(model, str(tmp / "m.xml"), compress_to_fp16=False)
-        del model
-        os.replace(tmp / "m.bin", xml_path.with_suffix(".bin"))
-        os.replace(tmp / "m.xml", xml_path)
-    finally:
-        for f in tmp.glob("*"):
-            f.unlink()
-        tmp.rmdir()
+    save_ir(model, xml_path)
 
 
 def read_embedded(model_path: Path) -> dict[str, str]:

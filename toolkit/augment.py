@@ -10,6 +10,7 @@ No torch here: the same code runs on a device that learns without PyTorch.
 
 from __future__ import annotations
 
+import abc
 import copy
 import difflib
 import inspect
@@ -58,7 +59,7 @@ def _pair(value: Any, name: str) -> tuple[float, float]:
     return lo, hi
 
 
-class Transform:
+class Transform(abc.ABC):
     """Base: `p` is the probability of applying; subclasses define `name`, `draw` and `apply`."""
 
     name: ClassVar[str] = ""
@@ -80,8 +81,9 @@ class Transform:
         return {}
 
     @staticmethod
+    @abc.abstractmethod
     def apply(img: np.ndarray, **params: Any) -> np.ndarray:
-        raise NotImplementedError
+        """Pure: a new array with the pixels moved; never modifies `img`."""
 
     def __call__(self, img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """Sample and apply; returns the input itself (unmodified) when skipped."""

@@ -8,6 +8,8 @@ the backbone's input size: normalisation lives inside the graph, so no runtime c
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -82,3 +84,24 @@ def to_onnx(
     if model.ir_version > ONNX_MAX_IR:
         model.ir_version = ONNX_MAX_IR
         onnx.save(model, str(path))
+
+
+def save_ir(model, xml_path: Path) -> None:
+    """Save an openvino.Model as IR atomically: never a .xml without its matching .bin.
+
+    Constants are written exactly as they are (no second fp16 compression of a read model).
+    """
+    import openvino as ov
+
+    xml_path = Path(xml_path)
+    xml_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=xml_path.parent, prefix=".ir."))
+    try:
+        ov.save_model(model, str(tmp / "m.xml"), compress_to_fp16=False)
+        # .bin first: a reader that finds the .xml always finds its weights beside it.
+        os.replace(tmp / "m.bin", xml_path.with_suffix(".bin"))
+        os.replace(tmp / "m.xml", xml_path)
+    finally:
+        for f in tmp.glob("*"):
+            f.unlink()
+        tmp.rmdir()

@@ -12,7 +12,6 @@ import abc
 import hashlib
 import logging
 import os
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Sequence
@@ -31,8 +30,9 @@ DEFAULT_BATCH = 8
 
 def cache_dir() -> Path:
     """Per-user cache for converted backbones (never inside a run: runs stay small)."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "edgetune"
+    from devices.openvino_compile import edgetune_cache_dir
+
+    return edgetune_cache_dir()
 
 
 def _to_nchw_float(batch: np.ndarray) -> np.ndarray:
@@ -216,10 +216,10 @@ def _openvino_backbone(spec: BackboneSpec, precision: str, calibration):
     if path.exists():
         model = core.read_model(str(path))
     else:
-        from toolkit.convert import to_openvino, with_normalization
+        from toolkit.convert import save_ir, to_openvino, with_normalization
 
         model = to_openvino(with_normalization(create_backbone(spec.name), spec), spec.input_size)
-        _save_ir_atomically(model, path)
+        save_ir(model, path)
     if precision == "fp16":
         # The CPU plugin computes in fp32 (or bf16) anyway; fp16 matters for GPU/NPU devices,
         # which pick it up through INFERENCE_PRECISION_HINT in devices.openvino_compile.
@@ -239,22 +239,6 @@ def _quantize_backbone(model, calibration):
     data = [_to_nchw_float(v[None]) for v in calibration]
     logger.info("Quantizing the backbone to int8 with NNCF on %d views", len(data))
     return nncf.quantize(model, nncf.Dataset(data), subset_size=len(data), fast_bias_correction=True)
-
-
-def _save_ir_atomically(model, path: Path) -> None:
-    import openvino as ov
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent))
-    try:
-        ov.save_model(model, str(tmp / "m.xml"), compress_to_fp16=False)
-        # .bin first: a reader that finds the .xml always finds its weights beside it.
-        os.replace(tmp / "m.bin", path.with_suffix(".bin"))
-        os.replace(tmp / "m.xml", path)
-    finally:
-        for f in tmp.glob("*"):
-            f.unlink()
-        tmp.rmdir()
 
 
 def _cached_onnx_backbone(spec: BackboneSpec) -> Path:
