@@ -11,6 +11,7 @@ from typing import Any
 
 import click
 
+from devices.commands import device_option
 from toolkit import __version__
 from toolkit.errors import EdgetuneError
 
@@ -118,7 +119,7 @@ def _parse_overrides(items: tuple[str, ...]) -> dict[str, dict[str, Any]]:
               help="int8: learn on the quantized backbone you will ship (OpenVINO).")
 @click.option("--unfreeze", type=int, default=None, help="Fine-tune the last N backbone blocks in torch (slow).")
 @click.option("--workers", type=int, default=None, help="Decode/augmentation threads.")
-@click.option("--device", default=None, help="auto | cpu | cuda[:i] | xpu | mps | openvino:CPU|GPU|NPU | ort:<provider>.")
+@device_option()
 def train(data: Path | None, out: Path | None, resume: Path | None, aug_overrides: tuple[str, ...], **options: Any) -> None:
     """Train a classifier on DATA (DATA/train/<class>/* + DATA/val/<class>/*, DATA/<class>/*, or a CSV)."""
     from toolkit.train import TrainConfig, train as run_training
@@ -163,7 +164,7 @@ def _print_train_summary(console, run_dir: Path, m: dict[str, Any]) -> None:
 @click.argument("model", type=click.Path(path_type=Path))
 @click.argument("data", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
-@click.option("--device", default="auto", help="Where to run the model (see `edgetune devices`).")
+@device_option()
 def evaluate(model: Path, data: Path, as_json: bool, device: str) -> None:
     """Measure MODEL (a run directory or an exported bundle) on the labelled images in DATA."""
     from toolkit.data import load_eval_set
@@ -188,7 +189,7 @@ def evaluate(model: Path, data: Path, as_json: bool, device: str) -> None:
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per image.")
 @click.option("--top-k", type=int, default=1, show_default=True)
-@click.option("--device", default="auto", help="Where to run the model (see `edgetune devices`).")
+@device_option()
 def predict(model: Path, inputs: tuple[Path, ...], as_json: bool, top_k: int, device: str) -> None:
     """Classify images and folders of images with MODEL (a run directory or an exported bundle)."""
     from toolkit.predict import predict_paths

@@ -103,8 +103,8 @@ def train(
     config, data = _resolve(run, data, config, resume)
     progress = progress or (lambda *_: None)
     spec = get_spec(config.backbone)
+    plan = _plan_devices(config)  # before decoding: an absent device fails in a second
     prep = _prepare_data(Path(data), config, spec.input_size, progress)
-    plan = _plan_devices(config)
     if not resume:
         run.write_labels(prep.classes)
         run.write_config(_config_record(config, data, plan, spec))
