@@ -218,3 +218,29 @@ def test_ort_training_unavailable_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", fake_import)
     with pytest.raises(EdgetuneError, match="onnxruntime-training is not available on this platform.*--format onnx"):
         require_training_api()
+
+
+# -- int8 calibration ------------------------------------------------------------------------
+
+
+def test_int8_calibration_sees_every_batch(tmp_path):
+    """The activation ranges must cover all calibration images, not just the last few batches
+    (ORT 1.19's CalibMaxIntermediateOutputs silently dropped the earlier ones)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from exporters.onnx_int8 import quantize
+
+    w = numpy_helper.from_array(np.ones((2, 1, 1, 1), np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"), helper.make_node("Relu", ["c"], ["y"], name="relu")],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2, 4, 4])], initializer=[w])
+    fp32, out = tmp_path / "fp32.onnx", tmp_path / "int8.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(fp32))
+    calib = np.ones((37, 1, 4, 4), np.float32)  # 5 batches of 8 (the last padded)
+    calib[5] = 100.0  # the largest activation is in the first batch only (padding reuses images 0-2)
+    quantize(fp32, out, calib, batch=8, exclude=[])
+    scales = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(out)).graph.initializer if "scale" in i.name}
+    act = [float(v) for k, v in scales.items() if k.startswith(("c_", "y_")) and v.size == 1]
+    assert act and all(abs(s * 255 - 100.0) < 1.0 for s in act), scales
