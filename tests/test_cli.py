@@ -36,8 +36,37 @@ def _one_line_error(result, *fragments):
         assert f in lines[0], lines[0]
 
 
-def test_train_prints_accuracy_and_next_step(trained, runner, tiny_dataset):
-    assert (trained / "model.safetensors").exists()
+def test_train_prints_accuracy_devices_and_next_step(runner, tiny_dataset, tmp_path):
+    out = tmp_path / "printed"
+    result = runner.invoke(cli, ["train", str(tiny_dataset), "--out", str(out), *FAST])
+    assert result.exit_code == 0, result.output
+    assert "val accuracy" in result.output
+    assert "devices: features on" in result.output
+    assert f"edgetune export {out}" in result.output.replace("\n", "")
+
+
+def test_absent_device_lists_what_is_there(runner, tiny_dataset, tmp_path):
+    result = runner.invoke(cli, ["train", str(tiny_dataset), "--out", str(tmp_path / "r"), "--device", "cuda:3"])
+    _one_line_error(result, "cuda:3", "Available:", "cpu")
+    assert not (tmp_path / "r").exists()
+
+
+def test_out_of_range_options_are_one_line_errors(runner, tiny_dataset, tmp_path):
+    _one_line_error(runner.invoke(cli, ["train", str(tiny_dataset), "--out", str(tmp_path / "r"), "--epochs", "0"]), "--epochs")
+    _one_line_error(runner.invoke(cli, ["train", str(tiny_dataset), "--out", str(tmp_path / "r"), "--dropout", "1.5"]), "--dropout")
+
+
+def test_unwritable_out_is_a_one_line_error(runner, tiny_dataset, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    result = runner.invoke(cli, ["train", str(tiny_dataset), "--out", str(blocker / "run"), *FAST])
+    _one_line_error(result, "a_file")
+
+
+def test_demo_never_replaces_a_real_run(trained, runner):
+    before = (trained / "model.safetensors").read_bytes()
+    _one_line_error(runner.invoke(cli, ["demo", "--out", str(trained)]), "not a demo")
+    assert (trained / "model.safetensors").read_bytes() == before
 
 
 def test_train_errors_are_one_line_exit_2(runner, tmp_path, make_image_folder):

@@ -64,6 +64,9 @@ def test_interrupted_run_resumes_to_the_same_result(run, tiny_dataset, tmp_path)
     resumed = train(None, out, resume=True)
     for key in ("val_accuracy", "val_loss", "best_epoch", "epochs_run"):
         assert resumed[key] == metrics[key]
+    reference = RunDir.open(run[0]).model_state()
+    for key, value in RunDir.open(out).model_state().items():
+        np.testing.assert_array_equal(value, reference[key])
 
 
 def test_existing_run_is_never_overwritten(run, tiny_dataset):

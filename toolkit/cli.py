@@ -28,6 +28,9 @@ class Group(click.Group):
             return super().invoke(ctx)
         except EdgetuneError as e:
             raise UserError(str(e)) from None
+        except OSError as e:  # unwritable --out, full disk, vanished file: name it, no traceback
+            where = f"{e.filename}: " if e.filename else ""
+            raise UserError(f"{where}{e.strerror or e}. Check the path and its permissions.") from None
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -141,7 +144,10 @@ def train(data: Path | None, out: Path | None, resume: Path | None, aug_override
         with _RichProgress() as progress:
             metrics = run_training(data, run_dir, config, resume=resume is not None, progress=progress)
     except KeyboardInterrupt:
-        console.print(f"Interrupted. Progress is saved: resume with `edgetune train --resume {run_dir}`.")
+        if (Path(run_dir) / "config.json").exists():
+            console.print(f"Interrupted. Progress is saved: resume with `edgetune train --resume {run_dir}`.")
+        else:
+            console.print("Interrupted before training started: nothing to resume.")
         sys.exit(130)
     _print_train_summary(console, run_dir, metrics)
 
@@ -211,28 +217,34 @@ def predict(model: Path, inputs: tuple[Path, ...], as_json: bool, top_k: int, de
 @click.option("--out", type=click.Path(path_type=Path), default=Path("augment_preview.png"), show_default=True)
 @click.option("--augment", "preset", type=click.Choice(["none", "light", "default", "strong"]), default="light", show_default=True)
 @click.option("--aug", "aug_overrides", multiple=True, metavar="T.S=V", help="Augmentation setting, e.g. rotate.limit=10.")
-@click.option("--backbone", default="efficientnet_lite1", show_default=True, help="Sets the view size.")
+@click.option("--backbone", default=None, help="Sets the view size [default: the training default].")
 @click.option("--seed", type=int, default=0, show_default=True)
-def augment(data: Path, out: Path, preset: str, aug_overrides: tuple[str, ...], backbone: str, seed: int) -> None:
+def augment(data: Path, out: Path, preset: str, aug_overrides: tuple[str, ...], backbone: str | None, seed: int) -> None:
     """Write a grid of augmented samples from DATA: what the model will see (first column: clean view)."""
+    import dataclasses
+
     import cv2
+    import numpy as np
 
     from toolkit import atomic
-    from toolkit.augment import augment_grid, build_augmentation
+    from toolkit.augment import augment_grid, build_augmentation, eval_resize_shorter
     from toolkit.backbones import get_spec
     from toolkit.data import decode_images, discover
+    from toolkit.train import TrainConfig
 
-    size = get_spec(backbone).input_size
-    splits = discover(data, seed=seed)
-    rng = __import__("numpy").random.default_rng(seed)
-    picks = rng.choice(len(splits.train), size=min(4, len(splits.train)), replace=False)
-    subset = type(splits.train)(samples=[splits.train.samples[i] for i in picks], classes=splits.train.classes, root=splits.train.root)
-    images, _, _ = decode_images(subset, min_side=round(size / 0.875))
+    size = get_spec(backbone or TrainConfig().backbone).input_size
+    train_set = discover(data, seed=seed).train
+    picks = np.random.default_rng(seed).choice(len(train_set), size=min(4, len(train_set)), replace=False)
+    subset = dataclasses.replace(train_set, samples=[train_set.samples[i] for i in picks])
+    images, _, _ = decode_images(subset, min_side=eval_resize_shorter(size))
     aug = build_augmentation(preset, size=size, overrides=_parse_overrides(aug_overrides))
     grid = augment_grid(images, aug, seed=seed, rows=len(images))
-    ok, png = cv2.imencode(".png", cv2.cvtColor(grid, cv2.COLOR_RGB2BGR))
+    _, png = cv2.imencode(".png", cv2.cvtColor(grid, cv2.COLOR_RGB2BGR))  # PNG of a uint8 array cannot fail
     atomic.write_bytes(out, png.tobytes())
     click.echo(f"wrote {out} ({grid.shape[1]}x{grid.shape[0]}, preset {preset})")
+
+
+DEMO_MARKER = ".edgetune-demo"  # marks a run `edgetune demo` may replace
 
 
 @cli.command()
@@ -254,16 +266,18 @@ def demo(out: Path, per_class: int, seed: int) -> None:
     from toolkit.synthetic import make_tabletop_dataset
     from toolkit.train import TrainConfig, train as run_training
 
+    if (out / "config.json").exists() and not (out / DEMO_MARKER).exists():
+        raise EdgetuneError(f"{out} holds a run that is not a demo: pass another --out.")
     console = _console()
     t0 = time.perf_counter()
     data = Path(tempfile.mkdtemp(prefix="edgetune-demo-"))
     try:
         make_tabletop_dataset(data, per_class=per_class, seed=seed)
         console.print(f"synthesised tabletop objects in {data} ({time.perf_counter() - t0:.1f} s)")
-        if (out / "config.json").exists():
-            shutil.rmtree(out)  # the demo's own run: safe to replace
+        shutil.rmtree(out, ignore_errors=True)  # nothing, or an earlier demo's run
         with _RichProgress() as progress:
             metrics = run_training(data, out, TrainConfig(seed=seed), progress=progress)
+        (out / DEMO_MARKER).touch()
         _print_train_summary(console, out, metrics)
         result = run_evaluation(load_predictor(out), load_eval_set(data / "val", metrics["classes"]))
         console.print(f"re-evaluated from the run directory: accuracy {result['accuracy']:.4f} on {result['n']} images")

@@ -60,6 +60,7 @@ def classification_metrics(probs: np.ndarray, labels: np.ndarray, classes: list[
 def evaluate(predictor, dataset, *, batch_size: int = 32, workers: int = 2,
              progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
     """Metrics of `predictor` on `dataset` (a toolkit.data.Dataset, or a path for load_eval_set)."""
+    from toolkit.augment import eval_resize_shorter
     from toolkit.data import Dataset, decode_images, load_eval_set
 
     progress = progress or (lambda *_: None)
@@ -67,7 +68,7 @@ def evaluate(predictor, dataset, *, batch_size: int = 32, workers: int = 2,
         dataset = load_eval_set(Path(dataset), predictor.labels)
     size = predictor.input_size
     total = len(dataset)
-    images, kept, skipped = decode_images(dataset, min_side=round(size / 0.875), workers=workers,
+    images, kept, skipped = decode_images(dataset, min_side=eval_resize_shorter(size), workers=workers,
                                           progress=lambda n: progress("decode", n, total))
     labels = kept.labels()
     probs = []

@@ -101,7 +101,7 @@ class OpenVINOEngine(FeatureEngine):
         precision: str = "fp32",
         *,
         calibration: Sequence[np.ndarray] | None = None,
-        batch: int = 32,
+        batch: int = DEFAULT_BATCH,
     ) -> None:
         super().__init__(spec, device, precision)
         import openvino as ov

@@ -27,12 +27,22 @@ def engine_for(device, backbone: str, *, precision: str = "fp32", calibration=No
     """The feature engine for a devices.Device chosen by the planner."""
     from toolkit.features import create_engine
 
-    runtime, _, name = device.id.partition(":")
+    name = device.id.partition(":")[2]
     if device.runtime.value == "openvino":
         return create_engine(backbone, "openvino", name, precision=precision, calibration=calibration)
     if device.runtime.value == "onnxruntime":
         return create_engine(backbone, "onnxruntime", name, precision=precision)
     return create_engine(backbone, "torch", device.id, precision=precision)
+
+
+def load_tail(backbone, tail: dict) -> None:
+    """Load fine-tuned backbone tensors over the pretrained ones; a key the backbone does not
+    have means the weights belong to another architecture, which must never load silently."""
+    unexpected = backbone.load_state_dict(tail, strict=False).unexpected_keys
+    if unexpected:
+        from toolkit.errors import RunDirError
+
+        raise RunDirError(f"Backbone weights do not fit this backbone (e.g. {unexpected[0]}): retrain the run.")
 
 
 def soft_cross_entropy(logits, targets, weights=None):
@@ -138,7 +148,10 @@ class FeatureHeadLearner(_Base):
             if self.config.backbone_precision == "int8":
                 from toolkit.augment import eval_view
 
-                calib = [eval_view(im, self.spec.input_size) for im in self.prep.train_images[:300]]
+                images = self.prep.train_images
+                # Spread over the whole (class-ordered) set so every class shapes the int8 ranges.
+                picks = np.unique(np.linspace(0, len(images) - 1, min(300, len(images))).round().astype(int))
+                calib = [eval_view(images[i], self.spec.input_size) for i in picks]
             self._engine = engine_for(self.plan.features, self.config.backbone,
                                       precision=self.config.backbone_precision, calibration=calib)
         return self._engine
@@ -337,5 +350,5 @@ class UnfrozenLearner(_Base):
     def load_model_tensors(self, tensors: dict[str, np.ndarray]) -> None:
         torch = self.torch
         self.head.load_state_dict({k[5:]: torch.from_numpy(v.copy()) for k, v in tensors.items() if k.startswith("head.")})
-        self.backbone.load_state_dict({k[9:]: torch.from_numpy(v.copy()) for k, v in tensors.items()
-                                       if k.startswith("backbone.")}, strict=False)
+        tail = {k[9:]: torch.from_numpy(v.copy()) for k, v in tensors.items() if k.startswith("backbone.")}
+        load_tail(self.backbone, tail)

@@ -121,7 +121,9 @@ class RunDir:
         backbone = create_backbone(spec.name)
         tail = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
         if tail:
-            backbone.load_state_dict(tail, strict=False)
+            from toolkit.learners import load_tail
+
+            load_tail(backbone, tail)
         head = head_from_config(cfg["train"], spec.feature_dim, len(self.labels))
         head.load_state_dict({k[len("head."):]: v for k, v in state.items() if k.startswith("head.")})
         return with_normalization(torch.nn.Sequential(backbone, head), spec).eval()
@@ -134,7 +136,10 @@ def write_safetensors(path: Path, tensors: dict[str, np.ndarray], metadata: dict
     atomic.write_bytes(path, save(data, metadata=metadata))
 
 
-def read_safetensors(path: Path) -> dict[str, np.ndarray]:
-    from safetensors.numpy import load_file
+def read_safetensors(path: Path, *, with_metadata: bool = False):
+    """Tensors of a safetensors file, and its string metadata when asked."""
+    from safetensors import safe_open
 
-    return load_file(str(path))
+    with safe_open(str(path), framework="np") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        return (tensors, f.metadata() or {}) if with_metadata else tensors

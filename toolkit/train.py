@@ -16,6 +16,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,6 +69,15 @@ class TrainConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise EdgetuneError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, not '{getattr(self, name)}'.")
+        ranges = {"epochs": (1, None), "patience": (1, None), "batch_size": (1, None), "hidden": (1, None),
+                  "views": (0, None), "unfreeze": (0, None), "workers": (1, None), "weight_decay": (0, None),
+                  "mixup": (0, None), "dropout": (0, 0.95), "label_smoothing": (0, 0.5),
+                  "val_fraction": (0.01, 0.9), "lr": (1e-8, 10)}
+        for name, (low, high) in ranges.items():
+            value = getattr(self, name)
+            if value < low or (high is not None and value > high):
+                bound = f"between {low} and {high}" if high is not None else f"at least {low}"
+                raise EdgetuneError(f"--{name.replace('_', '-')} must be {bound}, not {value}.")
         if self.unfreeze and self.backbone_precision != "fp32":
             raise EdgetuneError("--unfreeze trains the backbone in torch: use --backbone-precision fp32.")
         get_spec(self.backbone)
@@ -106,14 +116,16 @@ def train(
     plan = _plan_devices(config)  # before decoding: an absent device fails in a second
     prep = _prepare_data(Path(data), config, spec.input_size, progress)
     if not resume:
+        # No config.json here (checked above), so any state/ is a leftover, not a resumable run.
+        shutil.rmtree(run.path / "state", ignore_errors=True)
         run.write_labels(prep.classes)
         run.write_config(_config_record(config, data, plan, spec))
     from toolkit.learners import FeatureHeadLearner, UnfrozenLearner
 
     learner_cls = UnfrozenLearner if config.unfreeze else FeatureHeadLearner
     learner = learner_cls(config, prep, plan, run.path / "state", progress)
-    history, best = _epoch_loop(learner, config, run.path / "state", progress)
-    metrics = _finish(run, learner, config, prep, history, best, time.perf_counter() - t0)
+    history, best, tensors = _epoch_loop(learner, config, run.path / "state", progress)
+    metrics = _finish(run, learner, config, prep, history, best, tensors, time.perf_counter() - t0)
     return metrics
 
 
@@ -134,13 +146,14 @@ def _resolve(run: RunDir, data, config, resume: bool):
 
 
 def _prepare_data(data: Path, config: TrainConfig, size: int, progress: Progress) -> Prepared:
+    from toolkit.augment import eval_resize_shorter
     from toolkit.data import decode_images, discover
 
     splits = discover(data, val_fraction=config.val_fraction, seed=config.seed)
     if splits.val is None or len(splits.val) == 0:
         raise EdgetuneError(f"{data} leaves no validation images: add a val/ folder or more images per class.")
     # Keep images a bit larger than the eval view so random crops still have real detail.
-    min_side = round(size / 0.875)
+    min_side = eval_resize_shorter(size)
     total = len(splits.train) + len(splits.val)
     done = [0]
 
@@ -190,9 +203,11 @@ def _config_record(config: TrainConfig, data: Path, plan, spec) -> dict[str, Any
 
 def preprocessing_record(spec) -> dict[str, Any]:
     """How an image becomes the model input: recorded in runs and in every export."""
+    from toolkit.augment import eval_resize_shorter
+
     return {
         "color": "RGB",
-        "resize_shorter": round(spec.input_size / 0.875),
+        "resize_shorter": eval_resize_shorter(spec.input_size),
         "center_crop": spec.input_size,
         "input_range": "0-255 float32, NCHW",
         "normalization": {"mean": list(spec.mean), "std": list(spec.std), "inside_model": True},
@@ -203,15 +218,22 @@ def preprocessing_record(spec) -> dict[str, Any]:
 
 
 def _epoch_loop(learner, config: TrainConfig, state_dir: Path, progress: Progress):
+    """Train until early stopping; returns (history, best, best model tensors).
+
+    After every epoch one atomic checkpoint holds the learner state, the best weights so far and
+    the loop's bookkeeping, so an interrupt anywhere resumes exactly where the last epoch ended.
+    """
     ckpt = state_dir / "checkpoint.safetensors"
-    status_file = state_dir / "progress.json"
     history: list[dict[str, Any]] = []
-    best = {"epoch": -1, "accuracy": -1.0, "loss": float("inf"), "stale": 0}
+    best: dict[str, Any] = {"epoch": -1, "accuracy": -1.0, "loss": float("inf"), "stale": 0}
+    best_tensors: dict[str, np.ndarray] = {}
     start = 0
-    if status_file.exists() and ckpt.exists():
-        status = json.loads(status_file.read_text())
+    if ckpt.exists():
+        tensors, meta = read_safetensors(ckpt, with_metadata=True)
+        status = json.loads(meta["loop"])
         history, best, start = status["history"], status["best"], status["epoch"] + 1
-        learner.load_state(read_safetensors(ckpt))
+        best_tensors = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")}
+        learner.load_state({k: v for k, v in tensors.items() if not k.startswith("best.")})
         logger.info("Resuming at epoch %d (best so far: epoch %d)", start + 1, best["epoch"] + 1)
     for epoch in range(start, config.epochs):
         if best["stale"] >= config.patience:
@@ -224,20 +246,19 @@ def _epoch_loop(learner, config: TrainConfig, state_dir: Path, progress: Progres
         # in coarse steps, and the loss says which of two equal-accuracy heads is more sure.
         if (val_acc, -val_loss) > (best["accuracy"], -best["loss"]):
             best = {"epoch": epoch, "accuracy": val_acc, "loss": val_loss, "stale": 0}
-            write_safetensors(state_dir / "best.safetensors", learner.model_tensors())
+            best_tensors = learner.model_tensors()
         else:
             best["stale"] += 1
-        write_safetensors(ckpt, learner.state())
-        atomic.write_json(status_file, {"epoch": epoch, "history": history, "best": best})
+        loop = json.dumps({"epoch": epoch, "history": history, "best": best})
+        tensors = {**learner.state(), **{f"best.{k}": v for k, v in best_tensors.items()}}
+        write_safetensors(ckpt, tensors, {"loop": loop})
         progress("epochs", epoch + 1, config.epochs)
-    return history, best
+    return history, best, best_tensors
 
 
-def _finish(run: RunDir, learner, config, prep: Prepared, history, best, seconds: float) -> dict[str, Any]:
+def _finish(run: RunDir, learner, config, prep: Prepared, history, best, tensors, seconds: float) -> dict[str, Any]:
     from toolkit.report import write_report
 
-    state_dir = run.path / "state"
-    tensors = read_safetensors(state_dir / "best.safetensors")
     run.write_model(tensors, {"format": "edgetune-run", "backbone": config.backbone,
                               "labels": json.dumps(prep.classes)})
     learner.load_model_tensors(tensors)
