@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -120,3 +121,26 @@ def test_single_class_is_a_data_error(make_image_folder, tmp_path):
     data = make_image_folder(tmp_path, classes=("only",), n=4)
     with pytest.raises(DataError, match="at least 2 classes"):
         train(data, tmp_path / "run", TrainConfig(**FAST))
+
+
+def test_int8_backbone_run_keeps_the_backbone_it_learned_on(tiny_dataset, tmp_path):
+    from toolkit.learners import INT8_BACKBONE
+    from toolkit.runtime import load_predictor
+
+    out = tmp_path / "int8"
+    metrics = train(tiny_dataset, out, TrainConfig(**{**FAST, "backbone_precision": "int8"}))
+    assert (out / INT8_BACKBONE).is_file() and (out / INT8_BACKBONE).with_suffix(".bin").is_file()
+    assert "int8" in metrics["feature_engine"]
+    predictor = load_predictor(out)
+    assert "int8" in predictor.describe()
+
+
+@pytest.mark.parametrize("device", ["cpu", "ort:CPUExecutionProvider"])
+def test_run_dir_runs_on_torch_and_onnxruntime(run, device):
+    from toolkit.evaluate import evaluate
+    from toolkit.runtime import load_predictor
+
+    out, metrics = run
+    r = RunDir.open(out)
+    result = evaluate(load_predictor(out, device=device), Path(r.config["data"]) / "val")
+    assert result["accuracy"] == pytest.approx(metrics["val_accuracy"], abs=0.1)

@@ -102,13 +102,18 @@ class OpenVINOEngine(FeatureEngine):
         *,
         calibration: Sequence[np.ndarray] | None = None,
         batch: int = DEFAULT_BATCH,
+        ir: Path | None = None,
     ) -> None:
         super().__init__(spec, device, precision)
         import openvino as ov
 
         from devices.openvino_compile import compile_model, needs_static_shapes
 
-        model = _openvino_backbone(spec, precision, calibration)
+        if ir is not None:
+            model = ov.Core().read_model(str(ir))
+        else:
+            model = _openvino_backbone(spec, precision, calibration)
+        self.model = model  # before the uint8 preprocessing: what `save_ir` keeps with a run
         # Take uint8 NHWC straight from OpenCV; the layout change and cast run inside OpenVINO.
         ppp = ov.preprocess.PrePostProcessor(model)
         ppp.input().tensor().set_element_type(ov.Type.u8).set_layout(ov.Layout("NHWC"))
@@ -184,11 +189,13 @@ def create_engine(
     *,
     precision: str = "fp32",
     calibration: Sequence[np.ndarray] | None = None,
+    ir: Path | None = None,
 ) -> FeatureEngine:
     """Build the feature engine for `backbone` on `runtime`/`device`.
 
     precision "int8" (OpenVINO only) quantizes the backbone with NNCF on `calibration` views, so
-    the head learns on the same int8 features an int8 export will produce.
+    the head learns on the same int8 features an int8 export will produce. `ir` loads an already
+    converted (or quantized) OpenVINO backbone instead, e.g. the one a run trained on.
     """
     spec = get_spec(backbone)
     if precision not in ("fp32", "fp16", "int8"):
@@ -196,7 +203,7 @@ def create_engine(
 
         raise EdgetuneError(f"Unknown backbone precision '{precision}'. Use fp32, fp16 or int8.")
     if runtime == "openvino":
-        return OpenVINOEngine(spec, device, precision, calibration=calibration)
+        return OpenVINOEngine(spec, device, precision, calibration=calibration, ir=ir)
     if precision != "fp32":
         from toolkit.errors import EdgetuneError
 

@@ -22,6 +22,8 @@ from toolkit.heads import create_head, decay_groups
 
 logger = logging.getLogger(__name__)
 
+INT8_BACKBONE = "backbone-int8.xml"  # in the run dir, when trained with --backbone-precision int8
+
 
 def engine_for(device, backbone: str, *, precision: str = "fp32", calibration=None):
     """The feature engine for a devices.Device chosen by the planner."""
@@ -154,6 +156,12 @@ class FeatureHeadLearner(_Base):
                 calib = [eval_view(images[i], self.spec.input_size) for i in picks]
             self._engine = engine_for(self.plan.features, self.config.backbone,
                                       precision=self.config.backbone_precision, calibration=calib)
+            if calib is not None:
+                # The head only fits this exact quantized backbone: keep it with the run, so
+                # evaluate/predict on the run use it rather than a fresh quantization.
+                from toolkit.convert import save_ir
+
+                save_ir(self._engine.model, self.state_dir.parent / INT8_BACKBONE)
         return self._engine
 
     def _cache_key(self) -> str:

@@ -173,29 +173,53 @@ def openvino_runner(model: Path, *, device: str = "CPU", batch: int | None = Non
 
 
 def _run_predictor(path: Path, device: str) -> Predictor:
+    """A run directory on any runtime: OpenVINO by default, torch or ONNX Runtime when asked."""
+    from toolkit.heads import numpy_head
+    from toolkit.learners import INT8_BACKBONE
     from toolkit.runs import RunDir
 
     run = RunDir.open(path)
     spec, labels, cfg = run.spec, run.labels, run.config
     state = run.model_state()
-    if device not in ("auto",) and not device.lower().startswith("openvino:"):
-        raise EdgetuneError(f"A run directory runs on OpenVINO here: use --device auto or openvino:CPU, not '{device}'.")
-    dev = _pick_device(device, "openvino")
-    ov_device = dev.id.partition(":")[2]
+    request = device.lower()
+    runtime = ("onnxruntime" if request.startswith("ort:") else
+               "openvino" if request == "auto" or request.startswith("openvino:") else "torch")
+    dev = _pick_device(device, runtime)
+    name = dev.id.partition(":")[2] if runtime != "torch" else dev.id
     if any(k.startswith("backbone.") for k in state):
-        # The backbone's tail was fine-tuned: convert the whole classifier once.
-        from toolkit.convert import to_openvino
-
-        model = to_openvino(run.build_classifier(), spec.input_size)
-        from devices.openvino_compile import compile_model
-
-        compiled = compile_model(model, ov_device)
-        desc = f"run {path} (fine-tuned classifier) on {dev.id}"
-        return Predictor(labels, spec.input_size, lambda v: compiled(to_nchw_float(v))[0], desc)
+        return _finetuned_predictor(run, runtime, name, dev.id)
     from toolkit.features import create_engine
-    from toolkit.heads import numpy_head
 
-    engine = create_engine(spec.name, "openvino", ov_device)
+    int8 = run.path / INT8_BACKBONE
+    if cfg["train"]["backbone_precision"] == "int8" and runtime == "openvino" and int8.exists():
+        engine = create_engine(spec.name, "openvino", name, precision="int8", ir=int8)
+    else:
+        engine = create_engine(spec.name, runtime, name)
     head = numpy_head({k[len("head."):]: v for k, v in state.items() if k.startswith("head.")}, cfg["train"]["head"])
     desc = f"run {path} ({engine.name} + numpy {cfg['train']['head']} head)"
     return Predictor(labels, spec.input_size, lambda v: head(engine.extract(np.ascontiguousarray(v))), desc)
+
+
+def _finetuned_predictor(run, runtime: str, name: str, device_id: str) -> Predictor:
+    """The backbone's tail was fine-tuned: run the whole classifier (converted once for OpenVINO)."""
+    spec = run.spec
+    classifier = run.build_classifier()
+    desc = f"run {run.path} (fine-tuned classifier) on {device_id}"
+    if runtime == "torch":
+        import torch
+
+        classifier = classifier.to(name)
+
+        def run_torch(v: np.ndarray) -> np.ndarray:
+            with torch.inference_mode():
+                return classifier(torch.from_numpy(to_nchw_float(v)).to(name)).float().cpu().numpy()
+
+        return Predictor(run.labels, spec.input_size, run_torch, desc)
+    if runtime != "openvino":
+        raise EdgetuneError(f"A run with a fine-tuned backbone runs on OpenVINO or torch here, not {device_id}: "
+                            "export it (`edgetune export RUN --format onnx`) for ONNX Runtime.")
+    from devices.openvino_compile import compile_model
+    from toolkit.convert import to_openvino
+
+    compiled = compile_model(to_openvino(classifier, spec.input_size), name)
+    return Predictor(run.labels, spec.input_size, lambda v: compiled(to_nchw_float(v))[0], desc)
