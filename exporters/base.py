@@ -136,7 +136,7 @@ class Exporter(abc.ABC):
                                                 extra_files=files, extra=ctx.extra)
                 self.embed(model, manifest)
                 bundle.write_manifest(stage, manifest)
-                _publishable(stage)
+                _check_unchanged_by_embedding(self.runner(model, ctx), inputs, exported, ctx)
                 sizes = {p.name: p.stat().st_size for p in sorted(stage.iterdir()) if p.is_file()}
         except OSError as e:
             raise EdgetuneError(f"Cannot write the export to {out_dir} ({e.strerror or e}): pick another --out.") from None
@@ -217,15 +217,15 @@ def calibration_set(run: RunDir, calibration: Path | None, limit: int) -> np.nda
     return _views(images, size)
 
 
-def _publishable(stage: Path) -> None:
-    """Temp dirs and atomic files are private (0700/0600); a bundle is meant to be copied and shared."""
-    import os
+def _check_unchanged_by_embedding(runner, inputs: np.ndarray, exported: np.ndarray, ctx: ExportContext) -> None:
+    """Embedding metadata re-serialises the model after the parity check: make sure that changed
+    nothing, on the first batch of val inputs (cheap, and enough to catch a wrong file)."""
+    from exporters import parity
 
-    umask = os.umask(0)
-    os.umask(umask)
-    stage.chmod(0o777 & ~umask)
-    for p in stage.iterdir():
-        p.chmod(0o666 & ~umask)
+    n = min(len(inputs), ctx.static_batch or 8)
+    again = parity.run_batched(runner, inputs[:n], batch=ctx.static_batch)
+    if not np.allclose(again, exported[:n], atol=1e-5, rtol=1e-5):
+        raise EdgetuneError("Export failed: the model changed when its metadata was embedded; please report this.")
 
 
 def _check_out_dir(out_dir: Path) -> None:

@@ -12,12 +12,13 @@ from toolkit import atomic
 
 
 def write_report(path: Path, history: list[dict[str, Any]], confusion: np.ndarray, classes: list[str], *, title: str) -> None:
-    import matplotlib
+    # A bare Figure on the Agg canvas: no pyplot, so no global backend switch and no window.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")  # no display on robots and CI; never open a window
-    import matplotlib.pyplot as plt
-
-    fig, (ax_loss, ax_acc, ax_cm) = plt.subplots(1, 3, figsize=(15, 4.5))
+    fig = Figure(figsize=(15, 4.5))
+    FigureCanvasAgg(fig)
+    ax_loss, ax_acc, ax_cm = fig.subplots(1, 3)
     epochs = [h["epoch"] for h in history]
     ax_loss.plot(epochs, [h["train_loss"] for h in history], label="train (smoothed, mixup)")
     ax_loss.plot(epochs, [h["val_loss"] for h in history], label="val")
@@ -38,5 +39,4 @@ def write_report(path: Path, history: list[dict[str, Any]], confusion: np.ndarra
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90)
-    plt.close(fig)
     atomic.write_bytes(path, buf.getvalue())
