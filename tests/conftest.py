@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+import warnings
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -74,3 +76,44 @@ def tiny_dataset(tmp_path_factory) -> Path:
     write_class_folder(root / "train", ("red", "green", "blue"), 8, (96, 128))
     write_class_folder(root / "val", ("red", "green", "blue"), 4, (96, 128))
     return root
+
+
+def copy_subset(source: Path, dst: Path, n_train: int = 10, n_val: int = 4) -> Path:
+    """A few real ants/bees photos. Real photos matter: flat synthetic colours leave feature
+    channels near-constant, whose standardisation (1/std > 65504) no fp16 model can hold."""
+    for split, n in (("train", n_train), ("val", n_val)):
+        for cls in ("ants", "bees"):
+            (dst / split / cls).mkdir(parents=True, exist_ok=True)
+            for f in sorted((source / split / cls).iterdir())[:n]:
+                shutil.copy(f, dst / split / cls / f.name)
+    return dst
+
+
+@pytest.fixture(scope="session")
+def trained_run(hymenoptera, tmp_path_factory) -> Path:
+    """One small run on real photos, shared by the exporter and runtime tests."""
+    from toolkit.train import TrainConfig, train
+
+    root = tmp_path_factory.mktemp("exporters")
+    data = root / "data"
+    copy_subset(hymenoptera, data)
+    train(data, root / "run", TrainConfig(epochs=3, views=1, workers=2))
+    return root / "run"
+
+
+@pytest.fixture(scope="session")
+def exported(trained_run, tmp_path_factory):
+    """exported(fmt) -> ExportResult, exporting each format at most once per session."""
+    from exporters import export
+
+    cache: dict[str, object] = {}
+    out = tmp_path_factory.mktemp("bundles")
+
+    def get(fmt: str):
+        if fmt not in cache:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                cache[fmt] = export(trained_run, fmt, out / fmt)
+        return cache[fmt]
+
+    return get

@@ -23,7 +23,6 @@ from toolkit.data import (
 )
 from toolkit.errors import DataError
 
-HYMENOPTERA = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "hymenoptera"
 
 
 def _jpeg_bytes(h: int = 40, w: int = 50) -> bytes:
@@ -366,10 +365,9 @@ def test_balanced_indices():
 # -------------------------------------------------------------------------------- real dataset
 
 
-@pytest.mark.skipif(not HYMENOPTERA.is_dir(), reason=f"real dataset not found at {HYMENOPTERA}")
-def test_hymenoptera_layout():
-    splits = discover(HYMENOPTERA)
+def test_hymenoptera_layout(hymenoptera):
+    splits = discover(hymenoptera)
     assert splits.source == "train/val folders" and splits.train.classes == ["ants", "bees"]
     assert (len(splits.train), len(splits.val)) == (245, 153)
-    gif = read_image(HYMENOPTERA / "train" / "ants" / "imageNotFound.gif")
+    gif = read_image(hymenoptera / "train" / "ants" / "imageNotFound.gif")
     assert gif.shape == (300, 300, 3)

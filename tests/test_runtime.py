@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.exporters_fixtures import exported, trained_run  # noqa: F401  (pytest fixtures)
 from toolkit.errors import EdgetuneError
 from toolkit.runs import RunDir
 
