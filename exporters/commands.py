@@ -15,10 +15,19 @@ def _size(n: int) -> str:
     return f"{n / 1e6:.2f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
 
 
+class FormatOption(click.Option):
+    """--format, whose help lists the registry (read when help is shown, so imports stay lazy)."""
+
+    def get_help_record(self, ctx):
+        from exporters import EXPORTERS, list_formats
+
+        self.help = "; ".join(f"{f}: {EXPORTERS[f].description}" for f in list_formats())
+        return super().get_help_record(ctx)
+
+
 @click.command("export")
 @click.argument("run_dir", type=click.Path(path_type=Path))
-@click.option("--format", "fmt", required=True, metavar="FORMAT",
-              help="onnx | onnx-int8 | openvino | openvino-int8 | ort-training.")
+@click.option("--format", "fmt", required=True, metavar="FORMAT", cls=FormatOption)
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Bundle folder [RUN/exports/FORMAT].")
 @click.option("--calib", type=click.Path(path_type=Path), default=None,
               help="Folder of images to calibrate int8 on [the run's training images].")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from exporters import register
 from exporters.base import ExportContext, Exporter
-from toolkit.convert import ONNX_MAX_IR, ONNX_OPSET
+from toolkit.convert import ONNX_OPSET, cap_ir_version
 from toolkit.errors import EdgetuneError
 from toolkit.runs import RunDir
 
@@ -43,7 +43,6 @@ def require_training_api():
 
 def export_trainable_onnx(classifier, path: Path, ctx: ExportContext) -> None:
     """The classifier with parameters kept as named initializers (no constant folding)."""
-    import onnx
     import torch
 
     with torch.no_grad():
@@ -60,19 +59,23 @@ def export_trainable_onnx(classifier, path: Path, ctx: ExportContext) -> None:
             output_names=["logits"],
             dynamic_axes=None if ctx.static else {"image": {0: "batch"}, "logits": {0: "batch"}},
         )
-    model = onnx.load(str(path))
-    if model.ir_version > ONNX_MAX_IR:
-        model.ir_version = ONNX_MAX_IR
-        onnx.save(model, str(path))
+    cap_ir_version(path)
 
 
-def _cap_ir(path: Path) -> None:
+def add_probabilities(path: Path) -> None:
+    """Append softmax probabilities as a second output, like every other export has."""
     import onnx
+    from onnx import helper
 
     model = onnx.load(str(path))
-    if model.ir_version > ONNX_MAX_IR:
-        model.ir_version = ONNX_MAX_IR
-        onnx.save(model, str(path))
+    logits = next(o for o in model.graph.output if o.name == "logits")
+    model.graph.node.append(helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1))
+    probabilities = onnx.ValueInfoProto()
+    probabilities.CopyFrom(logits)
+    probabilities.name = "probabilities"
+    model.graph.output.append(probabilities)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
 
 
 @register
@@ -106,12 +109,13 @@ class OrtTrainingExporter(Exporter):
                 artifact_directory=str(out_dir),
             )
         for name in ARTIFACTS[:3]:  # onnxblock writes the onnx package's IR (14 with onnx 1.23)
-            _cap_ir(out_dir / name)
+            cap_ir_version(out_dir / name)
         state = api.CheckpointState.load_checkpoint(str(out_dir / "checkpoint"))
         module = api.Module(str(out_dir / "training_model.onnx"), state, str(out_dir / "eval_model.onnx"))
         module.export_model_for_inferencing(str(out_dir / INFERENCE_MODEL), ["logits"])
+        add_probabilities(out_dir / INFERENCE_MODEL)
         ctx.extra.update({
-            "outputs": ["logits"],
+            "outputs": ["logits", "probabilities"],
             "training": {"artifacts": list(ARTIFACTS), "trainable": trainable, "loss": "CrossEntropyLoss",
                          "optimizer": "AdamW", "labels_input": "labels (int64, N)", "backbone": "frozen, eval mode"},
         })

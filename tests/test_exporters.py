@@ -54,6 +54,27 @@ def test_exporters_have_the_same_shape():
 @pytest.mark.parametrize("fmt", [pytest.param(f, marks=needs_ort_training) if f == "ort-training" else f
                                  for f in FORMATS])
 class TestExporterContract:
+    def test_outputs_logits_and_probabilities(self, fmt, exported):
+        result = exported(fmt)
+        if result.model.suffix == ".onnx":
+            import onnxruntime as ort
+
+            session = ort.InferenceSession(str(result.model), providers=["CPUExecutionProvider"])
+            names = [o.name for o in session.get_outputs()]
+            x = np.random.default_rng(0).uniform(0, 255, (2, 3, *[result.manifest["input"]["size"]] * 2))
+            logits, probs = session.run(None, {session.get_inputs()[0].name: x.astype(np.float32)})
+        else:
+            import openvino as ov
+
+            model = ov.Core().read_model(str(result.model))
+            names = [o.get_any_name() for o in model.outputs]
+            size = result.manifest["input"]["size"]
+            x = np.random.default_rng(0).uniform(0, 255, (1, 3, size, size)).astype(np.float32)
+            logits, probs = ov.Core().compile_model(model, "CPU")(x).values()
+        assert names == ["logits", "probabilities"]
+        np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-3)
+        assert (probs.argmax(1) == logits.argmax(1)).all()
+
     def test_files_and_manifest(self, fmt, exported):
         result = exported(fmt)
         for name in CONTRACTS[fmt]["files"] + ["manifest.json"]:
@@ -256,3 +277,13 @@ def test_int8_calibration_sees_every_batch(tmp_path):
     scales = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(out)).graph.initializer if "scale" in i.name}
     act = [float(v) for k, v in scales.items() if k.startswith(("c_", "y_")) and v.size == 1]
     assert act and all(abs(s * 255 - 100.0) < 1.0 for s in act), scales
+
+
+def test_format_help_comes_from_the_registry():
+    from click.testing import CliRunner
+
+    from toolkit.cli import cli
+
+    help_text = CliRunner().invoke(cli, ["export", "--help"]).output
+    for fmt in FORMATS:
+        assert f"{fmt}:" in help_text

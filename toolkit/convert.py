@@ -80,6 +80,14 @@ def to_onnx(
             output_names=list(output_names),
             dynamic_axes=axes,
         )
+    cap_ir_version(path)
+
+
+def cap_ir_version(path: Path) -> None:
+    """Lower an ONNX file's IR version to what onnxruntime-training 1.19 reads (newer onnx
+    packages stamp their own, higher IR even when no newer feature is used)."""
+    import onnx
+
     model = onnx.load(str(path))
     if model.ir_version > ONNX_MAX_IR:
         model.ir_version = ONNX_MAX_IR
