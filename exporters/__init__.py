@@ -8,12 +8,11 @@ Each exporter subclasses exporters.base.Exporter (name, runtime, precision, tole
 
 from __future__ import annotations
 
-import difflib
 import importlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from toolkit.errors import EdgetuneError
+from toolkit.errors import EdgetuneError, unknown_choice
 
 if TYPE_CHECKING:
     from exporters.base import Exporter, ExportResult
@@ -41,9 +40,7 @@ def list_formats() -> list[str]:
 def get_exporter(name: str) -> "type[Exporter]":
     _ensure_loaded()
     if name not in EXPORTERS:
-        close = difflib.get_close_matches(name, list(EXPORTERS), n=1, cutoff=0.5)
-        hint = f" Did you mean '{close[0]}'?" if close else ""
-        raise EdgetuneError(f"Unknown format '{name}'.{hint} Available: {', '.join(sorted(EXPORTERS))}")
+        raise unknown_choice("format", name, EXPORTERS)
     return EXPORTERS[name]
 
 

@@ -17,8 +17,10 @@ from typing import Any, Callable, ClassVar
 
 import numpy as np
 
+from toolkit.augment import eval_resize_shorter
 from toolkit.errors import EdgetuneError
 from toolkit.runs import RunDir
+from toolkit.runtime import run_batched
 
 logger = logging.getLogger(__name__)
 
@@ -124,7 +126,7 @@ class Exporter(abc.ABC):
                 ctx.progress("build", 0, 1)
                 model = Path(self.build(run, classifier, stage, ctx))
                 ctx.progress("parity", 0, 1)
-                exported = parity.run_batched(self.runner(model, ctx), inputs, batch=ctx.static_batch)
+                exported = run_batched(self.runner(model, ctx), inputs, batch=ctx.static_batch)
                 measured = parity.measure(reference, exported, labels)
                 parity.check(measured, fmt=self.name, tolerance=self.tolerance_for(ctx),
                              min_agreement=self.min_agreement, max_drop=ctx.max_drop,
@@ -174,20 +176,13 @@ def val_set(run: RunDir) -> tuple[np.ndarray, np.ndarray]:
     val = _splits(run).val
     if val is None or not len(val):
         raise EdgetuneError(f"The run's dataset {run.config['data']} has no validation images to check parity on.")
-    images, kept, _ = decode_images(val, min_side=round(size / 0.875), workers=2)
+    images, kept, _ = decode_images(val, min_side=eval_resize_shorter(size), workers=2)
     return _views(images, size), kept.labels()
-
-
-def _image_paths(folder: Path) -> list[Path]:
-    from toolkit.data import IMAGE_EXTENSIONS
-
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
 
 
 def calibration_set(run: RunDir, calibration: Path | None, limit: int) -> np.ndarray:
     """float32 NCHW eval views of up to `limit` images, spread evenly over the source."""
-    from toolkit.data import ImageReadError, read_image
+    from toolkit.data import ImageReadError, list_images, read_image
 
     size = run.spec.input_size
     if calibration is None:
@@ -197,13 +192,13 @@ def calibration_set(run: RunDir, calibration: Path | None, limit: int) -> np.nda
         calibration = Path(calibration)
         if not calibration.is_dir():
             raise EdgetuneError(f"--calib {calibration} is not a folder: pass a folder of images (subfolders are fine).")
-        paths, where = _image_paths(calibration), f"--calib {calibration}"
+        paths, where = list_images(calibration), f"--calib {calibration}"
     if len(paths) > limit:
         paths = [paths[i] for i in np.linspace(0, len(paths) - 1, limit).round().astype(int)]
     images, bad = [], []
     for p in paths:
         try:
-            images.append(read_image(p, min_side=round(size / 0.875)))
+            images.append(read_image(p, min_side=eval_resize_shorter(size)))
         except ImageReadError as e:
             bad.append(f"{p.name} ({e.reason})")
     if not images:
@@ -220,10 +215,8 @@ def calibration_set(run: RunDir, calibration: Path | None, limit: int) -> np.nda
 def _check_unchanged_by_embedding(runner, inputs: np.ndarray, exported: np.ndarray, ctx: ExportContext) -> None:
     """Embedding metadata re-serialises the model after the parity check: make sure that changed
     nothing, on the first batch of val inputs (cheap, and enough to catch a wrong file)."""
-    from exporters import parity
-
     n = min(len(inputs), ctx.static_batch or 8)
-    again = parity.run_batched(runner, inputs[:n], batch=ctx.static_batch)
+    again = run_batched(runner, inputs[:n], batch=ctx.static_batch)
     if not np.allclose(again, exported[:n], atol=1e-5, rtol=1e-5):
         raise EdgetuneError("Export failed: the model changed when its metadata was embedded; please report this.")
 

@@ -18,6 +18,7 @@ import numpy as np
 from exporters import register
 from exporters.base import ExportContext, Exporter
 from exporters.onnx_fp32 import write_onnx
+from toolkit.runtime import run_batched
 from toolkit.runs import RunDir
 
 logger = logging.getLogger(__name__)
@@ -123,5 +124,5 @@ def _accuracy_drop(exporter: Exporter, model: Path, ctx: ExportContext, run: Run
 
     inputs, labels = ctx.val_inputs()
     reference = parity.cached_source_logits(run, run.build_classifier(), inputs)
-    exported = parity.run_batched(exporter.runner(model, ctx), inputs, batch=ctx.static_batch)
+    exported = run_batched(exporter.runner(model, ctx), inputs, batch=ctx.static_batch)
     return parity.measure(reference, exported, labels).accuracy_drop

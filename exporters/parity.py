@@ -51,19 +51,6 @@ def source_logits(classifier, inputs: np.ndarray, *, batch_size: int = 32) -> np
     return np.concatenate(out)
 
 
-def run_batched(run: Callable[[np.ndarray], np.ndarray], inputs: np.ndarray, *, batch: int | None,
-                default: int = 32) -> np.ndarray:
-    b = batch or default
-    out = []
-    for i in range(0, len(inputs), b):
-        chunk = inputs[i : i + b]
-        n = len(chunk)
-        if batch and n < b:  # static shape: pad
-            chunk = np.concatenate([chunk, np.zeros((b - n, *chunk.shape[1:]), chunk.dtype)])
-        out.append(np.asarray(run(chunk), dtype=np.float32)[:n])
-    return np.concatenate(out)
-
-
 def measure(reference: np.ndarray, exported: np.ndarray, labels: np.ndarray) -> Parity:
     ref_top, exp_top = reference.argmax(1), exported.argmax(1)
     return Parity(

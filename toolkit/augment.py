@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import abc
 import copy
-import difflib
 import inspect
 import math
 from typing import Any, ClassVar, Sequence
@@ -20,7 +19,7 @@ from typing import Any, ClassVar, Sequence
 import cv2
 import numpy as np
 
-from toolkit.errors import EdgetuneError
+from toolkit.errors import EdgetuneError, unknown_choice
 
 # ImageNet convention: validation crops 87.5% of the resized shorter side (224 of 256).
 EVAL_CROP_FRACTION = 0.875
@@ -499,9 +498,7 @@ def _settings_of(cls: type[Transform]) -> list[str]:
 
 
 def _unknown(kind: str, name: str, valid: Sequence[str], where: str = "") -> EdgetuneError:
-    close = difflib.get_close_matches(name, valid, n=1)
-    hint = f" Did you mean '{close[0]}'?" if close else ""
-    return EdgetuneError(f"Unknown {kind} '{name}'{where}.{hint} Available: {', '.join(valid)}")
+    return unknown_choice(kind, name, valid, where=where)
 
 
 def augmentation_config(preset: str = "default", overrides: dict | None = None) -> dict:

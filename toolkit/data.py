@@ -83,7 +83,8 @@ def _visible(path: Path, root: Path) -> bool:
     return not any(part.startswith(".") for part in path.relative_to(root).parts)
 
 
-def _image_files(folder: Path) -> list[Path]:
+def list_images(folder: Path) -> list[Path]:
+    """Image files under `folder`, recursively, sorted; hidden files and folders skipped."""
     files = (
         p
         for p in folder.rglob("*")
@@ -112,7 +113,7 @@ def _read_class_folders(folder: Path, classes: list[str] | None, what: str) -> D
     """Label DATA/<class>/** images; `classes` fixes the label order (else alphabetical)."""
     dirs = _subdirs(folder)
     if not dirs:
-        loose = _image_files(folder)
+        loose = list_images(folder)
         if loose:
             raise DataError(
                 f"Found {len(loose)} images directly in {folder} but no class folders: "
@@ -131,7 +132,7 @@ def _read_class_folders(folder: Path, classes: list[str] | None, what: str) -> D
                 f"({', '.join(classes)}): remove or rename it"
             )
     order = list(classes) if classes is not None else names
-    files = {d.name: _image_files(d) for d in dirs}
+    files = {d.name: list_images(d) for d in dirs}
     if not any(files.values()):
         raise DataError(
             f"No images found in {folder} (looked for {', '.join(IMAGE_EXTENSIONS)}): "

@@ -20,6 +20,7 @@ import numpy as np
 
 from toolkit import __version__
 from toolkit.backbones import BackboneSpec, create_backbone, get_spec
+from toolkit.runtime import pad_batch, to_nchw_float
 
 logger = logging.getLogger(__name__)
 
@@ -33,10 +34,6 @@ def cache_dir() -> Path:
     from devices.openvino_compile import edgetune_cache_dir
 
     return edgetune_cache_dir()
-
-
-def _to_nchw_float(batch: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(batch.transpose(0, 3, 1, 2), dtype=np.float32)
 
 
 class FeatureEngine(abc.ABC):
@@ -56,10 +53,8 @@ class FeatureEngine(abc.ABC):
         return f"{self.spec.name} on {self.runtime}:{self.device} ({self.precision}{compute})"
 
     def extract(self, batch: np.ndarray) -> np.ndarray:
-        n = len(batch)
-        if self.static_batch and n != self.static_batch:
-            pad = np.zeros((self.static_batch - n, *batch.shape[1:]), batch.dtype)
-            return self._run(np.concatenate([batch, pad]))[:n]
+        if self.static_batch:
+            return self._run(pad_batch(batch, self.static_batch))[: len(batch)]
         return self._run(batch)
 
     @abc.abstractmethod
@@ -87,7 +82,7 @@ class TorchEngine(FeatureEngine):
     def _run(self, batch: np.ndarray) -> np.ndarray:
         torch = self._torch
         with torch.inference_mode():
-            x = torch.from_numpy(_to_nchw_float(batch)).to(self.device)
+            x = torch.from_numpy(to_nchw_float(batch)).to(self.device)
             return self.model(x).float().cpu().numpy()
 
 
@@ -149,12 +144,10 @@ class OpenVINOEngine(FeatureEngine):
             i = j % n
             if pending[i] is not None:
                 collect(i)
-            count = len(batch)
-            if self.static_batch and count != self.static_batch:
-                pad = np.zeros((self.static_batch - count, *batch.shape[1:]), batch.dtype)
-                batch = np.concatenate([batch, pad])
+            pending[i] = (offset, len(batch))
+            if self.static_batch:
+                batch = pad_batch(batch, self.static_batch)
             requests[i].start_async({0: np.ascontiguousarray(batch)})
-            pending[i] = (offset, count)
         for i in range(n):
             if pending[i] is not None:
                 collect(i)
@@ -172,7 +165,7 @@ class ONNXRuntimeEngine(FeatureEngine):
         self.input_name = self.session.get_inputs()[0].name
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {self.input_name: _to_nchw_float(batch)})[0]
+        return self.session.run(None, {self.input_name: to_nchw_float(batch)})[0]
 
 
 ENGINES: dict[str, type[FeatureEngine]] = {
@@ -243,7 +236,7 @@ def _quantize_backbone(model, calibration):
         from toolkit.errors import EdgetuneError
 
         raise EdgetuneError("int8 backbone needs calibration images (the training set's clean views).")
-    data = [_to_nchw_float(v[None]) for v in calibration]
+    data = [to_nchw_float(v[None]) for v in calibration]
     logger.info("Quantizing the backbone to int8 with NNCF on %d views", len(data))
     return nncf.quantize(model, nncf.Dataset(data), subset_size=len(data), fast_bias_correction=True)
 

@@ -8,7 +8,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from toolkit.data import IMAGE_EXTENSIONS, ImageReadError, read_image
+from toolkit.data import ImageReadError, list_images, read_image
 from toolkit.errors import EdgetuneError
 
 logger = logging.getLogger(__name__)
@@ -19,8 +19,7 @@ def expand_inputs(inputs: Iterable[Path]) -> list[Path]:
     files: list[Path] = []
     for p in map(Path, inputs):
         if p.is_dir():
-            files += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS
-                            and not any(part.startswith(".") for part in f.relative_to(p).parts))
+            files += list_images(p)
         elif p.is_file():
             files.append(p)
         else:

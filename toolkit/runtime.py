@@ -37,6 +37,26 @@ def to_nchw_float(views: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(views).transpose(0, 3, 1, 2), dtype=np.float32)
 
 
+def pad_batch(batch: np.ndarray, size: int) -> np.ndarray:
+    """A static-shape model takes exactly `size` items: zero-pad a short batch (callers drop the
+    padding's outputs)."""
+    n = len(batch)
+    if n >= size:
+        return batch
+    return np.concatenate([batch, np.zeros((size - n, *batch.shape[1:]), batch.dtype)])
+
+
+def run_batched(run: Callable[[np.ndarray], np.ndarray], inputs: np.ndarray, *, batch: int | None,
+                default: int = 32) -> np.ndarray:
+    """`run` over `inputs` in batches; with a static `batch` the last one is padded."""
+    b = batch or default
+    out = []
+    for i in range(0, len(inputs), b):
+        chunk = inputs[i : i + b]
+        out.append(np.asarray(run(pad_batch(chunk, b) if batch else chunk), dtype=np.float32)[: len(chunk)])
+    return np.concatenate(out)
+
+
 class Predictor:
     """A classifier ready to run: `labels`, `input_size`, `preprocess`, `predict`, `logits`."""
 
@@ -64,14 +84,9 @@ class Predictor:
             )
         if not self.static_batch:
             return np.asarray(self._run(views), dtype=np.float32)
-        b, out = self.static_batch, []
-        for i in range(0, len(views), b):
-            chunk = views[i : i + b]
-            n = len(chunk)
-            if n < b:  # a static-shape model: pad the last batch, drop the padding's outputs
-                chunk = np.concatenate([chunk, np.zeros((b - n, *chunk.shape[1:]), chunk.dtype)])
-            out.append(np.asarray(self._run(chunk), dtype=np.float32)[:n])
-        return np.concatenate(out) if out else np.zeros((0, len(self.labels)), np.float32)
+        if not len(views):
+            return np.zeros((0, len(self.labels)), np.float32)
+        return run_batched(self._run, views, batch=self.static_batch)
 
     def predict(self, views: np.ndarray) -> np.ndarray:
         """Probabilities (N, C) for uint8 NHWC views."""

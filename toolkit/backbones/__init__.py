@@ -7,11 +7,10 @@ Importing this package does not import torch: specs are plain data, factories im
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
-from toolkit.errors import EdgetuneError
+from toolkit.errors import unknown_choice
 
 
 @dataclass(frozen=True)
@@ -53,11 +52,7 @@ def list_backbones() -> list[str]:
 def get_spec(name: str) -> BackboneSpec:
     _ensure_loaded()
     if name not in _REGISTRY:
-        close = difflib.get_close_matches(name, _REGISTRY, n=1)
-        hint = f" Did you mean '{close[0]}'?" if close else ""
-        raise EdgetuneError(
-            f"Unknown backbone '{name}'.{hint} Available: {', '.join(sorted(_REGISTRY))}."
-        )
+        raise unknown_choice("backbone", name, _REGISTRY)
     return _REGISTRY[name][0]
 
 
