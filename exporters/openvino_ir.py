@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from exporters import register
-from exporters.base import ExportContext, Exporter
+from exporters.base import MAX_CALIBRATION, ExportContext, Exporter
 from exporters.onnx_fp32 import with_probabilities
 from toolkit.runs import RunDir
 
@@ -23,7 +23,7 @@ logger = logging.getLogger(__name__)
 MODEL_FILE = "model.xml"
 
 
-def HEAD_SCOPE():
+def head_scope():
     """The head (MatMul) and softmax stay fp32: a sliver of the compute, and int8 logits round near-ties."""
     import nncf
 
@@ -84,7 +84,7 @@ class OpenVINOInt8Exporter(Exporter):
         calibration = nncf.Dataset([calib[i : i + b] for i in range(0, len(calib) - b + 1, b)])
         if ctx.max_drop is None:
             quantized = nncf.quantize(model, calibration, subset_size=len(calib), fast_bias_correction=True,
-                                      ignored_scope=HEAD_SCOPE())
+                                      ignored_scope=head_scope())
         else:
             quantized = self._quantize_with_budget(model, calibration, ctx)
         # Remaining float constants (biases, scales) as fp16: smaller file, same int8 compute.
@@ -110,5 +110,5 @@ class OpenVINOInt8Exporter(Exporter):
         logger.info("NNCF accuracy-controlled quantization, max drop %.2f points", ctx.max_drop)
         return nncf.quantize_with_accuracy_control(
             model, calibration, validation, accuracy, max_drop=ctx.max_drop / 100.0,
-            drop_type=nncf.DropType.ABSOLUTE, subset_size=300, ignored_scope=HEAD_SCOPE(),
+            drop_type=nncf.DropType.ABSOLUTE, subset_size=MAX_CALIBRATION, ignored_scope=head_scope(),
         )
