@@ -18,7 +18,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Sequence
 
 REPO = Path(__file__).resolve().parents[1]
 BENCHMARKS_MD = REPO / "BENCHMARKS.md"
@@ -86,66 +86,20 @@ def median(values: Sequence[float]) -> float:
     return float(statistics.median(values))
 
 
-def time_call(fn: Callable[[], Any], *, repeats: int = 5, warmup: int = 1) -> tuple[float, list[float]]:
-    """Median wall seconds of `fn()` over `repeats` runs after `warmup` untimed ones; and all times."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return median(times), times
-
-
 @dataclass
 class ChildRun:
     returncode: int
     seconds: float
-    peak_rss_bytes: int  # of the child (and the descendants it waited for)
     output: str
 
 
 def run_child(cmd: Sequence[str], *, cwd: Path | None = None, env: dict[str, str] | None = None,
               timeout: float | None = None) -> ChildRun:
-    """Run `cmd`, returning its exit code, wall time, peak RSS and combined output.
-
-    Peak RSS comes from wait4() on this one child, so earlier children do not leak into it (as
-    they would with getrusage(RUSAGE_CHILDREN), which keeps the maximum over all of them).
-    """
-    import tempfile
-
-    with tempfile.TemporaryFile() as log:
-        t0 = time.perf_counter()
-        proc = subprocess.Popen(list(cmd), cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            _, status, usage = os.wait4(proc.pid, 0) if timeout is None else _wait4_timeout(proc, timeout)
-        except BaseException:
-            proc.kill()
-            proc.wait()
-            raise
-        seconds = time.perf_counter() - t0
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        log.seek(0)
-        output = log.read().decode("utf-8", "replace")
-    # Linux reports ru_maxrss in KiB, macOS in bytes.
-    scale = 1 if sys.platform == "darwin" else 1024
-    return ChildRun(proc.returncode, seconds, int(usage.ru_maxrss) * scale, output)
-
-
-def _wait4_timeout(proc: subprocess.Popen, timeout: float):
-    deadline = time.monotonic() + timeout
-    while True:
-        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-        if pid:
-            return pid, status, usage
-        if time.monotonic() > deadline:
-            proc.kill()
-            return os.wait4(proc.pid, 0)
-        time.sleep(0.05)
-
-
-# ------------------------------------------------------------------------------------- tables
+    """Run `cmd`, returning its exit code, wall time and combined output."""
+    t0 = time.perf_counter()
+    proc = subprocess.run(list(cmd), cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          timeout=timeout)
+    return ChildRun(proc.returncode, time.perf_counter() - t0, proc.stdout.decode("utf-8", "replace"))
 
 
 @dataclass

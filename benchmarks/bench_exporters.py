@@ -9,10 +9,7 @@ prints a table and replaces the "## Exporters" section of BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
-import datetime
 import logging
-import re
-import subprocess
 import sys
 import tempfile
 import time
@@ -21,19 +18,13 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-DATA = ROOT.parent / "shared" / "datasets" / "hymenoptera"
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks._common import command_line, load_average, machine_description, update_benchmarks_md  # noqa: E402
+from benchmarks.naive_loop import DEFAULT_DATA  # noqa: E402
 
-def machine() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        name = re.search(r"Model name:\s*(.+)", out).group(1).strip()
-        cpus = re.search(r"^CPU\(s\):\s*(\d+)", out, re.M).group(1)
-        return f"{name}, {cpus} CPUs"
-    except Exception:
-        return "unknown CPU"
+MAX_DROP = 0.5  # the issue's int8 budget, in accuracy points
 
 
 def latency_ms(xml: Path, runs: int, *, precise: bool, size: int) -> float:
@@ -53,74 +44,83 @@ def latency_ms(xml: Path, runs: int, *, precise: bool, size: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--run", type=Path)
-    ap.add_argument("--runs", type=int, default=300)
+    ap.add_argument("--run", type=Path, help="reuse a trained run instead of training a default one")
+    ap.add_argument("--runs", type=int, default=300, help="latency repetitions")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)
     from exporters import export, list_formats
     from toolkit.train import TrainConfig, train
 
+    start_load = load_average()
     run = args.run
     if run is None:
         run = Path(tempfile.mkdtemp(prefix="bench-exporters-")) / "run"
-        train(DATA, run, TrainConfig())
+        train(DEFAULT_DATA, run, TrainConfig())
+    jobs = {fmt: {} for fmt in list_formats()}
+    jobs["openvino --fp32"] = {"fmt": "openvino", "fp32": True}
+    for fmt in ("onnx-int8", "openvino-int8"):
+        jobs[f"{fmt} --max-drop {MAX_DROP}"] = {"fmt": fmt, "max_drop": MAX_DROP}
     results, seconds = {}, {}
-    for fmt in list_formats():
+    for label, job in jobs.items():
+        fmt = job.pop("fmt", label)
         t = time.perf_counter()
-        results[fmt] = export(run, fmt, run / "exports" / fmt)
-        seconds[fmt] = time.perf_counter() - t
-    t = time.perf_counter()
-    results["openvino --fp32"] = export(run, "openvino", run / "exports" / "openvino-fp32", fp32=True)
-    seconds["openvino --fp32"] = time.perf_counter() - t
-    onnx_size = sum(results["onnx"].files[f] for f in ("model.onnx",))
+        results[label] = export(run, fmt, run / "exports" / label.replace(" ", "_"), **job)
+        seconds[label] = time.perf_counter() - t
+    onnx_size = results["onnx"].files["model.onnx"]
 
     def model_size(r) -> int:
         return sum(n for f, n in r.files.items() if f.startswith("model.") or f == "inference.onnx")
 
+    def verdict(label: str, r) -> str:
+        p, precision = r.parity, r.manifest["precision"]
+        if precision == "int8":
+            ok = p["accuracy_drop_points"] <= MAX_DROP and model_size(r) <= 0.3 * onnx_size
+        else:
+            ok = p["agreement"] == 1.0 and (precision != "fp32" or p["max_abs_diff"] <= 1e-3)
+        return "pass" if ok else "FAIL"
+
     rows = []
-    for fmt, r in results.items():
+    for label, r in results.items():
         p = r.parity
-        rows.append((fmt, r.manifest["precision"], f"{p['export_accuracy']:.2%}", f"{p['accuracy_drop_points']:+.2f}",
+        rows.append((label, r.manifest["precision"], f"{p['export_accuracy']:.2%}", f"{p['accuracy_drop_points']:+.2f}",
                      f"{p['agreement']:.2%}", f"{p['max_abs_diff']:.1e}", f"{model_size(r) / 1e6:.2f} MB",
-                     f"{model_size(r) / onnx_size:.2f}", f"{seconds[fmt]:.0f} s"))
-    ov32 = results["openvino --fp32"].model
-    ov8 = results["openvino-int8"].model
+                     f"{model_size(r) / onnx_size:.2f}", f"{seconds[label]:.0f} s", verdict(label, r)))
+    ov32, ov8 = results["openvino --fp32"].model, results["openvino-int8"].model
     size = results["onnx"].manifest["input"]["size"]
     lat = {
         "fp32 IR (fp32 compute)": latency_ms(ov32, args.runs, precise=True, size=size),
-        "fp32 IR (CPU default precision)": latency_ms(ov32, args.runs, precise=False, size=size),
+        "fp32 IR (CPU default precision: bf16 where the CPU has it)": latency_ms(ov32, args.runs, precise=False, size=size),
         "int8 IR": latency_ms(ov8, args.runs, precise=False, size=size),
     }
-    head = ("format", "precision", "val acc", "drop (pts)", "top-1 agree", "max |dlogit|", "model size", "x fp32 ONNX", "export time")
+    head = ("export", "precision", "val acc", "drop (pts)", "top-1 agree", "max |dlogit|", "model size",
+            "x fp32 ONNX", "export time", "target")
     table = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in rows]
-    lat_lines = [f"| {k} | {v:.2f} ms | {lat['int8 IR'] / v:.2f} |" for k, v in lat.items()]
+    lat_lines = [f"| {k} | {v:.2f} ms | {lat['int8 IR'] / v:.2f} | {'pass' if lat['int8 IR'] / v <= 0.6 else 'FAIL'} |"
+                 for k, v in lat.items() if k != "int8 IR"]
     source = results["onnx"].parity["source_accuracy"]
     section = "\n".join([
-        "## Exporters",
+        f"`{command_line()}`; {machine_description()}; load average {start_load} at start, {load_average()} at end.",
         "",
-        f"`python benchmarks/bench_exporters.py` on {datetime.date.today()}, {machine()}; "
-        f"default run (TrainConfig(): {results['onnx'].manifest['backbone']['name']}) on ants/bees, source val accuracy {source:.2%} on "
-        f"{results['onnx'].parity['n']} val images. Parity is measured at export (OpenVINO in fp32 compute).",
+        f"Default run (TrainConfig(): {results['onnx'].manifest['backbone']['name']}) on ants/bees, source val "
+        f"accuracy {source:.2%} on {results['onnx'].parity['n']} val images. Every export is checked at export "
+        "time against the source model on the val images (OpenVINO in fp32 compute for the check).",
         "",
         *table,
         "",
-        f"OpenVINO batch-1 latency (LATENCY hint, median of {args.runs} runs):",
+        f"OpenVINO batch-1 latency (LATENCY hint, median of {args.runs} runs), target int8 <= 0.6x the fp32 IR:",
         "",
-        "| model | median | int8 / this |",
-        "|---|---|---|",
+        "| fp32 IR | median | int8 IR / this | target |",
+        "|---|---|---|---|",
         *lat_lines,
+        f"| (int8 IR itself) | {lat['int8 IR']:.2f} ms | | |",
         "",
-        "Targets (issue 3): int8 drop <= 0.5 points; fp32/fp16 100% top-1 agreement, max |dlogit| <= 1e-3 "
-        "(fp32); OV int8 latency <= 0.6x fp32 IR; int8 files <= 0.3x fp32 ONNX.",
-        "",
+        f"Targets (issue 3): int8 drop <= {MAX_DROP} points and file <= 0.3x the fp32 ONNX; fp32/fp16 100% "
+        "top-1 agreement, max |dlogit| <= 1e-3 (fp32). `--max-drop` rows are the documented way to hold "
+        "the budget: onnxruntime quantization first, NNCF accuracy control only when it is over.",
     ])
-    print(section)
-    bench = ROOT / "BENCHMARKS.md"
-    text = bench.read_text() if bench.exists() else "# Benchmarks\n\n"
-    pattern = re.compile(r"^## Exporters\n.*?(?=^## |\Z)", re.M | re.S)
-    text = pattern.sub(section + "\n", text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + section
-    bench.write_text(text)
+    print("## Exporters\n\n" + section)
+    update_benchmarks_md("Exporters", section)
 
 
 if __name__ == "__main__":

@@ -3,8 +3,8 @@
 The fp32 graph is first run through quant_pre_process (shape inference + graph optimisation, as
 ORT recommends), then calibrated on eval views of the run's training images (or --calib). The
 head (Gemm) and softmax stay fp32: they are a tiny share of the compute, and int8 logits would
-round near-ties. With --max-drop, a fallback keeps the most sensitive layers (stem, last conv,
-then every depthwise conv) in fp32 until the val accuracy drop is within budget.
+round near-ties. With --max-drop, when that drop is over budget, NNCF's accuracy-controlled
+quantization redoes it on the same ONNX graph, keeping the layers that cost most in fp32.
 """
 
 from __future__ import annotations
@@ -57,18 +57,7 @@ def _stride(n_batches: int, most: int = 4) -> int:
     return max(k for k in range(1, most + 1) if n_batches % k == 0)
 
 
-def _sensitive_steps(model_path: Path) -> list[list[str]]:
-    """Nodes to keep in fp32, cumulatively, one step per fallback attempt."""
-    import onnx
-
-    graph = onnx.load(str(model_path)).graph
-    convs = [n for n in graph.node if n.op_type == "Conv"]
-    depthwise = [n.name for n in convs if any(a.name == "group" and a.i > 1 for a in n.attribute)]
-    step1 = [convs[0].name, convs[-1].name] if convs else []
-    return [[], step1, step1 + depthwise]
-
-
-def quantize(fp32: Path, out: Path, calib: np.ndarray, *, batch: int, exclude: list[str]) -> None:
+def quantize(fp32: Path, out: Path, calib: np.ndarray, *, batch: int) -> None:
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
@@ -79,7 +68,7 @@ def quantize(fp32: Path, out: Path, calib: np.ndarray, *, batch: int, exclude: l
         quant_format=QuantFormat.QDQ, per_channel=True,
         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
         calibrate_method=CalibrationMethod.MinMax,
-        nodes_to_exclude=head + exclude,
+        nodes_to_exclude=head,
         # Calibrate a few batches at a time, merging ranges between strides: MinMax otherwise keeps
         # every activation of every batch in memory. Not CalibMaxIntermediateOutputs: in ORT 1.19 it
         # drops the held outputs without folding them into the ranges (microsoft/onnxruntime#18893),
@@ -106,17 +95,45 @@ class OnnxInt8Exporter(Exporter):
             fp32, prep = Path(work) / "fp32.onnx", Path(work) / "prep.onnx"
             write_onnx(classifier, fp32, ctx)
             quant_pre_process(str(fp32), str(prep), skip_symbolic_shape=False)
-            steps = _sensitive_steps(prep) if ctx.max_drop is not None else [[]]
-            for attempt, exclude in enumerate(steps):
-                quantize(prep, model, calib, batch=ctx.static_batch or 8, exclude=exclude)
-                if ctx.max_drop is None:
-                    break
+            quantize(prep, model, calib, batch=ctx.static_batch or 8)
+            if ctx.max_drop is not None:
                 drop = _accuracy_drop(self, model, ctx, run)
-                ctx.extra["kept_fp32_nodes"] = len(exclude)
-                logger.info("onnx-int8 attempt %d (%d nodes kept fp32): drop %.2f points", attempt, len(exclude), drop)
-                if drop <= ctx.max_drop:
-                    break
+                logger.info("onnx-int8 with onnxruntime.quantization: drop %.2f points", drop)
+                if drop > ctx.max_drop:
+                    _quantize_with_budget(prep, model, calib, ctx)
+                    ctx.extra["quantizer"] = "nncf.quantize_with_accuracy_control"
         return model
+
+
+def _quantize_with_budget(prep: Path, out: Path, calib: np.ndarray, ctx: ExportContext) -> None:
+    """NNCF's accuracy-controlled quantization on the ONNX graph: it ranks layers by how much their
+    quantization costs on the val set and reverts the worst to fp32 until the drop fits the budget."""
+    import nncf
+    import onnx
+    import onnxruntime as ort
+
+    model = onnx.load(str(prep))
+    name = model.graph.input[0].name
+    b = ctx.static_batch or 1
+    inputs, labels = ctx.val_inputs()
+    calibration = nncf.Dataset([calib[i : i + b] for i in range(0, len(calib) - b + 1, b)], lambda x: {name: x})
+    items = [(inputs[i : i + b], labels[i : i + b]) for i in range(0, len(inputs) - b + 1, b)]
+    validation = nncf.Dataset(items, lambda item: {name: item[0]})
+
+    def accuracy(candidate, data) -> float:
+        session = ort.InferenceSession(candidate.SerializeToString(), providers=["CPUExecutionProvider"])
+        hits = total = 0
+        for x, y in data:
+            hits += int((session.run(None, {name: x})[0].argmax(1) == y).sum())
+            total += len(y)
+        return hits / max(1, total)
+
+    logger.info("onnx-int8: NNCF accuracy-controlled quantization, max drop %.2f points", ctx.max_drop)
+    quantized = nncf.quantize_with_accuracy_control(
+        model, calibration, validation, accuracy, max_drop=ctx.max_drop / 100.0, drop_type=nncf.DropType.ABSOLUTE,
+        subset_size=len(calib), ignored_scope=nncf.IgnoredScope(types=["Gemm", "MatMul", "Softmax"], validate=False),
+    )
+    onnx.save(quantized, str(out))
 
 
 def _accuracy_drop(exporter: Exporter, model: Path, ctx: ExportContext, run: RunDir) -> float:
