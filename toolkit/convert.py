@@ -63,7 +63,6 @@ def to_onnx(
     batch: int = 1,
 ) -> None:
     """Export an eval-mode torch module to ONNX at `path` (IR version capped for ORT training)."""
-    import onnx
     import torch
 
     axes = {n: {0: "batch"} for n in (input_name, *output_names)} if dynamic_batch else None

@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from toolkit import __version__, atomic
+from toolkit import __version__
 from toolkit.backbones import get_spec
 from toolkit.errors import EdgetuneError
 from toolkit.runs import RunDir, read_safetensors, write_safetensors
