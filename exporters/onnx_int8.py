@@ -18,6 +18,7 @@ import numpy as np
 from exporters import register
 from exporters.base import ExportContext, Exporter
 from exporters.onnx_fp32 import write_onnx
+from toolkit.convert import nncf_verbosity
 from toolkit.runtime import run_batched
 from toolkit.runs import RunDir
 
@@ -129,10 +130,12 @@ def _quantize_with_budget(prep: Path, out: Path, calib: np.ndarray, ctx: ExportC
         return hits / max(1, total)
 
     logger.info("onnx-int8: NNCF accuracy-controlled quantization, max drop %.2f points", ctx.max_drop)
-    quantized = nncf.quantize_with_accuracy_control(
-        model, calibration, validation, accuracy, max_drop=ctx.max_drop / 100.0, drop_type=nncf.DropType.ABSOLUTE,
-        subset_size=len(calib), ignored_scope=nncf.IgnoredScope(types=["Gemm", "MatMul", "Softmax"], validate=False),
-    )
+    with nncf_verbosity("exporters"):
+        quantized = nncf.quantize_with_accuracy_control(
+            model, calibration, validation, accuracy, max_drop=ctx.max_drop / 100.0,
+            drop_type=nncf.DropType.ABSOLUTE, subset_size=len(calib),
+            ignored_scope=nncf.IgnoredScope(types=["Gemm", "MatMul", "Softmax"], validate=False),
+        )
     onnx.save(quantized, str(out))
 
 

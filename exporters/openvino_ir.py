@@ -16,6 +16,7 @@ import numpy as np
 from exporters import register
 from exporters.base import MAX_CALIBRATION, ExportContext, Exporter
 from exporters.onnx_fp32 import with_probabilities
+from toolkit.convert import nncf_verbosity
 from toolkit.runs import RunDir
 
 logger = logging.getLogger(__name__)
@@ -82,11 +83,12 @@ class OpenVINOInt8Exporter(Exporter):
         calib = ctx.calibration_inputs()
         b = ctx.static_batch or 1
         calibration = nncf.Dataset([calib[i : i + b] for i in range(0, len(calib) - b + 1, b)])
-        if ctx.max_drop is None:
-            quantized = nncf.quantize(model, calibration, subset_size=len(calib), fast_bias_correction=True,
-                                      ignored_scope=head_scope())
-        else:
-            quantized = self._quantize_with_budget(model, calibration, ctx)
+        with nncf_verbosity("exporters"):
+            if ctx.max_drop is None:
+                quantized = nncf.quantize(model, calibration, subset_size=len(calib), fast_bias_correction=True,
+                                          ignored_scope=head_scope())
+            else:
+                quantized = self._quantize_with_budget(model, calibration, ctx)
         # Remaining float constants (biases, scales) as fp16: smaller file, same int8 compute.
         return save(quantized, Path(out_dir) / MODEL_FILE, fp16=not ctx.fp32)
 

@@ -7,6 +7,7 @@ the backbone's input size: normalisation lives inside the graph, so no runtime c
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import tempfile
@@ -112,3 +113,21 @@ def save_ir(model, xml_path: Path) -> None:
         for f in tmp.glob("*"):
             f.unlink()
         tmp.rmdir()
+
+
+@contextlib.contextmanager
+def nncf_verbosity(follow: str = "toolkit"):
+    """Run NNCF at the verbosity of edgetune's own `follow` logger.
+
+    NNCF sets its logger to INFO when imported, which floods a quiet CLI with per-node notes;
+    inside this block it logs only what edgetune itself would, then gets its level back.
+    """
+    import nncf  # noqa: F401  (import first: it resets its logger level on import)
+
+    nncf_logger = logging.getLogger("nncf")
+    before = nncf_logger.level
+    nncf_logger.setLevel(logging.getLogger(follow).getEffectiveLevel())
+    try:
+        yield
+    finally:
+        nncf_logger.setLevel(before)

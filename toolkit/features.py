@@ -238,7 +238,10 @@ def _quantize_backbone(model, calibration):
         raise EdgetuneError("int8 backbone needs calibration images (the training set's clean views).")
     data = [to_nchw_float(v[None]) for v in calibration]
     logger.info("Quantizing the backbone to int8 with NNCF on %d views", len(data))
-    return nncf.quantize(model, nncf.Dataset(data), subset_size=len(data), fast_bias_correction=True)
+    from toolkit.convert import nncf_verbosity
+
+    with nncf_verbosity():
+        return nncf.quantize(model, nncf.Dataset(data), subset_size=len(data), fast_bias_correction=True)
 
 
 def _cached_onnx_backbone(spec: BackboneSpec) -> Path:
