@@ -144,3 +144,20 @@ def test_run_dir_runs_on_torch_and_onnxruntime(run, device):
     r = RunDir.open(out)
     result = evaluate(load_predictor(out, device=device), Path(r.config["data"]) / "val")
     assert result["accuracy"] == pytest.approx(metrics["val_accuracy"], abs=0.1)
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@pytest.mark.skipif(not _has_cuda(), reason="needs a CUDA GPU (CI has none)")
+def test_cuda_path_end_to_end(tiny_dataset, tmp_path):
+    """On a GPU machine: backbone features and head both on CUDA, then predict on CUDA."""
+    from toolkit.runtime import load_predictor
+
+    out = tmp_path / "cuda"
+    metrics = train(tiny_dataset, out, TrainConfig(**{**FAST, "device": "cuda"}))
+    assert "cuda" in metrics["devices"] and metrics["val_accuracy"] >= 0.9
+    assert "torch:cuda" in load_predictor(out, device="cuda").describe()
