@@ -89,6 +89,17 @@ class _Base:
             t = lam * t + (1 - lam) * t[perm]
         return t, lam, perm
 
+    def _step(self, model, x, y, rng: np.random.Generator) -> float:
+        """One optimizer step on a batch, with label smoothing and mixup; returns the loss."""
+        t, lam, perm = self._targets(y, rng)
+        if perm is not None:
+            x = lam * x + (1 - lam) * x[perm]
+        loss = soft_cross_entropy(model(x), t, self._sample_weights(y))
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return loss.item()
+
     def _sample_weights(self, y):
         return None if self.class_weight is None else self.class_weight[y]
 
@@ -242,14 +253,7 @@ class FeatureHeadLearner(_Base):
             idx = order[start : start + c.batch_size]
             x = torch.from_numpy(x_all[idx].astype(np.float32)).to(self.device)
             y = torch.from_numpy(y_all[idx]).to(self.device)
-            t, lam, perm = self._targets(y, rng)
-            if perm is not None:
-                x = lam * x + (1 - lam) * x[perm]
-            loss = soft_cross_entropy(self.head(x), t, self._sample_weights(y))
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
-            losses.append(loss.item())
+            losses.append(self._step(self.head, x, y, rng))
         return float(np.mean(losses))
 
     def validate(self, return_predictions: bool = False):
@@ -326,14 +330,7 @@ class UnfrozenLearner(_Base):
             views = np.stack([self.aug(self.prep.train_images[i], np.random.default_rng([c.seed, 1 + epoch, i]))
                               for i in idx])
             x, y = self._batch(views), torch.from_numpy(labels[idx]).to(self.device)
-            t, lam, perm = self._targets(y, rng)
-            if perm is not None:
-                x = lam * x + (1 - lam) * x[perm]
-            loss = soft_cross_entropy(self.model(x), t, self._sample_weights(y))
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
-            losses.append(loss.item())
+            losses.append(self._step(self.model, x, y, rng))
             self.progress("batches", min(start + c.batch_size, len(order)), len(order))
         return float(np.mean(losses))
 
