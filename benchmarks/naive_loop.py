@@ -85,7 +85,8 @@ def run_naive(
     from toolkit.augment import build_augmentation, eval_view
     from toolkit.backbones import create_backbone, get_spec
     from toolkit.convert import with_normalization
-    from toolkit.data import discover, read_image
+    from toolkit.data import discover
+    from toolkit.images import read_image
     from toolkit.train import TrainConfig
 
     if epochs is None and seconds is None:

@@ -182,7 +182,8 @@ def val_set(run: RunDir) -> tuple[np.ndarray, np.ndarray]:
 
 def calibration_set(run: RunDir, calibration: Path | None, limit: int) -> np.ndarray:
     """float32 NCHW eval views of up to `limit` images, spread evenly over the source."""
-    from toolkit.data import ImageReadError, list_images, read_image
+    from toolkit.data import list_images
+    from toolkit.images import ImageReadError, read_image
 
     size = run.spec.input_size
     if calibration is None:

@@ -9,19 +9,10 @@ import cv2
 import numpy as np
 import pytest
 
-from toolkit import data
-from toolkit.data import (
-    Dataset,
-    ImageReadError,
-    Sample,
-    balanced_indices,
-    class_weights,
-    decode_images,
-    discover,
-    load_eval_set,
-    read_image,
-)
+from toolkit import images
+from toolkit.data import Dataset, Sample, balanced_indices, class_weights, decode_images, discover, load_eval_set
 from toolkit.errors import DataError
+from toolkit.images import ImageReadError, read_image
 
 
 
@@ -152,7 +143,7 @@ def test_gif_decodes(tmp_path):
 def test_gif_fallback_when_imdecode_lacks_gif(tmp_path, monkeypatch):
     path = _gif(tmp_path)
     real = cv2.imdecode
-    monkeypatch.setattr(data.cv2, "imdecode", lambda buf, flags: None if bytes(buf[:3]) == b"GIF" else real(buf, flags))
+    monkeypatch.setattr(images.cv2, "imdecode", lambda buf, flags: None if bytes(buf[:3]) == b"GIF" else real(buf, flags))
     assert read_image(path).shape == (8, 10, 3)
 
 

@@ -201,7 +201,7 @@ def test_ort_training_loss_falls_and_exports_inference(exported, trained_run, tm
     from onnxruntime.training import api
 
     from toolkit.augment import eval_view
-    from toolkit.data import read_image
+    from toolkit.images import read_image
     from toolkit.runtime import onnx_runner, to_nchw_float
 
     bundle = exported("ort-training").out_dir

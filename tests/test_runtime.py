@@ -18,7 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _val_views(run_dir: Path, size: int) -> tuple[np.ndarray, np.ndarray]:
     from toolkit.augment import eval_view
-    from toolkit.data import load_eval_set, read_image
+    from toolkit.data import load_eval_set
+    from toolkit.images import read_image
 
     ds = load_eval_set(Path(RunDir(run_dir).config["data"]) / "val", RunDir(run_dir).labels)
     return np.stack([eval_view(read_image(s.path), size) for s in ds.samples]), ds.labels()

@@ -8,7 +8,8 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from toolkit.data import ImageReadError, list_images, read_image
+from toolkit.data import list_images
+from toolkit.images import ImageReadError, read_image
 from toolkit.errors import EdgetuneError
 
 logger = logging.getLogger(__name__)
