@@ -24,9 +24,9 @@ from toolkit.runtime import pad_batch, to_nchw_float
 
 logger = logging.getLogger(__name__)
 
-# Small batches keep activations in cache and memory flat: on 2 cores batch 8 gave 426 views/s
-# and 715 MB peak RSS for a whole ants/bees run, batch 32 gave 345 views/s and 998 MB.
-DEFAULT_BATCH = 8
+# Small batches keep activations in cache and memory flat. A whole ants/bees run on 2 cores
+# (Lite1): batch 4 -> ~450 views/s, 677 MB peak; 8 -> ~430, 730 MB; 32 -> ~345, 1 GB.
+DEFAULT_BATCH = 4
 
 
 def cache_dir() -> Path:
