@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from devices.probe import Device, Kind, ProbeReport, Runtime, Use, is_missing_package, record_problem
+from devices.probe import Device, Kind, ProbeReport, Runtime, Use, import_runtime, record_problem
 
 log = logging.getLogger(__name__)
 
@@ -23,15 +23,10 @@ def ov_kind(ov_name: str) -> Kind | None:
 def probe_openvino() -> ProbeReport:
     """Every OpenVINO device here; empty only when openvino is not installed."""
     problems: list[str] = []
-    try:
-        import openvino as ov
-        import openvino.properties.device as device_props
-    except Exception as error:
-        if is_missing_package(error, "openvino"):
-            log.debug("openvino is not installed: no openvino devices")
-            return ProbeReport([], [])
-        record_problem(problems, "openvino", "import openvino", error)
-        return ProbeReport([], problems)
+    modules, failed = import_runtime("openvino", "openvino", "openvino.properties.device")
+    if failed is not None:
+        return failed
+    ov, device_props = modules
 
     try:
         core = ov.Core()

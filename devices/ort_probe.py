@@ -11,7 +11,7 @@ from devices.probe import (
     Runtime,
     Use,
     cpu_name,
-    is_missing_package,
+    import_runtime,
     record_problem,
 )
 
@@ -47,14 +47,10 @@ PROVIDER_KINDS: dict[str, tuple[Kind, str]] = {
 def probe_onnxruntime() -> ProbeReport:
     """One device per available execution provider; empty only when onnxruntime is not installed."""
     problems: list[str] = []
-    try:
-        import onnxruntime as ort
-    except Exception as error:
-        if is_missing_package(error, "onnxruntime"):
-            log.debug("onnxruntime is not installed: no onnxruntime devices")
-            return ProbeReport([], [])
-        record_problem(problems, "onnxruntime", "import onnxruntime", error)
-        return ProbeReport([], problems)
+    modules, failed = import_runtime("onnxruntime")
+    if failed is not None:
+        return failed
+    (ort,) = modules
 
     try:
         providers = list(ort.get_available_providers())

@@ -11,6 +11,7 @@ from devices.probe import (
     Runtime,
     Use,
     cpu_name,
+    import_runtime,
     is_missing_package,
     record_problem,
 )
@@ -27,14 +28,10 @@ def probe_torch() -> ProbeReport:
     """Every device PyTorch can use here; empty only when torch is not installed."""
     devices: list[Device] = []
     problems: list[str] = []
-    try:
-        import torch
-    except Exception as error:
-        if is_missing_package(error, "torch"):
-            log.debug("torch is not installed: no torch devices")
-            return ProbeReport([], [])
-        record_problem(problems, "torch", "import torch", error)
-        return ProbeReport([], problems)
+    modules, failed = import_runtime("torch")
+    if failed is not None:
+        return failed
+    (torch,) = modules
 
     # bf16 on CPU is only fast with AMX / AVX512-BF16, which torch does not report: claim fp32.
     devices.append(Device(Runtime.TORCH, Kind.CPU, "cpu", cpu_name(), TORCH_USES, ("fp32",)))
