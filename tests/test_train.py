@@ -53,12 +53,12 @@ def test_interrupted_run_resumes_to_the_same_result(run, tiny_dataset, tmp_path)
     _, metrics = run
     out = tmp_path / "interrupted"
 
-    def ctrl_c_after_two_epochs(stage, done, total):
-        if stage == "epochs" and done == 2:
+    def ctrl_c_once_features_are_cached(stage, done, total):
+        if stage == "head selection" and done == 0:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        train(tiny_dataset, out, TrainConfig(**FAST), progress=ctrl_c_after_two_epochs)
+        train(tiny_dataset, out, TrainConfig(**FAST), progress=ctrl_c_once_features_are_cached)
     assert not (out / "model.safetensors").exists()
     with pytest.raises(EdgetuneError, match="resume"):
         RunDir.open(out)
@@ -95,16 +95,45 @@ def test_classifier_matches_head_on_features(run):
     assert np.mean(pred == ds.labels()) == pytest.approx(metrics["val_accuracy"], abs=0.1)
 
 
-@pytest.mark.parametrize("extra", [{"head": "mlp", "balance": "sampler", "mixup": 0.0},
-                                   {"balance": "weights", "fresh_views": True, "views": 1}])
-def test_options_train(extra, tiny_dataset, tmp_path):
-    metrics = train(tiny_dataset, tmp_path / "opt", TrainConfig(**{**FAST, **extra, "epochs": 2}))
-    assert metrics["epochs_run"] == 2
+@pytest.mark.parametrize("extra", [{"head": "mlp", "mixup": 0.0}, {"head": "logreg", "views": 0}])
+def test_forced_head_trains_and_exports_its_layout(extra, tiny_dataset, tmp_path):
+    out = tmp_path / "opt"
+    metrics = train(tiny_dataset, out, TrainConfig(**{**FAST, **extra}))
+    assert metrics["head"]["selected"] == extra["head"] and metrics["val_accuracy"] >= 0.9
+    cfg = RunDir.open(out).config
+    assert cfg["train"]["head"] == ("mlp" if extra["head"] == "mlp" else "linear")
+    assert cfg["head_selection"]["requested"] == extra["head"]
+    RunDir.open(out).build_classifier()  # the exporters' source model loads the fitted tensors
+
+
+def test_auto_head_is_chosen_by_cv_and_reported(run):
+    out, metrics = run
+    assert metrics["head"]["requested"] == "auto"
+    cv = metrics["cv_accuracy"]
+    assert set(cv) >= {"mean", "std", "folds"} and 0 <= cv["mean"] <= 1
+    heads = {row["head"] for row in metrics["cv_table"]}
+    assert {"logreg", "prototypes", "linear", "mlp"} <= heads
+    assert metrics["cv_table"][0]["accuracy"] == cv["mean"]
+    assert "accuracy" in (out / "history.csv").read_text().splitlines()[0]
+
+
+def test_one_shot_falls_back_to_a_rule(tiny_dataset, tmp_path):
+    metrics = train(tiny_dataset, tmp_path / "one", TrainConfig(**{**FAST, "shots": 1}))
+    assert metrics["n_train"] == 3 and metrics["cv_accuracy"] is None
+    assert "too few to cross-validate" in metrics["head"]["reason"]
+
+
+@pytest.mark.parametrize("shots, match", [(0, "at least 1"), (10_000, "more than the")])
+def test_bad_shots_write_nothing(shots, match, tiny_dataset, tmp_path):
+    with pytest.raises(EdgetuneError, match=match):
+        train(tiny_dataset, tmp_path / "shots", TrainConfig(**{**FAST, "shots": shots}))
+    assert not (tmp_path / "shots").exists()
 
 
 def test_unfreezing_trains_the_tail_in_torch(tiny_dataset, tmp_path):
     out = tmp_path / "unfrozen"
-    metrics = train(tiny_dataset, out, TrainConfig(**{**FAST, "unfreeze": 1, "epochs": 1, "batch_size": 8}))
+    metrics = train(tiny_dataset, out, TrainConfig(**{**FAST, "head": "linear", "unfreeze": 1, "epochs": 1,
+                                                      "batch_size": 8}))
     state = RunDir.open(out).model_state()
     assert any(k.startswith("backbone._blocks.15.") for k in state)
     assert metrics["unfrozen_blocks"] == 1

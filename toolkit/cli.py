@@ -103,7 +103,13 @@ def _parse_overrides(items: tuple[str, ...]) -> dict[str, dict[str, Any]]:
 @click.option("--out", type=click.Path(path_type=Path), help="Run directory [default: runs/<DATA name>].")
 @click.option("--resume", "resume", type=click.Path(path_type=Path), help="Continue an interrupted run directory.")
 @click.option("--backbone", default=None, help="Pretrained backbone (see `edgetune backbones`).")
-@click.option("--head", type=click.Choice(["linear", "mlp"]), default=None, help="Classifier head.")
+@click.option("--head", type=click.Choice(["auto", "logreg", "prototypes", "imprint", "linear", "mlp"]), default=None,
+              help="Classifier head; auto (default) picks by k-fold CV on the training features.")
+@click.option("--cv-folds", type=int, default=None, help="Folds of the head-selection cross-validation [5].")
+@click.option("--shots", type=int, default=None, help="Keep K training images per class (seeded): few-shot.")
+@click.option("--generate", type=click.Choice(["none", "vae"]), default=None,
+              help="Add feature points sampled from a conditional VAE (auto keeps them only if CV says so).")
+@click.option("--generate-ratio", type=float, default=None, help="Generated points per real training point [1].")
 @click.option("--epochs", type=int, default=None, help="Maximum epochs (early stopping usually ends sooner).")
 @click.option("--patience", type=int, default=None, help="Epochs without improvement before stopping.")
 @click.option("--lr", type=float, default=None, help="AdamW learning rate.")
@@ -112,7 +118,6 @@ def _parse_overrides(items: tuple[str, ...]) -> dict[str, dict[str, Any]]:
 @click.option("--label-smoothing", type=float, default=None)
 @click.option("--mixup", type=float, default=None, help="Mixup Beta(alpha, alpha); 0 disables.")
 @click.option("--views", type=int, default=None, help="Augmented views per image cached for the head.")
-@click.option("--fresh-views", is_flag=True, default=None, help="New augmented views every epoch (slower).")
 @click.option("--augment", type=click.Choice(["none", "light", "default", "strong"]), default=None)
 @click.option("--aug", "aug_overrides", multiple=True, metavar="T.S=V", help="Augmentation setting, e.g. rotate.limit=10 (repeatable).")
 @click.option("--balance", type=click.Choice(["none", "sampler", "weights"]), default=None, help="Class-imbalance handling.")
@@ -153,10 +158,24 @@ def train(data: Path | None, out: Path | None, resume: Path | None, aug_override
 
 
 def _print_train_summary(console, run_dir: Path, m: dict[str, Any]) -> None:
-    console.print(
-        f"[bold]val accuracy {m['val_accuracy']:.4f}[/] (loss {m['val_loss']:.4f}, best epoch {m['best_epoch']} "
-        f"of {m['epochs_run']}) in {m['train_seconds']:.1f} s"
-    )
+    head = m.get("head")
+    if head is None:  # --unfreeze: the epoch loop
+        console.print(
+            f"[bold]val accuracy {m['val_accuracy']:.4f}[/] (loss {m['val_loss']:.4f}, best epoch {m['best_epoch']} "
+            f"of {m['epochs_run']}) in {m['train_seconds']:.1f} s"
+        )
+    else:
+        console.print(f"[bold]val accuracy {m['val_accuracy']:.4f}[/] (loss {m['val_loss']:.4f}) in {m['train_seconds']:.1f} s")
+        cv = m.get("cv_accuracy")
+        opts = ", ".join(f"{k}={v}" for k, v in head["options"].items())
+        if cv:
+            console.print(f"head: {head['selected']}({opts}), CV accuracy {cv['mean']:.4f} ± {cv['std']:.4f} "
+                          f"({cv['folds']} folds on the training features)")
+        else:
+            console.print(f"head: {head['selected']}({opts}): {head['reason']}")
+        if head.get("runner_up"):
+            r = head["runner_up"]
+            console.print(f"runner-up: {r['head']}, CV accuracy {r['accuracy']:.4f} ± {r['std']:.4f}")
     console.print(f"devices: {m['devices']}")
     if m.get("feature_engine"):
         console.print(f"features: {m['feature_engine']}, {m['views_per_second']:.0f} views/s")

@@ -1,7 +1,8 @@
-"""What the epoch loop trains: a head on cached features, or a head plus the backbone's tail.
+"""Where a head learns from: cached backbone features (head selection by CV in toolkit.selection),
+or, with --unfreeze, a head plus the backbone's tail trained end to end by the epoch loop.
 
-Both learners expose the same small interface (train_epoch, validate, state / load_state,
-model_tensors, stats), so `toolkit.train` runs one loop for both.
+`cached_train_features(run)` reads a finished run's training features back (export's feature
+memory, `learn`), without torch.
 """
 
 from __future__ import annotations
@@ -136,23 +137,21 @@ class _Base:
         return self._stats
 
 
-class FeatureHeadLearner(_Base):
-    """Head on cached features of K augmented views (+1 clean) per training image."""
+class CachedFeatures:
+    """Backbone features of K augmented views (+1 clean, view 0) per training image and of the val
+    images, extracted once and cached in the run's state/ (keyed by data, backbone and augmentation),
+    so head selection, refits and `learn`'s feature memory never run the backbone again."""
 
     def __init__(self, config, prep, plan, state_dir: Path, progress) -> None:
-        super().__init__(config, prep, plan, state_dir, progress)
-        torch = self.torch
+        self.config, self.prep, self.plan = config, prep, plan
+        self.state_dir, self.progress = Path(state_dir), progress
+        self.spec = get_spec(config.backbone)
+        self._stats: dict[str, Any] = {"devices": plan.reason}
         self._engine = None
         self.train_feats, self.val_feats = self._features()
-        flat = self.train_feats.reshape(-1, self.train_feats.shape[-1]).astype(np.float32)
-        torch.manual_seed(config.seed)
-        self.head = create_head(
-            config.head, self.spec.feature_dim, self.n_classes, hidden=config.hidden,
-            dropout=config.dropout, feature_mean=flat.mean(0), feature_std=flat.std(0),
-        ).to(self.device)
-        self.optimizer = torch.optim.AdamW(decay_groups(self.head, config.weight_decay), lr=config.lr)
-        self.val_x = torch.from_numpy(self.val_feats.astype(np.float32)).to(self.device)
-        self.val_y = torch.from_numpy(prep.val_labels).to(self.device)
+
+    def stats(self) -> dict[str, Any]:
+        return self._stats
 
     # -- features ------------------------------------------------------------------------------
     def engine(self):
@@ -193,18 +192,18 @@ class FeatureHeadLearner(_Base):
         t0 = time.perf_counter()
         engine = self.engine()  # conversion, quantization and compilation: timed apart from views
         t1 = time.perf_counter()
-        train = self._extract_views(epoch=None, views=1 + self.config.views, include_clean=True)
+        train = self._extract_views(views=1 + self.config.views)
         val = self._extract_clean(self.prep.val_images, "val features")
         seconds = time.perf_counter() - t1
         n = train.shape[0] * train.shape[1] + len(val)
         self._stats.update({"feature_engine": engine.name, "engine_setup_seconds": round(t1 - t0, 2),
                             "feature_seconds": round(seconds, 2), "views_per_second": round(n / seconds, 1)})
         buf = io.BytesIO()
-        np.savez(buf, train=train, val=val)
+        np.savez(buf, train=train, val=val, train_labels=self.prep.train_labels, val_labels=self.prep.val_labels)
         atomic.write_bytes(path, buf.getvalue())
         return train, val
 
-    def _extract_views(self, epoch: int | None, views: int, include_clean: bool) -> np.ndarray:
+    def _extract_views(self, views: int) -> np.ndarray:
         from toolkit.augment import build_augmentation, eval_view
         from toolkit.features import extract_features
 
@@ -214,11 +213,10 @@ class FeatureHeadLearner(_Base):
 
         def make_view(k: int) -> np.ndarray:
             i, v = divmod(k, views)
-            if include_clean and v == 0:
+            if v == 0:
                 return eval_view(images[i], size)
-            # The view's randomness depends only on (seed, epoch, image, view), never on threads.
-            seed = [c.seed, i, v] if epoch is None else [c.seed, 1 + epoch, i, v]
-            return aug(images[i], np.random.default_rng(seed))
+            # The view's randomness depends only on (seed, image, view), never on threads.
+            return aug(images[i], np.random.default_rng([c.seed, i, v]))
 
         total = len(images) * views
         feats = extract_features(self.engine(), make_view, total, workers=c.workers,
@@ -234,45 +232,18 @@ class FeatureHeadLearner(_Base):
                                 workers=self.config.workers,
                                 progress=lambda d: self.progress(stage, d, len(images)))
 
-    # -- epochs --------------------------------------------------------------------------------
-    def train_epoch(self, epoch: int) -> float:
-        torch, c = self.torch, self.config
-        rng = np.random.default_rng([c.seed, 7919, epoch])
-        torch.manual_seed(c.seed * 100_003 + epoch)
-        feats = self.train_feats
-        if c.fresh_views and epoch > 0:
-            fresh = self._extract_views(epoch, views=c.views, include_clean=False)
-            feats = np.concatenate([self.train_feats[:, :1], fresh], axis=1)
-        n, v, d = feats.shape
-        x_all = feats.reshape(n * v, d)
-        y_all = np.repeat(self.prep.train_labels, v)
-        order = self._epoch_order(y_all, rng)
-        self.head.train()
-        losses = []
-        for start in range(0, len(order), c.batch_size):
-            idx = order[start : start + c.batch_size]
-            x = torch.from_numpy(x_all[idx].astype(np.float32)).to(self.device)
-            y = torch.from_numpy(y_all[idx]).to(self.device)
-            losses.append(self._step(self.head, x, y, rng))
-        return float(np.mean(losses))
 
-    def validate(self, return_predictions: bool = False):
-        torch = self.torch
-        self.head.eval()
-        with torch.no_grad():
-            logits = self.head(self.val_x)
-            loss = torch.nn.functional.cross_entropy(logits, self.val_y).item()
-            pred = logits.argmax(1)
-            acc = (pred == self.val_y).float().mean().item()
-        return (loss, acc, pred.cpu().numpy()) if return_predictions else (loss, acc)
+def cached_train_features(run) -> tuple[np.ndarray, np.ndarray]:
+    """(features (N, 1+K, D), view 0 clean; labels (N,)) of a run's training images, from its
+    state/ cache; a RunDirError if the run has none (trained with --unfreeze, or state/ deleted)."""
+    from toolkit.errors import RunDirError
 
-    def model_tensors(self) -> dict[str, np.ndarray]:
-        return {f"head.{k}": v.detach().cpu().numpy() for k, v in self.head.state_dict().items()}
-
-    def load_model_tensors(self, tensors: dict[str, np.ndarray]) -> None:
-        torch = self.torch
-        self.head.load_state_dict({k[5:]: torch.from_numpy(v.copy()) for k, v in tensors.items()
-                                   if k.startswith("head.")})
+    caches = sorted((Path(run.path) / "state").glob("features-*.npz"), key=lambda p: p.stat().st_mtime)
+    for path in reversed(caches):
+        with np.load(path) as z:
+            if "train_labels" in z:
+                return z["train"], z["train_labels"]
+    raise RunDirError(f"{run.path} has no cached training features in state/: retrain the run.")
 
 
 class UnfrozenLearner(_Base):

@@ -1,13 +1,14 @@
-"""One training loop, read top to bottom: data -> views -> frozen-backbone features -> head.
+"""One training flow, read top to bottom: data -> views -> frozen-backbone features -> head.
 
-    splits = discover(DATA)                 # folders or CSV, seeded stratified split
+    splits = discover(DATA)                 # folders or CSV, seeded stratified split (--shots K per class)
     images = decode_images(...)             # once, in parallel, downscaled, bad files skipped
     features = extract_features(...)        # K augmented views + 1 clean view per image, cached
-    for epoch: train head (AdamW, label smoothing, mixup), validate, checkpoint, early stop
-    write model.safetensors, metrics.json, history.csv, report.png
+    head = select_head(...)                 # CV on the training features only; winner refit on all
+    write model.safetensors, metrics.json, history.csv (the CV table), report.png
 
-Every epoch's randomness is derived from (seed, epoch), and the checkpoint holds the optimizer
-state, so a resumed run ends exactly where an uninterrupted one would.
+The val split is reported, never used to choose anything. With --unfreeze the backbone tail trains
+in an epoch loop whose randomness is derived from (seed, epoch) and whose checkpoint holds the
+optimizer state, so a resumed run ends exactly where an uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -39,18 +40,23 @@ class TrainConfig:
     # Lite1 (240 px) beats Lite0 by 3 points on ants/bees (0.974 vs 0.935 val) for 1.5x the
     # feature time: on OpenVINO that is still well under 10 s for a few hundred images.
     backbone: str = "efficientnet_lite1"
-    head: str = "linear"  # "mlp" adds a hidden layer: more capacity, wants more images per class
+    # auto: the head (and its settings) with the best k-fold CV accuracy on the training features;
+    # or one of toolkit.head_fit.HEADS (logreg, prototypes, imprint, linear, mlp).
+    head: str = "auto"
+    cv_folds: int = 5
+    shots: int | None = None  # keep this many training images per class (seeded): few-shot
+    generate: str = "none"  # vae: add generated feature points (kept by auto only if CV says so)
+    generate_ratio: float = 1.0  # generated points per real training point
     hidden: int = 256  # mlp width
     dropout: float = 0.5  # on the features: the cheapest regulariser for a few hundred images
-    epochs: int = 40  # upper bound; early stopping usually ends far sooner
-    patience: int = 8  # epochs without a better val score before stopping
+    epochs: int = 40  # --unfreeze epoch loop (feature heads: epochs are chosen by CV)
+    patience: int = 8  # --unfreeze: epochs without a better val score before stopping
     batch_size: int = 64
     lr: float = 1e-3
     weight_decay: float = 0.05  # AdamW, on weight matrices only
     label_smoothing: float = 0.1  # keeps a tiny head from becoming over-confident
     mixup: float = 0.2  # Beta(alpha, alpha) feature mixup; 0 turns it off
     views: int = 4  # augmented views per training image in the cache, besides the clean one
-    fresh_views: bool = False  # new augmented views every epoch: slower, less overfitting
     # Frozen ImageNet features already resist small shifts; heavy crops pull the cached views
     # away from the clean view that is deployed (default preset: 0.967 vs light 0.974 on ants/bees).
     augment: str = "light"  # none | light | default | strong
@@ -64,20 +70,27 @@ class TrainConfig:
     workers: int = 2  # decode / augmentation threads
 
     def validate(self) -> None:
-        choices = {"balance": ("none", "sampler", "weights"), "head": ("linear", "mlp"),
-                   "backbone_precision": ("fp32", "fp16", "int8")}
+        from toolkit.head_fit import HEADS
+
+        choices = {"balance": ("none", "sampler", "weights"), "head": ("auto", *HEADS),
+                   "backbone_precision": ("fp32", "fp16", "int8"), "generate": ("none", "vae")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise EdgetuneError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, not '{getattr(self, name)}'.")
         ranges = {"epochs": (1, None), "patience": (1, None), "batch_size": (1, None), "hidden": (1, None),
                   "views": (0, None), "unfreeze": (0, None), "workers": (1, None), "weight_decay": (0, None),
                   "mixup": (0, None), "dropout": (0, 0.95), "label_smoothing": (0, 0.5),
-                  "val_fraction": (0.01, 0.9), "lr": (1e-8, 10)}
+                  "val_fraction": (0.01, 0.9), "lr": (1e-8, 10), "cv_folds": (2, None),
+                  "generate_ratio": (0, 100)}
         for name, (low, high) in ranges.items():
             value = getattr(self, name)
             if value < low or (high is not None and value > high):
                 bound = f"between {low} and {high}" if high is not None else f"at least {low}"
                 raise EdgetuneError(f"--{name.replace('_', '-')} must be {bound}, not {value}.")
+        if self.shots is not None and self.shots < 1:
+            raise EdgetuneError(f"--shots must be at least 1 image per class, not {self.shots}.")
+        if self.unfreeze and self.head not in ("linear", "mlp"):
+            raise EdgetuneError("--unfreeze trains the head in torch with the backbone: use --head linear or mlp.")
         if self.unfreeze and self.backbone_precision != "fp32":
             raise EdgetuneError("--unfreeze trains the backbone in torch: use --backbone-precision fp32.")
         get_spec(self.backbone)
@@ -120,19 +133,68 @@ def train(
         shutil.rmtree(run.path / "state", ignore_errors=True)
         run.write_labels(prep.classes)
         run.write_config(_config_record(config, data, plan, spec))
-    from toolkit.learners import FeatureHeadLearner, UnfrozenLearner
+    if config.unfreeze:
+        from toolkit.learners import UnfrozenLearner
 
-    learner_cls = UnfrozenLearner if config.unfreeze else FeatureHeadLearner
-    learner = learner_cls(config, prep, plan, run.path / "state", progress)
-    history, best, tensors = _epoch_loop(learner, config, run.path / "state", progress)
-    metrics = _finish(run, learner, config, prep, history, best, tensors, time.perf_counter() - t0)
-    return metrics
+        learner = UnfrozenLearner(config, prep, plan, run.path / "state", progress)
+        history, best, tensors = _epoch_loop(learner, config, run.path / "state", progress)
+        return _finish(run, learner, config, prep, history, best, tensors, time.perf_counter() - t0)
+    return _fit_on_features(run, config, prep, plan, progress, t0)
+
+
+def _fit_on_features(run: RunDir, config: TrainConfig, prep: Prepared, plan, progress: Progress, t0: float):
+    """Cached features -> head chosen by CV on the training features -> val reported once."""
+    from toolkit.head_fit import head_logits, model_tensors
+    from toolkit.learners import CachedFeatures
+    from toolkit.selection import select_head
+
+    feats = CachedFeatures(config, prep, plan, run.path / "state", progress)
+    progress("head selection", 0, 1)
+    head_options = {name: _torch_head_options(config) for name in ("linear", "mlp")}
+    augment = None
+    if config.generate == "vae":
+        from toolkit.generate import vae_augmenter
+
+        augment = vae_augmenter(config.generate_ratio, seed=config.seed)
+    selection = select_head(config.head, feats.train_feats, prep.train_labels, len(prep.classes),
+                            folds=config.cv_folds, seed=config.seed, options=head_options, augment=augment)
+    progress("head selection", 1, 1)
+    params = selection.params
+    run.write_model(model_tensors(params), {"format": "edgetune-run", "backbone": config.backbone,
+                                            "labels": json.dumps(prep.classes)})
+    # Exporters and the runtime build the head from config.json's train.head / hidden: record the
+    # fitted layout there, and what was asked for beside it (resume asks for the same again).
+    record = run.config
+    record["train"].update(head=params.kind, hidden=params.hidden or config.hidden)
+    record["head_selection"] = selection.to_json()
+    run.write_config(record)
+    logits = head_logits(params, feats.val_feats)
+    pred = logits.argmax(1)
+    val_loss = _cross_entropy(logits, prep.val_labels)
+    cv_rows = selection.cv.table() if selection.cv is not None else []
+    extra = {"head": selection.to_json(), "cv_accuracy": selection.cv_accuracy(), "cv_table": cv_rows,
+             "best_epoch": params.options.get("epochs", 0), "epochs_run": params.options.get("epochs", 0),
+             **feats.stats()}
+    return _write_results(run, prep, pred, val_loss, cv_rows, extra, time.perf_counter() - t0)
+
+
+def _torch_head_options(config: TrainConfig) -> dict[str, Any]:
+    return {"hidden": config.hidden, "dropout": config.dropout, "label_smoothing": config.label_smoothing,
+            "mixup": config.mixup, "lr": config.lr, "weight_decay": config.weight_decay,
+            "batch_size": config.batch_size}
+
+
+def _cross_entropy(logits: np.ndarray, labels: np.ndarray) -> float:
+    z = logits - logits.max(1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(1, keepdims=True))
+    return float(-logp[np.arange(len(labels)), labels].mean())
 
 
 def _resolve(run: RunDir, data, config, resume: bool):
     if resume:
         cfg = RunDir.open(run.path, require_model=False).config
-        return TrainConfig(**cfg["train"]), Path(cfg["data"])
+        requested = cfg.get("head_selection", {}).get("requested")
+        return TrainConfig(**{**cfg["train"], **({"head": requested} if requested else {})}), Path(cfg["data"])
     if (run.path / "config.json").exists():
         raise EdgetuneError(
             f"{run.path} already holds a run: resume it with `edgetune train --resume {run.path}`, "
@@ -152,6 +214,11 @@ def _prepare_data(data: Path, config: TrainConfig, size: int, progress: Progress
     splits = discover(data, val_fraction=config.val_fraction, seed=config.seed)
     if splits.val is None or len(splits.val) == 0:
         raise EdgetuneError(f"{data} leaves no validation images: add a val/ folder or more images per class.")
+    if config.shots is not None:
+        from toolkit.selection import keep_shots
+
+        keep = keep_shots(splits.train.labels(), config.shots, config.seed, splits.train.classes, str(data))
+        splits.train = dataclasses.replace(splits.train, samples=[splits.train.samples[i] for i in keep])
     # Keep images a bit larger than the eval view so random crops still have real detail.
     min_side = eval_resize_shorter(size)
     total = len(splits.train) + len(splits.val)
@@ -257,20 +324,25 @@ def _epoch_loop(learner, config: TrainConfig, state_dir: Path, progress: Progres
 
 
 def _finish(run: RunDir, learner, config, prep: Prepared, history, best, tensors, seconds: float) -> dict[str, Any]:
-    from toolkit.report import write_report
-
     run.write_model(tensors, {"format": "edgetune-run", "backbone": config.backbone,
                               "labels": json.dumps(prep.classes)})
     learner.load_model_tensors(tensors)
-    val_loss, val_acc, pred = learner.validate(return_predictions=True)
+    val_loss, _, pred = learner.validate(return_predictions=True)
+    extra = {"best_epoch": best["epoch"] + 1, "epochs_run": len(history), **learner.stats()}
+    return _write_results(run, prep, pred, val_loss, history, extra, seconds)
+
+
+def _write_results(run: RunDir, prep: Prepared, pred: np.ndarray, val_loss: float, history, extra, seconds: float):
+    """metrics.json, history.csv (epochs, or the CV table) and report.png; val is only reported here."""
+    from toolkit.report import write_report
+
     n_cls = len(prep.classes)
     confusion = np.zeros((n_cls, n_cls), np.int64)
     np.add.at(confusion, (prep.val_labels, pred), 1)
+    val_acc = float((pred == prep.val_labels).mean())
     metrics = {
-        "val_accuracy": round(float(val_acc), 5),
+        "val_accuracy": round(val_acc, 5),
         "val_loss": round(float(val_loss), 5),
-        "best_epoch": best["epoch"] + 1,
-        "epochs_run": len(history),
         "train_seconds": round(seconds, 2),
         "images_skipped": len(prep.skipped),
         "skipped": prep.skipped,
@@ -280,10 +352,11 @@ def _finish(run: RunDir, learner, config, prep: Prepared, history, best, tensors
         "per_class_accuracy": {c: round(float(confusion[i, i] / max(1, confusion[i].sum())), 5)
                                for i, c in enumerate(prep.classes)},
         "confusion": confusion.tolist(),
-        **learner.stats(),
+        **extra,
     }
-    run.write_history(history)
+    run.write_history([{**{k: v for k, v in row.items() if k != "options"},
+                        **({"options": json.dumps(row["options"])} if "options" in row else {})} for row in history])
     run.write_metrics(metrics)
-    write_report(run.path / "report.png", history, confusion, prep.classes, title=f"{run.path.name}: val accuracy {val_acc:.3f}")
+    write_report(run.path / "report.png", history, confusion, prep.classes,
+                 title=f"{run.path.name}: val accuracy {val_acc:.3f}")
     return metrics
-

@@ -1,0 +1,105 @@
+"""Choosing the head honestly: cross-validation on the training features, never the val split.
+
+    --head auto      every candidate's settings scored by stratified k-fold CV (views of an image
+                     share a fold), winner refit on all training features
+    --head NAME      that head; its own settings (C, epochs, ...) still chosen by CV
+    < 2 images in a class: CV cannot run; a rule decides (imprinted prototypes), and says so.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from toolkit.head_fit import HEADS, CVResult, HeadParams, cross_validate, fit_head
+
+logger = logging.getLogger(__name__)
+
+# Cheapest first: CV ties go to the earlier candidate.
+AUTO_HEADS = ("prototypes", "imprint", "logreg", "linear", "mlp")
+FEW_SHOT_RULE = "imprint"  # with 1 image per class nothing can be cross-validated
+FEW_SHOT_RULE_OPTIONS = {"reg": 1.0}  # strong pull: a single image says little beyond its prototype
+
+
+@dataclass
+class Selection:
+    params: HeadParams
+    requested: str
+    reason: str
+    cv: CVResult | None = None
+    cv_seconds: float = 0.0
+    fit_seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def cv_accuracy(self) -> dict[str, Any] | None:
+        if self.cv is None:
+            return None
+        best = self.cv.best
+        return {"mean": round(best.accuracy, 5), "std": round(best.std, 5), "folds": self.cv.folds,
+                "per_fold": [round(a, 5) for a in best.fold_accuracy]}
+
+    def to_json(self) -> dict[str, Any]:
+        out = {"requested": self.requested, "selected": self.params.name, "options": self.params.options,
+               "kind": self.params.kind, "reason": self.reason, "cv_seconds": round(self.cv_seconds, 2),
+               "fit_seconds": round(self.fit_seconds, 2), **self.extra}
+        if self.cv is not None:
+            per_head = self.cv.best_per_head()
+            out["runner_up"] = per_head[1].to_json() if len(per_head) > 1 else None
+        return out
+
+
+def select_head(requested: str, features: np.ndarray, labels: np.ndarray, n_classes: int, *, folds: int = 5,
+                seed: int = 0, options: dict[str, dict[str, Any]] | None = None,
+                augment: Callable | None = None, candidates: tuple[str, ...] = AUTO_HEADS) -> Selection:
+    """Pick and fit the head for (N, V, D) training features; the val split is never seen here."""
+    options = options or {}
+    counts = np.bincount(labels, minlength=n_classes)
+    names = list(candidates) if requested == "auto" else [requested]
+    if counts.min() < 2:
+        name = FEW_SHOT_RULE if requested == "auto" else requested
+        opts = {**(FEW_SHOT_RULE_OPTIONS if name == FEW_SHOT_RULE else {}), **options.get(name, {})}
+        small = int(np.argmin(counts))
+        reason = (f"class {small} has {counts[small]} training image(s): too few to cross-validate, "
+                  f"so the rule picks {name} ({HEADS[name].summary})")
+        logger.warning(reason)
+        t0 = time.perf_counter()
+        x, y = _with_generated(features, labels, n_classes, seed, augment)
+        params = fit_head(name, x, y, n_classes, seed=seed, **opts)
+        return Selection(params, requested, reason, fit_seconds=time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    cv = cross_validate(names, features, labels, n_classes, folds=folds, seed=seed, options=options, augment=augment)
+    cv_seconds = time.perf_counter() - t0
+    best = cv.best
+    t0 = time.perf_counter()
+    x, y = _with_generated(features, labels, n_classes, seed, augment)
+    params = fit_head(best.name, x, y, n_classes, seed=seed, **best.options)
+    reason = f"highest {cv.folds}-fold CV accuracy on the training features ({best.accuracy:.4f} ± {best.std:.4f})"
+    return Selection(params, requested, reason, cv, cv_seconds, time.perf_counter() - t0)
+
+
+def _with_generated(features, labels, n_classes, seed, augment):
+    if augment is None:
+        return features, labels
+    x = features.reshape(-1, features.shape[-1]) if features.ndim == 3 else features
+    y = np.repeat(labels, features.shape[1]) if features.ndim == 3 else labels
+    return augment(x, y, n_classes, seed)
+
+
+def keep_shots(labels: np.ndarray, shots: int, seed: int, classes: list[str], where: str) -> np.ndarray:
+    """Indices of `shots` images per class, drawn with a per-class seed (adding a class never
+    changes which images another class keeps)."""
+    from toolkit.errors import DataError
+
+    keep = []
+    for c, name in enumerate(classes):
+        idx = np.flatnonzero(labels == c)
+        if shots > len(idx):
+            raise DataError(f"--shots {shots} is more than the {len(idx)} training images of class '{name}' "
+                            f"in {where}: use --shots {len(idx)} or fewer.")
+        rng = np.random.default_rng([seed, 104729, c])
+        keep.append(np.sort(rng.choice(idx, shots, replace=False)))
+    return np.concatenate(keep)
