@@ -107,3 +107,40 @@ def test_balanced_weights_keep_a_small_class_alive():
     keep = np.r_[np.flatnonzero(y == 0), np.flatnonzero(y == 1)[:3]]
     p = fit_head("logreg", x[keep], y[keep], 2, C=0.1)
     assert (head_logits(p, x[y == 1]).argmax(1) == 1).mean() > 0.7
+
+
+def test_vae_samples_look_like_their_class():
+    from toolkit.generate import fit_cvae, vae_augmenter
+
+    x, y = blobs(n_per_class=30, spread=0.5, seed=2)
+    sample = fit_cvae(x, y, 3, epochs=40)
+    gx, gy = sample(np.array([20, 20, 20]), seed=0)
+    assert gx.shape == (60, 16) and gx.min() >= 0 and gx.max() <= 6
+    p = fit_head("logreg", x, y, 3)
+    assert (head_logits(p, gx).argmax(1) == gy).mean() > 0.9
+    ax, ay = vae_augmenter(0.5)(x, y, 3, 0)
+    assert len(ax) == len(x) + 45 and np.bincount(ay).tolist() == [45, 45, 45]
+
+
+def test_keep_shots_is_seeded_per_class_and_refuses_too_many():
+    from toolkit.errors import DataError
+    from toolkit.selection import keep_shots
+
+    y = np.repeat([0, 1, 2], [5, 8, 6])
+    a = keep_shots(y, 3, 0, ["a", "b", "c"], "DATA")
+    assert np.bincount(y[a]).tolist() == [3, 3, 3]
+    assert np.array_equal(a, keep_shots(y, 3, 0, ["a", "b", "c"], "DATA"))
+    assert not np.array_equal(a, keep_shots(y, 3, 1, ["a", "b", "c"], "DATA"))
+    with pytest.raises(DataError, match="class 'a'"):
+        keep_shots(y, 6, 0, ["a", "b", "c"], "DATA")
+
+
+def test_selection_falls_back_to_a_rule_below_two_images():
+    from toolkit.selection import select_head
+
+    x, y = blobs(n_per_class=1, views=3)
+    sel = select_head("auto", x, y, 3)
+    assert sel.cv is None and sel.params.name == "imprint" and "too few" in sel.reason
+    x, y = blobs(n_per_class=6, views=2)
+    sel = select_head("auto", x, y, 3, candidates=("prototypes", "logreg"), folds=3)
+    assert sel.cv.folds == 3 and sel.to_json()["runner_up"] is not None

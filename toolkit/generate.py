@@ -1,7 +1,7 @@
 """Generated training points: a small conditional VAE on cached backbone features.
 
-The VAE learns p(feature | class) in the standardised feature space (encoder and decoder both see
-the one-hot class), then samples extra points per class. It runs inside each CV fold on that
+The VAE learns p(feature | class) in the standardised feature space as class mean + a decoded
+offset (encoder and decoder both see the one-hot class), then samples extra points per class. It runs inside each CV fold on that
 fold's training rows only, so CV measures whether the generated points help, and `--head auto`
 keeps them only if they do (see toolkit.selection). Host-side (torch); the exported head is
 fitted on real + generated points and exports like any other.
@@ -25,7 +25,14 @@ def fit_cvae(x: np.ndarray, y: np.ndarray, n_classes: int, *, seed: int = 0, epo
 
     torch.manual_seed(seed)
     mean, std = x.mean(0), np.maximum(x.std(0), 1e-2)
-    xs = torch.from_numpy(((x - mean) / std).astype(np.float32))
+    xs_np = ((x - mean) / std).astype(np.float32)
+    # The VAE models each point's offset from its class mean; sampling adds the mean back. A plain
+    # cVAE can carry the class in z and ignore the condition, and prior samples then land in the
+    # wrong class (58% right on a 3-class toy); anchored offsets cannot drift across classes.
+    centres = np.zeros((n_classes, x.shape[1]), np.float32)
+    np.add.at(centres, y, xs_np)
+    centres /= np.maximum(np.bincount(y, minlength=n_classes), 1)[:, None]
+    xs = torch.from_numpy(xs_np - centres[y])
     onehot = torch.eye(n_classes)[torch.from_numpy(y)]
     d = x.shape[1]
     enc = nn.Sequential(nn.Linear(d + n_classes, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, 2 * LATENT))
@@ -49,7 +56,7 @@ def fit_cvae(x: np.ndarray, y: np.ndarray, n_classes: int, *, seed: int = 0, epo
         gen = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             z = torch.randn((len(labels), LATENT), generator=gen)
-            out = dec(torch.cat([z, torch.eye(n_classes)[torch.from_numpy(labels)]], 1)).numpy()
+            out = dec(torch.cat([z, torch.eye(n_classes)[torch.from_numpy(labels)]], 1)).numpy() + centres[labels]
         # Back to feature space; backbone features are ReLU6 outputs, so keep them in [0, 6].
         return np.clip(out * std + mean, 0.0, 6.0).astype(np.float32), labels
 

@@ -1,0 +1,217 @@
+"""Small-data benchmark: heads, few-shot, generated features and camera-shift adaptation.
+
+    python benchmarks/small_data.py [--datasets hymenoptera caltech50] [--shots 1 2 5 10 20 all]
+                                    [--seeds 5] [--heads ...] [--shift-datasets hymenoptera] [--no-write]
+
+Per dataset, one default `train()` (head auto) gives the end-to-end figures and caches the
+backbone features (clean + augmented views, val); every grid cell then reuses those features
+(the backbone is the slow part on a 2-core CPU), so the grid only fits heads:
+  - shots x seeds: K training images per class (seeded), each head with its own settings by CV
+    on those K images (rule fallback at 1 shot), auto, auto + VAE; mean ± std val accuracy
+  - the logistic-regression baseline (C swept by CV) on the same features
+  - camera shifts (blur, noise, low light, colour cast, JPEG; two strengths each) applied to the
+    val images; `adapt`'s CORAL fitted on the shifted TRAINING images (never val); accuracy before
+    and after, and on unshifted val after adapting to unshifted training images
+Rewrites the "## Small data" section of BENCHMARKS.md. Features are cached under /tmp.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._common import (REPO, command_line, load_average, machine_description,  # noqa: E402
+                                update_benchmarks_md)
+
+SECTION = "Small data"
+DATASETS = {"hymenoptera": REPO.parent / "shared" / "datasets" / "hymenoptera",
+            "caltech50": REPO.parent / "shared" / "datasets" / "caltech50"}
+CACHE = Path("/tmp/edgetune-small-data")
+HEADS = ("prototypes", "imprint", "logreg", "linear", "mlp")
+
+
+def cpu_flags() -> str:
+    flags = set(Path("/proc/cpuinfo").read_text().split("flags")[1].split("\n")[0].split()) if Path("/proc/cpuinfo").exists() else set()
+    return " ".join(sorted(f for f in flags if f.startswith(("avx", "fma", "sse4", "amx", "vnni", "f16c"))))
+
+
+def default_run(name: str) -> tuple[dict, Path]:
+    """The default command's run (cached in /tmp): metrics and the run directory."""
+    from toolkit.train import TrainConfig, train
+
+    out = CACHE / name / "run"
+    if (out / "metrics.json").exists():
+        return json.loads((out / "metrics.json").read_text()), out
+    import shutil
+
+    shutil.rmtree(out, ignore_errors=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    metrics = train(DATASETS[name], out, TrainConfig())
+    metrics["wall_seconds"] = time.perf_counter() - t0
+    return metrics, out
+
+
+def run_features(out: Path):
+    from toolkit.runs import RunDir
+
+    z = np.load(next((out / "state").glob("features-*.npz")))
+    return z["train"], z["train_labels"], z["val"], z["val_labels"], len(RunDir.open(out).labels)
+
+
+def val_accuracy(sel, val, yva) -> float:
+    from toolkit.head_fit import head_logits
+
+    return float((head_logits(sel.params, val).argmax(1) == yva).mean())
+
+
+def grid(train, ytr, val, yva, n_classes, shots_list, seeds, heads, vae: bool):
+    from toolkit.generate import vae_augmenter
+    from toolkit.selection import keep_shots, select_head
+
+    results: dict[tuple[str, str], list[float]] = {}
+    names = [str(i) for i in range(n_classes)]
+    for shots in shots_list:
+        for seed in range(seeds if shots != "all" else 1):
+            idx = np.arange(len(ytr)) if shots == "all" else keep_shots(ytr, int(shots), seed, names, "bench")
+            x, y = train[idx], ytr[idx]
+            rows = [(h, h, {}) for h in heads] + [("auto", "auto", {})]
+            if vae:
+                rows.append(("auto + vae", "auto", {"augment": vae_augmenter(1.0, seed=seed)}))
+            if "logreg" not in heads:
+                rows.append(("logreg", "logreg", {}))
+            for label, req, extra in rows:
+                t0 = time.perf_counter()
+                sel = select_head(req, x, y, n_classes, seed=seed, **extra)
+                acc = val_accuracy(sel, val, yva)
+                results.setdefault((str(shots), label), []).append(acc)
+                print(f"  shots={shots} seed={seed} {label:12s} -> {sel.params.name:10s} val {acc:.4f} "
+                      f"({time.perf_counter() - t0:.1f} s)", flush=True)
+    return results
+
+
+SHIFTS = {
+    "blur": lambda im, s: __import__("cv2").GaussianBlur(im, (0, 0), sigmaX=[1.5, 3.0][s]),
+    "noise": lambda im, s: np.clip(im + np.random.default_rng(0).normal(0, [12, 25][s], im.shape), 0, 255).astype(np.uint8),
+    "low light": lambda im, s: np.clip((im / 255.0) ** [1.6, 2.4][s] * [0.6, 0.4][s] * 255, 0, 255).astype(np.uint8),
+    "colour cast": lambda im, s: np.clip(im * np.array([[1.0, 0.85, 0.7], [1.0, 0.7, 0.45]][s]), 0, 255).astype(np.uint8),
+    "jpeg": lambda im, s: _jpeg(im, [20, 8][s]),
+}
+
+
+def _jpeg(im, quality):
+    import cv2
+
+    ok, buf = cv2.imencode(".jpg", im, [cv2.IMWRITE_JPEG_QUALITY, quality])
+    return cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+
+
+def camera_shifts(name: str, out: Path, train, val, yva):
+    """Accuracy of the default run's head on shifted val, before / after CORAL on shifted train."""
+    from toolkit.adapt import coral_map, fold_coral
+    from toolkit.augment import eval_resize_shorter, eval_view
+    from toolkit.data import decode_images, discover
+    from toolkit.features import create_engine, extract_features
+    from toolkit.head_fit import HeadParams, head_logits
+    from toolkit.runs import RunDir
+
+    run = RunDir.open(out)
+    spec = run.spec
+    state = run.model_state()
+    head = HeadParams(run.config["train"]["head"], {k[5:]: v for k, v in state.items() if k.startswith("head.")}, "run")
+    splits = discover(DATASETS[name])
+    tr_imgs, _, _ = decode_images(splits.train, min_side=eval_resize_shorter(spec.input_size))
+    va_imgs, _, _ = decode_images(splits.val, min_side=eval_resize_shorter(spec.input_size))
+    engine = create_engine(spec.name, "openvino", "CPU")
+
+    def feats(images, shift, s):
+        return extract_features(engine, lambda k: shift(eval_view(images[k], spec.input_size), s), len(images))
+
+    def acc(params, x):
+        return float((head_logits(params, x).argmax(1) == yva).mean())
+
+    def adapted(target):
+        a, mu_t, mu_s = coral_map(train[:, 0].astype(np.float64), target.astype(np.float64))
+        return HeadParams(head.kind, fold_coral(head.tensors, a, mu_t, mu_s), "coral")
+
+    clean = acc(head, val)
+    rows = [("none (unshifted val; adapted to unshifted train)", clean, acc(adapted(train[:, 0]), val))]
+    for shift_name, fn in SHIFTS.items():
+        for s in (0, 1):
+            path = CACHE / name / f"shift-{shift_name.replace(' ', '_')}-{s}.npz"
+            if path.exists():
+                z = np.load(path)
+                xt, xv = z["train"], z["val"]
+            else:
+                xt, xv = feats(tr_imgs, fn, s), feats(va_imgs, fn, s)
+                np.savez(path, train=xt, val=xv)
+            rows.append((f"{shift_name} {['mild', 'strong'][s]}", acc(head, xv), acc(adapted(xt), xv)))
+            print(f"  {rows[-1][0]:22s} before {rows[-1][1]:.4f} after {rows[-1][2]:.4f}", flush=True)
+    return clean, rows
+
+
+def fmt(values) -> str:
+    return f"{np.mean(values):.4f} ± {np.std(values):.4f}" if len(values) > 1 else f"{values[0]:.4f}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--datasets", nargs="+", default=list(DATASETS))
+    ap.add_argument("--shots", nargs="+", default=["1", "2", "5", "10", "20", "all"])
+    ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--heads", nargs="+", default=list(HEADS))
+    ap.add_argument("--no-vae", action="store_true")
+    ap.add_argument("--shift-datasets", nargs="*", default=["hymenoptera"])
+    ap.add_argument("--no-write", action="store_true")
+    args = ap.parse_args()
+    CACHE.mkdir(parents=True, exist_ok=True)
+    md = [f"Command: `{command_line()}`  ", f"Machine: {machine_description()}; CPU flags: {cpu_flags()}; "
+          f"load average at start {load_average()} (shared machine: timings are noisy).", ""]
+    for name in args.datasets:
+        print(f"== {name}", flush=True)
+        metrics, out = default_run(name)
+        train, ytr, val, yva, n_classes = run_features(out)
+        head = metrics["head"]
+        md += [f"### {name}", "",
+               f"Default `edgetune train {name} --out RUN` (head auto): val **{metrics['val_accuracy']:.4f}**, "
+               f"CV {metrics['cv_accuracy']['mean']:.4f} ± {metrics['cv_accuracy']['std']:.4f} "
+               f"({metrics['cv_accuracy']['folds']} folds), chosen {head['selected']} {head['options']}, "
+               f"runner-up {head['runner_up']['head'] if head.get('runner_up') else '-'}; "
+               f"train {metrics['train_seconds']:.1f} s of which CV {head['cv_seconds']:.1f} s and refit {head['fit_seconds']:.1f} s.", ""]
+        res = grid(train, ytr, val, yva, n_classes, args.shots, args.seeds, args.heads, not args.no_vae)
+        labels = list(dict.fromkeys(k[1] for k in res))
+        md += ["| shots | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
+        for shots in args.shots:
+            n = len(res.get((str(shots), labels[0]), []))
+            md.append(f"| {shots} ({n} seed{'s' if n > 1 else ''}) | " +
+                      " | ".join(fmt(res[(str(shots), lab)]) for lab in labels) + " |")
+        md.append("")
+        if name in args.shift_datasets:
+            clean, rows = camera_shifts(name, out, train, val, yva)
+            md += ["Camera shifts on val (CORAL target = the shifted training images, never val):", "",
+                   "| shift | before adapt | after adapt | recovered |", "|---|---|---|---|"]
+            rec = []
+            for label, before, after in rows:
+                cost = clean - before
+                r = (after - before) / cost if cost > 0.005 else float("nan")
+                if cost > 0.005:
+                    rec.append(r)
+                md.append(f"| {label} | {before:.4f} | {after:.4f} | {'' if np.isnan(r) else f'{r:.0%}'} |")
+            md += ["", f"Mean share of each shift's cost recovered (shifts costing > 0.5 pt): "
+                   f"{np.mean(rec):.0%} over {len(rec)} shifts." if rec else "No shift cost > 0.5 pt.", ""]
+    text = "\n".join(md)
+    print(text)
+    if not args.no_write:
+        update_benchmarks_md(SECTION, text)
+
+
+if __name__ == "__main__":
+    main()
