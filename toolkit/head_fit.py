@@ -185,13 +185,16 @@ def _expand(coef, intercept, classes, n_classes):
 
 
 def _cosine_frame(x: np.ndarray):
-    """Centre (and whiten per channel), then L2-normalise: SimpleShot's CL2N. The L2 norm is not a
-    linear layer, but the argmax of a bias-free linear layer is scale invariant, so a cosine head
-    exports exactly as (x - mean) * inv_std @ W.T with W divided by the typical norm."""
-    mean, inv_std = _standardizer(x)
-    xc = (x - mean) * inv_std
-    norms = np.linalg.norm(xc, axis=1, keepdims=True)
-    return mean, inv_std, xc / np.maximum(norms, 1e-6), float(np.median(norms))
+    """L2-normalised raw features. The L2 norm is not a linear layer, but the argmax of a bias-free
+    linear layer is scale invariant, so a cosine head exports exactly as x @ W.T with W divided by
+    the typical norm. No centring or whitening: SimpleShot centres on a base-class mean we do not
+    have, and a mean / per-channel std from a few support images is noise. Measured on the ants/bees
+    TRAINING split only (K shots per class, scored on the other training images, 20 seeds): 1-shot
+    0.81 raw vs 0.65 centred + whitened; 5-shot 0.934 vs 0.938."""
+    d = x.shape[1]
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return (np.zeros(d, np.float32), np.ones(d, np.float32), x / np.maximum(norms, 1e-6),
+            float(np.median(norms)))
 
 
 def _class_means(xn: np.ndarray, y: np.ndarray, n_classes: int) -> np.ndarray:
