@@ -183,6 +183,8 @@ def main() -> None:
     ap.add_argument("--vae-shots", nargs="*", default=["1", "5", "20", "all"])
     ap.add_argument("--vae-seeds", type=int, default=2, help="seeds per shot count for auto + vae (slow)")
     ap.add_argument("--shift-datasets", nargs="*", default=["hymenoptera"])
+    ap.add_argument("--features", nargs="*", default=[], metavar="NAME=NPZ",
+                    help="reuse features (train, ytr, val, yva) cached by an earlier default run; skips the default train")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
     CACHE.mkdir(parents=True, exist_ok=True)
@@ -190,49 +192,68 @@ def main() -> None:
           f"load average at start {load_average()} (shared machine: timings are noisy).", ""]
     for name in args.datasets:
         print(f"== {name}", flush=True)
-        metrics, out = default_run(name)
-        train, ytr, val, yva, n_classes = run_features(out)
-        head = metrics["head"]
-        md += [f"### {name}", "",
-               f"Default `edgetune train {name} --out RUN` (head auto): val **{metrics['val_accuracy']:.4f}**, "
-               f"CV {metrics['cv_accuracy']['mean']:.4f} ± {metrics['cv_accuracy']['std']:.4f} "
-               f"({metrics['cv_accuracy']['folds']} folds), chosen {head['selected']} {head['options']}, "
-               f"runner-up {head['runner_up']['head'] if head.get('runner_up') else '-'}; "
-               f"train {metrics['train_seconds']:.1f} s of which CV {head['cv_seconds']:.1f} s and refit {head['fit_seconds']:.1f} s.", ""]
+        given = dict(f.split("=", 1) for f in args.features)
+        if name in given:
+            z = np.load(given[name])
+            train, ytr, val, yva = z["train"], z["ytr"], z["val"], z["yva"]
+            n_classes = int(ytr.max()) + 1
+            md += [f"### {name}", "", f"Features of a default run's cache ({given[name]}); default train not re-run.", ""]
+        else:
+            metrics, out = default_run(name)
+            train, ytr, val, yva, n_classes = run_features(out)
+            md += default_lines(name, metrics)
         res = grid(train, ytr, val, yva, n_classes, args.shots, args.seeds, args.heads, args.vae_shots, args.vae_seeds)
-        labels = list(dict.fromkeys(k[1] for k in res))
-        sel_s = head["cv_seconds"] + head["fit_seconds"]
-        md += [f"Head selection (CV + refit) took {sel_s:.1f} s, {sel_s / (metrics['train_seconds'] - sel_s):.0%} on top of "
-               f"the rest of the default train ({metrics['train_seconds'] - sel_s:.1f} s: decode, features, report); target <= 20%.", ""]
-        if ("all", "auto") in res:
-            classical = {h: res[("all", h)][0] for h in ("logreg", "prototypes", "imprint") if ("all", h) in res}
-            best = max(classical, key=classical.get)
-            md += [f"All images: auto {res[('all', 'auto')][0]:.4f} vs best classical head on the same features "
-                   f"({best}) {classical[best]:.4f}: {100 * (res[('all', 'auto')][0] - classical[best]):+.1f} pt "
-                   "(target: no worse than -0.3 pt). logreg = the logistic-regression baseline (C by CV).", ""]
-        md += ["| shots | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
-        for shots in args.shots:
-            n = len(res.get((str(shots), labels[0]), []))
-            md.append(f"| {shots} ({n} seed{'s' if n > 1 else ''}) | " +
-                      " | ".join(fmt(res[(str(shots), lab)]) if (str(shots), lab) in res else "" for lab in labels) + " |")
-        md.append("")
-        if name in args.shift_datasets:
-            clean, rows = camera_shifts(name, out, train, val, yva)
-            md += ["Camera shifts on val (CORAL target = the shifted training images, never val):", "",
-                   "| shift | before adapt | after adapt | recovered |", "|---|---|---|---|"]
-            rec = []
-            for label, before, after in rows:
-                cost = clean - before
-                r = (after - before) / cost if cost > 0.005 else float("nan")
-                if cost > 0.005:
-                    rec.append(r)
-                md.append(f"| {label} | {before:.4f} | {after:.4f} | {'' if np.isnan(r) else f'{r:.0%}'} |")
-            md += ["", f"Mean share of each shift's cost recovered (shifts costing > 0.5 pt): "
-                   f"{np.mean(rec):.0%} over {len(rec)} shifts." if rec else "No shift cost > 0.5 pt.", ""]
+        md += grid_lines(res, args.shots)
+        if name in args.shift_datasets and name not in given:
+            md += shift_lines(*camera_shifts(name, out, train, val, yva))
     text = "\n".join(md)
     print(text)
     if not args.no_write:
         update_benchmarks_md(SECTION, text)
+
+
+def default_lines(name, metrics):
+    head, cv = metrics["head"], metrics["cv_accuracy"]
+    sel_s = head["cv_seconds"] + head["fit_seconds"]
+    rest = metrics["train_seconds"] - sel_s
+    return [f"### {name}", "",
+            f"Default `edgetune train {name} --out RUN` (head auto): val **{metrics['val_accuracy']:.4f}**, "
+            f"CV {cv['mean']:.4f} ± {cv['std']:.4f} ({cv['folds']} folds), chosen {head['selected']} {head['options']}, "
+            f"runner-up {head['runner_up']['head'] if head.get('runner_up') else '-'}; train {metrics['train_seconds']:.1f} s.", "",
+            f"Head selection (CV + refit) took {sel_s:.1f} s, {sel_s / rest:.0%} on top of the rest of the default "
+            f"train ({rest:.1f} s: decode, features, report); target <= 20%.", ""]
+
+
+def grid_lines(res, shots_list):
+    md = []
+    labels = list(dict.fromkeys(k[1] for k in res))
+    if ("all", "auto") in res:
+        classical = {h: res[("all", h)][0] for h in ("logreg", "prototypes", "imprint") if ("all", h) in res}
+        best = max(classical, key=classical.get)
+        md += [f"All images: auto {res[('all', 'auto')][0]:.4f} vs best classical head on the same features "
+               f"({best}) {classical[best]:.4f}: {100 * (res[('all', 'auto')][0] - classical[best]):+.1f} pt "
+               "(target: no worse than -0.3 pt). logreg = the logistic-regression baseline (C by CV).", ""]
+    md += ["| shots | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
+    for shots in shots_list:
+        n = len(res.get((str(shots), labels[0]), []))
+        md.append(f"| {shots} ({n} seed{'s' if n > 1 else ''}) | " +
+                  " | ".join(fmt(res[(str(shots), lab)]) if (str(shots), lab) in res else "" for lab in labels) + " |")
+    return md + [""]
+
+
+def shift_lines(clean, rows):
+    md = ["Camera shifts on val (CORAL target = the shifted training images, never val):", "",
+          "| shift | before adapt | after adapt | recovered |", "|---|---|---|---|"]
+    rec = []
+    for label, before, after in rows:
+        cost = clean - before
+        r = (after - before) / cost if cost > 0.005 else float("nan")
+        if cost > 0.005:
+            rec.append(r)
+        md.append(f"| {label} | {before:.4f} | {after:.4f} | {'' if np.isnan(r) else f'{r:.0%}'} |")
+    md += ["", (f"Mean share of each shift's cost recovered (shifts costing > 0.5 pt): {np.mean(rec):.0%} "
+                f"over {len(rec)} shifts.") if rec else "No shift cost > 0.5 pt.", ""]
+    return md
 
 
 if __name__ == "__main__":
