@@ -96,8 +96,11 @@ def grid(train, ytr, val, yva, n_classes, shots_list, seeds, heads, vae_shots, v
                 fits = {c.name: c for c in cv.best_per_head()}
                 for h in heads:
                     cell[h] = score(fit_head(h, x, y, n_classes, seed=seed, **fits[h].options))
-                cell["auto"] = cell[cv.best.name]
-                cell["auto pick"] = cv.best.name
+                best = cv.best
+                same = best.options == fits[best.name].options
+                cell["auto"] = cell[best.name] if same else score(fit_head(best.name, x, y, n_classes, seed=seed,
+                                                                           **best.options))
+                cell["auto pick"] = best.label
             if str(shots) in vae_shots and seed < vae_seeds:
                 sel = select_head("auto", x, y, n_classes, seed=seed, augment=vae_augmenter(1.0, seed=seed),
                                   candidates=tuple(heads))

@@ -356,12 +356,17 @@ class CVResult:
     labels: np.ndarray
 
     def ranked(self) -> list[Candidate]:
-        # Ties go to the earlier (simpler, cheaper) candidate: sort is stable.
+        # Candidates are listed simplest first (head order, then along each path); ties keep that order.
         return sorted(self.candidates, key=lambda c: -round(c.accuracy, 6))
 
     @property
     def best(self) -> Candidate:
-        return self.ranked()[0]
+        """The simplest candidate within one standard error of the top CV mean (Breiman's 1-SE
+        rule): with a few images per class the fold scores are noisy, and the top row is then often
+        a flexible head that was lucky (5 shots on ants/bees: a fold is 2 images)."""
+        top = self.ranked()[0]
+        se = float(np.std(top.fold_accuracy, ddof=1) / np.sqrt(len(top.fold_accuracy))) if self.folds > 1 else 0.0
+        return next(c for c in self.candidates if c.accuracy >= top.accuracy - se - 1e-9)
 
     def best_per_head(self) -> list[Candidate]:
         seen: dict[str, Candidate] = {}
@@ -370,7 +375,9 @@ class CVResult:
         return list(seen.values())
 
     def table(self) -> list[dict[str, Any]]:
-        return [c.to_json() for c in self.ranked()]
+        """The chosen candidate first, then the rest by CV accuracy."""
+        best = self.best
+        return [best.to_json()] + [c.to_json() for c in self.ranked() if c is not best]
 
 
 def cv_folds(labels: np.ndarray, folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:

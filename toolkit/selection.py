@@ -19,7 +19,7 @@ from toolkit.head_fit import HEADS, CVResult, HeadParams, cross_validate, fit_he
 
 logger = logging.getLogger(__name__)
 
-# Cheapest first: CV ties go to the earlier candidate.
+# Simplest first: CV picks the simplest candidate within one standard error of the best.
 AUTO_HEADS = ("prototypes", "imprint", "logreg", "linear", "mlp")
 FEW_SHOT_RULE = "imprint"  # with 1 image per class nothing can be cross-validated
 FEW_SHOT_RULE_OPTIONS = {"reg": 1.0}  # strong pull: a single image says little beyond its prototype
@@ -47,8 +47,8 @@ class Selection:
                "kind": self.params.kind, "reason": self.reason, "cv_seconds": round(self.cv_seconds, 2),
                "fit_seconds": round(self.fit_seconds, 2), **self.extra}
         if self.cv is not None:
-            per_head = self.cv.best_per_head()
-            out["runner_up"] = per_head[1].to_json() if len(per_head) > 1 else None
+            others = [c for c in self.cv.best_per_head() if c.name != self.params.name]
+            out["runner_up"] = others[0].to_json() if others else None
         return out
 
 
@@ -77,7 +77,8 @@ def select_head(requested: str, features: np.ndarray, labels: np.ndarray, n_clas
     t0 = time.perf_counter()
     x, y = _with_generated(features, labels, n_classes, seed, augment)
     params = fit_head(best.name, x, y, n_classes, seed=seed, **best.options)
-    reason = f"highest {cv.folds}-fold CV accuracy on the training features ({best.accuracy:.4f} ± {best.std:.4f})"
+    reason = (f"simplest head within one standard error of the best {cv.folds}-fold CV accuracy on the training "
+              f"features ({best.accuracy:.4f} ± {best.std:.4f})")
     return Selection(params, requested, reason, cv, cv_seconds, time.perf_counter() - t0)
 
 
