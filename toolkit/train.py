@@ -61,7 +61,7 @@ class TrainConfig:
     # away from the clean view that is deployed (default preset: 0.967 vs light 0.974 on ants/bees).
     augment: str = "light"  # none | light | default | strong
     augment_overrides: dict[str, Any] = field(default_factory=dict)
-    balance: str = "none"  # none | sampler | weights: for imbalanced classes
+    balance: str = "none"  # --unfreeze: none | sampler | weights (feature heads always weigh classes equally)
     val_fraction: float = 0.2  # only for DATA/<class>/* layouts
     seed: int = 0
     device: str = "auto"
