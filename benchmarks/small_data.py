@@ -72,7 +72,7 @@ def grid(train, ytr, val, yva, n_classes, shots_list, seeds, heads, vae_shots, v
     best row of that table, and auto is the table's winner (what select_head does, done once)."""
     from toolkit.generate import vae_augmenter
     from toolkit.head_fit import cross_validate, fit_head, head_logits
-    from toolkit.selection import FEW_SHOT_RULE, FEW_SHOT_RULE_OPTIONS, keep_shots, select_head
+    from toolkit.selection import FEW_SHOT_MAX, FEW_SHOT_RULE, FEW_SHOT_RULE_OPTIONS, keep_shots, select_head
 
     results: dict[tuple[str, str], list[float]] = {}
     names = [str(i) for i in range(n_classes)]
@@ -97,9 +97,12 @@ def grid(train, ytr, val, yva, n_classes, shots_list, seeds, heads, vae_shots, v
                 for h in heads:
                     cell[h] = score(fit_head(h, x, y, n_classes, seed=seed, **fits[h].options))
                 best = cv.best
-                same = best.options == fits[best.name].options
-                cell["auto"] = cell[best.name] if same else score(fit_head(best.name, x, y, n_classes, seed=seed,
-                                                                           **best.options))
+                if np.bincount(y, minlength=n_classes).min() <= FEW_SHOT_MAX:  # auto's few-shot rule
+                    cell["auto"] = score(fit_head(FEW_SHOT_RULE, x, y, n_classes, seed=seed, **FEW_SHOT_RULE_OPTIONS))
+                elif best.options == fits[best.name].options:
+                    cell["auto"] = cell[best.name]
+                else:
+                    cell["auto"] = score(fit_head(best.name, x, y, n_classes, seed=seed, **best.options))
                 cell["auto pick"] = best.label
             if str(shots) in vae_shots and seed < vae_seeds:
                 sel = select_head("auto", x, y, n_classes, seed=seed, augment=vae_augmenter(1.0, seed=seed),
