@@ -17,7 +17,8 @@ from typing import Callable, Iterable
 import numpy as np
 
 from toolkit.errors import DataError, EdgetuneError
-from toolkit.images import ImageReadError, read_image, shrink
+from toolkit.images import ImageReadError
+from toolkit.preprocess import load_image, shrink
 
 logger = logging.getLogger(__name__)
 
@@ -295,8 +296,9 @@ def load_eval_set(path: Path, classes: list[str]) -> Dataset:
 
 # ---------------------------------------------------------------------------------------- decoding
 
-def _load(path: Path, min_side: int | None, max_side: int | None) -> np.ndarray:
-    return shrink(read_image(path, min_side=min_side), min_side=min_side, max_side=max_side)
+def _load(path: Path, min_side: int | None) -> np.ndarray:
+    img = load_image(path)
+    return shrink(img, min_side) if min_side else img
 
 
 def _display(path: Path, root: Path) -> str:
@@ -309,19 +311,21 @@ def _display(path: Path, root: Path) -> str:
 def decode_images(
     dataset: Dataset,
     *,
-    max_side: int | None = None,
     min_side: int | None = None,
     workers: int = 2,
     progress: Callable[[int], None] | None = None,
 ) -> tuple[list[np.ndarray], Dataset, list[Skipped]]:
     """Decode every image (threads: OpenCV releases the GIL), shrunk to keep memory small.
 
+    `min_side`: downscale so the shorter side is at most that, by the preprocessing's own resize
+    rule (toolkit.preprocess.shrink); with eval_resize_shorter(size) the model views are unchanged.
+
     Returns the images in dataset order, the dataset without the unreadable samples, and those.
     """
     results: list[np.ndarray | None] = [None] * len(dataset)
     reasons: dict[int, str] = {}
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        futures = {pool.submit(_load, s.path, min_side, max_side): i for i, s in enumerate(dataset.samples)}
+        futures = {pool.submit(_load, s.path, min_side): i for i, s in enumerate(dataset.samples)}
         for done, future in enumerate(as_completed(futures), start=1):
             i = futures[future]
             try:

@@ -60,7 +60,7 @@ def classification_metrics(probs: np.ndarray, labels: np.ndarray, classes: list[
 def evaluate(predictor, dataset, *, batch_size: int = 32, workers: int = 2,
              progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
     """Metrics of `predictor` on `dataset` (a toolkit.data.Dataset, or a path for load_eval_set)."""
-    from toolkit.augment import eval_resize_shorter
+    from toolkit.preprocess import eval_resize_shorter
     from toolkit.data import Dataset, decode_images, load_eval_set
 
     progress = progress or (lambda *_: None)

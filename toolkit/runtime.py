@@ -5,7 +5,7 @@ ONNX Runtime or OpenVINO, without importing torch: this is the path a robot take
 runs its frozen backbone on the OpenVINO feature engine plus the head as numpy, or, when the
 backbone tail was fine-tuned, the whole classifier converted to OpenVINO.
 
-Every predictor takes uint8 NHWC RGB views (toolkit.augment.eval_view output) and returns
+Every predictor takes uint8 NHWC RGB views (toolkit.preprocess.model_input output) and returns
 probabilities; `logits` gives the raw scores.
 """
 
@@ -18,8 +18,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from toolkit.augment import eval_view
 from toolkit.errors import EdgetuneError
+from toolkit.preprocess import model_input
 
 logger = logging.getLogger(__name__)
 
@@ -69,9 +69,12 @@ class Predictor:
         self.static_batch = static_batch
         self.info = info or {}
 
-    def preprocess(self, img: np.ndarray) -> np.ndarray:
-        """uint8 HxWx3 RGB image of any size -> the model's uint8 view (resize shorter, centre crop)."""
-        return eval_view(img, self.input_size)
+    def preprocess(self, image, *, rgb: bool = True) -> np.ndarray:
+        """An image file, or an RGB array of any size (BGR with rgb=False) -> the model's uint8 view.
+
+        The one preprocessing (toolkit.preprocess.model_input) that training and export used.
+        """
+        return model_input(image, self.input_size, rgb=rgb)
 
     def logits(self, views: np.ndarray) -> np.ndarray:
         views = np.asarray(views)

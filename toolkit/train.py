@@ -146,8 +146,8 @@ def _resolve(run: RunDir, data, config, resume: bool):
 
 
 def _prepare_data(data: Path, config: TrainConfig, size: int, progress: Progress) -> Prepared:
-    from toolkit.augment import eval_resize_shorter
     from toolkit.data import decode_images, discover
+    from toolkit.preprocess import eval_resize_shorter
 
     splits = discover(data, val_fraction=config.val_fraction, seed=config.seed)
     if splits.val is None or len(splits.val) == 0:
@@ -203,12 +203,10 @@ def _config_record(config: TrainConfig, data: Path, plan, spec) -> dict[str, Any
 
 def preprocessing_record(spec) -> dict[str, Any]:
     """How an image becomes the model input: recorded in runs and in every export."""
-    from toolkit.augment import eval_resize_shorter
+    from toolkit.preprocess import describe
 
     return {
-        "color": "RGB",
-        "resize_shorter": eval_resize_shorter(spec.input_size),
-        "center_crop": spec.input_size,
+        **describe(spec.input_size),
         "input_range": "0-255 float32, NCHW",
         "normalization": {"mean": list(spec.mean), "std": list(spec.std), "inside_model": True},
     }
