@@ -172,20 +172,24 @@ def _print_train_summary(console, run_dir: Path, m: dict[str, Any]) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
 @device_option()
 def evaluate(model: Path, data: Path, as_json: bool, device: str) -> None:
-    """Measure MODEL (a run directory or an exported bundle) on the labelled images in DATA."""
-    from toolkit.data import load_eval_set
+    """Measure MODEL (a run directory or an exported bundle) on the labelled images in DATA.
+
+    Images that trained MODEL are never scored: on the run's own data its recorded val split is
+    what remains; any training image found in DATA is left out and counted.
+    """
     from toolkit.evaluate import evaluate as run_evaluation
     from toolkit.runtime import load_predictor
 
     predictor = load_predictor(model, device=device)
-    dataset = load_eval_set(data, predictor.labels)
     with _RichProgress() as progress:
-        metrics = run_evaluation(predictor, dataset, progress=progress)
+        metrics = run_evaluation(predictor, data, progress=progress)
     if as_json:
         click.echo(json.dumps(metrics, indent=2))
         return
     console = _console()
     console.print(f"[bold]accuracy {metrics['accuracy']:.4f}[/] on {metrics['n']} images ({predictor.describe()})")
+    if metrics.get("training_images_excluded"):
+        console.print(f"[yellow]left out {metrics['training_images_excluded']} images of {data} that trained the model[/]")
     for name, pc in metrics["per_class"].items():
         console.print(f"  {name:>20}: precision {pc['precision']:.3f}  recall {pc['recall']:.3f}  n={pc['support']}")
 
@@ -260,7 +264,6 @@ def demo(out: Path, per_class: int, seed: int) -> None:
     import tempfile
     import time
 
-    from toolkit.data import load_eval_set
     from toolkit.evaluate import evaluate as run_evaluation
     from toolkit.runtime import load_predictor
     from toolkit.synthetic import make_tabletop_dataset
@@ -279,7 +282,7 @@ def demo(out: Path, per_class: int, seed: int) -> None:
             metrics = run_training(data, out, TrainConfig(seed=seed), progress=progress)
         (out / DEMO_MARKER).touch()
         _print_train_summary(console, out, metrics)
-        result = run_evaluation(load_predictor(out), load_eval_set(data / "val", metrics["classes"]))
+        result = run_evaluation(load_predictor(out), data / "val")
         console.print(f"re-evaluated from the run directory: accuracy {result['accuracy']:.4f} on {result['n']} images")
         for name, pc in result["per_class"].items():
             console.print(f"  {name:>12}: recall {pc['recall']:.3f}")

@@ -7,6 +7,7 @@ and turns unreadable files into one counted warning instead of a crash mid-train
 from __future__ import annotations
 
 import csv
+import hashlib
 import logging
 import zlib
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -277,6 +278,15 @@ def _discover_csv(csv_path: Path, *, val_fraction: float, seed: int, classes: li
 
 def load_eval_set(path: Path, classes: list[str]) -> Dataset:
     """The images to evaluate a trained run on, labelled in the run's class order."""
+    return read_eval_layout(path, classes)[0]
+
+
+def read_eval_layout(path: Path, classes: list[str]) -> tuple[Dataset, bool]:
+    """(images to evaluate, whether the layout itself marks them as validation images).
+
+    DATA/train + DATA/val and CSVs with a split column say which images are val (True); plain
+    class folders and CSVs without a split do not (False): they may hold training images.
+    """
     path = Path(path)
     if not path.exists():
         raise DataError(f"Evaluation data {path} does not exist: pass DATA/val or a CSV file")
@@ -284,14 +294,60 @@ def load_eval_set(path: Path, classes: list[str]) -> Dataset:
         if path.suffix.lower() != ".csv":
             raise DataError(f"{path} is a file but not a CSV: pass a folder of class folders or a CSV")
         rows = _read_csv_rows(path)
-        if any(split in VAL_DIR_NAMES for *_, split in rows):
+        explicit = any(split in VAL_DIR_NAMES for *_, split in rows)
+        if explicit:
             rows = [r for r in rows if r[3] in VAL_DIR_NAMES]  # a split column: evaluate on val rows
-        return _csv_dataset(path, rows, classes)
+        return _csv_dataset(path, rows, classes), explicit
+    explicit = False
     if _find_child(path, ["train"]) is not None:
         val_dir = _find_child(path, VAL_DIR_NAMES)
         if val_dir is not None:
-            path = val_dir
-    return _read_class_folders(path, classes, "Evaluation")
+            path, explicit = val_dir, True
+    return _read_class_folders(path, classes, "Evaluation"), explicit
+
+
+# ------------------------------------------------------------------------------ the run's split
+
+SPLIT_FILE = "split.json"  # in a run dir: which files trained it and which validated it
+
+
+def file_digest(path: Path) -> str:
+    """sha1 of the file's bytes: recognises a training image copied into another folder."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha1").hexdigest()
+
+
+def _digests(paths: list[Path], workers: int = 4) -> list[str | None]:
+    def one(p: Path) -> str | None:
+        try:
+            return file_digest(p)
+        except OSError:
+            return None  # unreadable: decoding will skip and report it
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(one, paths))
+
+
+def split_record(splits: Splits) -> dict:
+    """What a run stores in split.json: every train and val file, by path and content."""
+    def files(ds: Dataset | None) -> list[dict[str, str | None]]:
+        if ds is None:
+            return []
+        paths = [s.path.resolve() for s in ds.samples]
+        return [{"path": str(p), "sha1": d} for p, d in zip(paths, _digests(paths))]
+
+    return {"source": splits.source, "train": files(splits.train), "val": files(splits.val)}
+
+
+def exclude_training_images(dataset: Dataset, record: dict) -> tuple[Dataset, list[Sample]]:
+    """`dataset` without the images that trained the run (same path or same bytes), and those."""
+    train_paths = {f["path"] for f in record.get("train", [])}
+    train_digests = {f["sha1"] for f in record.get("train", []) if f.get("sha1")}
+    candidates = [s for s in dataset.samples if str(s.path.resolve()) not in train_paths]
+    digests = _digests([s.path for s in candidates]) if train_digests else [None] * len(candidates)
+    kept = [s for s, d in zip(candidates, digests) if d is None or d not in train_digests]
+    kept_ids = {id(s) for s in kept}
+    return replace(dataset, samples=kept), [s for s in dataset.samples if id(s) not in kept_ids]
 
 
 # ---------------------------------------------------------------------------------------- decoding

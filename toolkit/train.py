@@ -94,6 +94,7 @@ class Prepared:
     val_labels: np.ndarray
     skipped: list[dict[str, str]]
     data_key: str  # fingerprint of the files, for the features cache
+    split: dict[str, Any] = field(default_factory=dict)  # split.json: which files trained, which validated
 
 
 def train(
@@ -120,6 +121,11 @@ def train(
         shutil.rmtree(run.path / "state", ignore_errors=True)
         run.write_labels(prep.classes)
         run.write_config(_config_record(config, data, plan, spec))
+    from toolkit import atomic
+    from toolkit.data import SPLIT_FILE
+
+    # Before training, so evaluate can always tell the run's training images from new ones.
+    atomic.write_json(run.path / SPLIT_FILE, prep.split)
     from toolkit.learners import FeatureHeadLearner, UnfrozenLearner
 
     learner_cls = UnfrozenLearner if config.unfreeze else FeatureHeadLearner
@@ -146,7 +152,7 @@ def _resolve(run: RunDir, data, config, resume: bool):
 
 
 def _prepare_data(data: Path, config: TrainConfig, size: int, progress: Progress) -> Prepared:
-    from toolkit.data import decode_images, discover
+    from toolkit.data import decode_images, discover, split_record
     from toolkit.preprocess import eval_resize_shorter
 
     splits = discover(data, val_fraction=config.val_fraction, seed=config.seed)
@@ -175,6 +181,7 @@ def _prepare_data(data: Path, config: TrainConfig, size: int, progress: Progress
         val_labels=val_ds.labels(),
         skipped=[{"path": str(s.path), "reason": s.reason} for s in skipped_t + skipped_v],
         data_key=key.hexdigest()[:16],
+        split=split_record(splits),
     )
 
 
