@@ -218,12 +218,17 @@ def weights_version(spec: BackboneSpec) -> str:
         return "unversioned"
 
 
+def backbone_cache_key(spec: BackboneSpec, converter: str) -> str:
+    """Name of a converted backbone in the cache: what it was converted from and with."""
+    return f"{spec.name}-w{weights_version(spec)}-{__version__}-{converter}"
+
+
 def _openvino_backbone(spec: BackboneSpec, precision: str, calibration):
     """The backbone as an openvino.Model, converted once per version and cached on disk."""
     import openvino as ov
 
     core = ov.Core()
-    key = f"{spec.name}-{weights_version(spec)}-{__version__}-ov{ov.__version__.split('-')[0]}"
+    key = backbone_cache_key(spec, f"ov{ov.__version__.split('-')[0]}")
     path = cache_dir() / "openvino" / f"{key}.xml"
     if path.exists():
         model = core.read_model(str(path))
@@ -259,7 +264,7 @@ def _quantize_backbone(model, calibration):
 def _cached_onnx_backbone(spec: BackboneSpec) -> Path:
     import torch
 
-    key = hashlib.sha1(f"{spec.name}-{weights_version(spec)}-{__version__}-{torch.__version__}".encode()).hexdigest()[:12]
+    key = hashlib.sha1(backbone_cache_key(spec, f"torch{torch.__version__}").encode()).hexdigest()[:12]
     path = cache_dir() / "onnx" / f"{spec.name}-{key}.onnx"
     if not path.exists():
         from toolkit.convert import to_onnx, with_normalization

@@ -74,6 +74,62 @@ def _jpeg_truncated(data: bytes) -> bool:
     return True
 
 
+def _tiff_orientation(tiff: bytes) -> int:
+    """EXIF/TIFF tag 0x0112 (Orientation) from IFD0 of a TIFF structure, 1 when absent or broken."""
+    if len(tiff) < 8 or tiff[:2] not in (b"II", b"MM"):
+        return 1
+    order = "little" if tiff[:2] == b"II" else "big"
+    u16 = lambda o: int.from_bytes(tiff[o : o + 2], order)  # noqa: E731
+    ifd = int.from_bytes(tiff[4:8], order)
+    if ifd + 2 > len(tiff):
+        return 1
+    for k in range(u16(ifd)):
+        entry = ifd + 2 + 12 * k
+        if entry + 12 > len(tiff):
+            break
+        if u16(entry) == 0x0112:
+            value = u16(entry + 8)
+            return value if 1 <= value <= 8 else 1
+    return 1
+
+
+def _exif_orientation(data: bytes) -> int:
+    """Orientation stored in a PNG (eXIf chunk), WebP (EXIF chunk) or TIFF file; 1 if none.
+
+    (JPEG's is applied by OpenCV's IMREAD_COLOR itself.)
+    """
+    if data.startswith(_PNG):
+        i = 8
+        while i + 8 <= len(data):
+            length, kind = int.from_bytes(data[i : i + 4], "big"), data[i + 4 : i + 8]
+            if kind == b"eXIf":
+                return _tiff_orientation(data[i + 8 : i + 8 + length])
+            if kind in (b"IDAT", b"IEND"):  # eXIf must come before the image data
+                return 1
+            i += 12 + length
+        return 1
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        i = 12
+        while i + 8 <= len(data):
+            kind, length = data[i : i + 4], int.from_bytes(data[i + 4 : i + 8], "little")
+            if kind == b"EXIF":
+                payload = data[i + 8 : i + 8 + length]
+                return _tiff_orientation(payload[6:] if payload.startswith(b"Exif\x00\x00") else payload)
+            i += 8 + length + (length & 1)
+        return 1
+    if data[:4] in (b"II*\x00", b"MM\x00*"):
+        return _tiff_orientation(data)
+    return 1
+
+
+def apply_orientation(img: np.ndarray, orientation: int) -> np.ndarray:
+    """Turn a stored image upright by its EXIF orientation (1-8), exactly as OpenCV does for JPEG."""
+    if orientation in (5, 6, 7, 8):
+        img = cv2.transpose(img)
+    flip = {2: 1, 3: -1, 4: 0, 6: 1, 7: -1, 8: 0}.get(orientation)
+    return img if flip is None else cv2.flip(img, flip)
+
+
 def _describe_undecodable(data: bytes) -> str:
     head = data[:512].lstrip()
     if head[:1] == b"<":
@@ -158,6 +214,9 @@ def read_image(path: Path) -> np.ndarray:
         img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
         if img is None and data.startswith(_GIF):
             img = _decode_gif_fallback(buf)
+        if img is not None and img.size:
+            # UNCHANGED skips the EXIF orientation OpenCV applies to colour reads: apply it here.
+            img = apply_orientation(img, _exif_orientation(data))
     if img is None or img.size == 0:
         raise ImageReadError(path, _describe_undecodable(data))
     try:

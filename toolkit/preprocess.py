@@ -8,7 +8,8 @@ bit-exactly with OpenCV:
 
     decode   OpenCV imdecode at full resolution (never a reduced-size JPEG decode). JPEG:
              IMREAD_COLOR (EXIF orientation applied, CMYK and grey converted); other formats:
-             IMREAD_UNCHANGED (alpha and 16-bit kept for the steps below; stored orientation).
+             IMREAD_UNCHANGED (alpha and 16-bit kept for the steps below), then the EXIF
+             orientation of PNG eXIf / WebP EXIF / TIFF IFD0 applied the way OpenCV does for JPEG.
     depth    16-bit: value >> 8; float: x*255 (x in 0..1) rounded; other ints scaled to 0..255.
     channels grey -> three equal channels; alpha flattened onto white with integers:
              out = (c*a + 255*(255-a) + 127) // 255; colour order RGB.
@@ -112,11 +113,13 @@ def describe(size: int) -> dict[str, Any]:
         "decode": {
             "library": "OpenCV imdecode, full resolution (no IMREAD_REDUCED_*)",
             "jpeg": "IMREAD_COLOR: EXIF orientation applied, CMYK and grey converted to 3 channels",
-            "other_formats": "IMREAD_UNCHANGED: stored orientation, alpha and 16-bit kept for the steps below",
+            "other_formats": "IMREAD_UNCHANGED (alpha and 16-bit kept for the steps below), then EXIF orientation",
             "bit_depth": "uint16: value >> 8; float: round(clip(x*255, 0, 255)) for 0..1 images; "
                          "other integer types scaled by 255/max",
         },
-        "exif_orientation": "applied for JPEG (tag 0x0112, as OpenCV IMREAD_COLOR); not for other formats",
+        "exif_orientation": "tag 0x0112 applied for every format: JPEG by OpenCV IMREAD_COLOR; PNG eXIf, WebP EXIF "
+                            "and TIFF IFD0 read by edgetune and applied like OpenCV: 2 flip x, 3 flip both, 4 flip y, "
+                            "5 transpose, 6 transpose + flip x, 7 transpose + flip both, 8 transpose + flip y",
         "grayscale": "replicated to 3 channels",
         "alpha": {"background": [ALPHA_BACKGROUND] * 3,
                   "formula": "(c*a + 255*(255-a) + 127) // 255 per channel, integer arithmetic"},
