@@ -42,10 +42,12 @@ def cli(verbose: int) -> None:
 
 
 def _setup_logging(verbose: int) -> None:
+    from rich.console import Console
     from rich.logging import RichHandler
 
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
-    handler = RichHandler(show_time=False, show_path=False, markup=False)
+    # Warnings go to stderr: stdout carries results (`--json` output must stay parseable).
+    handler = RichHandler(console=Console(stderr=True), show_time=False, show_path=False, markup=False)
     logging.basicConfig(level=level, format="%(message)s", handlers=[handler], force=True)
     # NNCF and OpenVINO log their own progress at INFO; keep ours readable unless asked.
     for noisy in ("nncf", "openvino", "matplotlib", "PIL"):
