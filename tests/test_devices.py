@@ -259,7 +259,7 @@ def tiny_ov_model():
 
 
 def test_compile_config():
-    from devices.openvino_compile import compile_config, default_cache_dir, needs_static_shapes
+    from devices.openvino_compile import compile_config, default_cache_dir, needswith_static_batchs
 
     config = compile_config("openvino:NPU", cache_dir=Path("/tmp/x"))
     assert config["CACHE_DIR"] == "/tmp/x"
@@ -272,8 +272,8 @@ def test_compile_config():
     assert "INFERENCE_PRECISION_HINT" not in latency
     assert latency["CACHE_DIR"] == str(default_cache_dir())
     assert default_cache_dir().parts[-2:] == ("edgetune", "ov_cache")
-    assert needs_static_shapes("openvino:NPU") and needs_static_shapes(OV_NPU)
-    assert not needs_static_shapes("openvino:CPU") and not needs_static_shapes(OV_GPU)
+    assert needswith_static_batchs("openvino:NPU") and needswith_static_batchs(OV_NPU)
+    assert not needswith_static_batchs("openvino:CPU") and not needswith_static_batchs(OV_GPU)
     with pytest.raises(DeviceError):
         compile_config(CPU)
 
@@ -281,7 +281,7 @@ def test_compile_config():
 def test_compile_model_on_cpu_writes_cache(tmp_path):
     import numpy as np
 
-    from devices.openvino_compile import _static_shape, compile_model
+    from devices.openvino_compile import with_static_batch, compile_model
 
     model = tiny_ov_model()
     cache = tmp_path / "cache"
@@ -290,20 +290,20 @@ def test_compile_model_on_cpu_writes_cache(tmp_path):
     assert compiled(np.ones((2, 3, 8, 8), np.float32))[0].shape == (2, 4, 8, 8)
     assert any(cache.iterdir()), "CPU plugin supports EXPORT_IMPORT: a blob is cached"
 
-    static = _static_shape(model, 5)  # what an NPU gets
+    static = with_static_batch(model, 5)  # what an NPU gets
     assert str(static.input(0).get_partial_shape()) == "[5,3,8,8]"
     assert model.input(0).get_partial_shape().is_dynamic  # the caller's model is untouched
 
 
-def test_static_shape_refuses_dynamic_image_size():
+def testwith_static_batch_refuses_dynamic_image_size():
     import openvino as ov
     from openvino import opset13 as ops
 
-    from devices.openvino_compile import _static_shape
+    from devices.openvino_compile import with_static_batch
 
     x = ops.parameter([-1, 3, -1, -1], ov.Type.f32, name="x")
     with pytest.raises(DeviceError, match="fixed image size"):
-        _static_shape(ov.Model([ops.relu(x)], [x], "dyn"), None)
+        with_static_batch(ov.Model([ops.relu(x)], [x], "dyn"), None)
 
 
 # --- CLI ----------------------------------------------------------------------------------------
