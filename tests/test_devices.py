@@ -259,7 +259,7 @@ def tiny_ov_model():
 
 
 def test_compile_config():
-    from devices.openvino_compile import compile_config, default_cache_dir, needswith_static_batchs
+    from devices.openvino_compile import compile_config, default_cache_dir, needs_static_shapes
 
     config = compile_config("openvino:NPU", cache_dir=Path("/tmp/x"))
     assert config["CACHE_DIR"] == "/tmp/x"
@@ -272,8 +272,8 @@ def test_compile_config():
     assert "INFERENCE_PRECISION_HINT" not in latency
     assert latency["CACHE_DIR"] == str(default_cache_dir())
     assert default_cache_dir().parts[-2:] == ("edgetune", "ov_cache")
-    assert needswith_static_batchs("openvino:NPU") and needswith_static_batchs(OV_NPU)
-    assert not needswith_static_batchs("openvino:CPU") and not needswith_static_batchs(OV_GPU)
+    assert needs_static_shapes("openvino:NPU") and needs_static_shapes(OV_NPU)
+    assert not needs_static_shapes("openvino:CPU") and not needs_static_shapes(OV_GPU)
     with pytest.raises(DeviceError):
         compile_config(CPU)
 
@@ -295,7 +295,7 @@ def test_compile_model_on_cpu_writes_cache(tmp_path):
     assert model.input(0).get_partial_shape().is_dynamic  # the caller's model is untouched
 
 
-def testwith_static_batch_refuses_dynamic_image_size():
+def test_static_shape_refuses_dynamic_image_size():
     import openvino as ov
     from openvino import opset13 as ops
 
