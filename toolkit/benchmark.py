@@ -94,28 +94,12 @@ def openvino_throughput(model: Path, size: int, *, device: str = "CPU", seconds:
     import openvino as ov
 
     from devices.openvino_compile import compile_model
+    from devices.openvino_tuning import images_per_second
 
     core = ov.Core()
     compiled = compile_model(_read_batch1(core, model), device, batch=1, core=core)
     n = max(1, int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
-    requests = [compiled.create_infer_request() for _ in range(n)]
-    x = _input(size)
-    # Waited on from this thread, round-robin: AsyncInferQueue callbacks deadlock at teardown (see features.py).
-    for r in requests:  # warm-up
-        r.infer({0: x})
-    done, started = 0, time.perf_counter()
-    for r in requests:
-        r.start_async({0: x})
-    i = 0
-    while time.perf_counter() - started < seconds:
-        requests[i].wait()
-        done += 1
-        requests[i].start_async({0: x})
-        i = (i + 1) % n
-    for r in requests:
-        r.wait()
-    done += n
-    return done / (time.perf_counter() - started), n
+    return images_per_second(compiled, lambda b: _input(size, b), 1, seconds), n
 
 
 # --------------------------------------------------------------------------------- ONNX Runtime
