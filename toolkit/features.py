@@ -24,8 +24,8 @@ from toolkit.runtime import pad_batch, per_thread_infer, to_nchw_float
 
 logger = logging.getLogger(__name__)
 
-# Small batches keep activations in cache and memory flat. A whole ants/bees run on 2 cores
-# (Lite1): batch 4 -> ~450 views/s, 677 MB peak; 8 -> ~430, 730 MB; 32 -> ~345, 1 GB.
+# Small batches keep activations in cache and memory flat. Engines without their own measurement
+# (torch, ONNX Runtime, NPUs) use this; OpenVINO on CPU/GPU picks its batch by timing candidates.
 DEFAULT_BATCH = 4
 
 
@@ -41,6 +41,7 @@ class FeatureEngine(abc.ABC):
 
     runtime = "?"
     static_batch: int | None = None  # NPUs compile for one batch size: shorter batches are padded
+    batch = DEFAULT_BATCH  # images per engine call; OpenVINO measures its own (devices.openvino_tuning)
 
     def __init__(self, spec: BackboneSpec, device: str, precision: str) -> None:
         self.spec, self.device, self.precision = spec, device, precision
@@ -96,7 +97,7 @@ class OpenVINOEngine(FeatureEngine):
         precision: str = "fp32",
         *,
         calibration: Sequence[np.ndarray] | None = None,
-        batch: int = DEFAULT_BATCH,
+        batch: int | None = None,
         ir: Path | None = None,
     ) -> None:
         super().__init__(spec, device, precision)
@@ -115,13 +116,36 @@ class OpenVINOEngine(FeatureEngine):
         ppp.input().model().set_layout(ov.Layout("NCHW"))
         model = ppp.build()
         if needs_static_shapes(device):
-            self.static_batch = batch
-        self.compiled = compile_model(model, device, batch=self.static_batch)
+            # Every batch size is another compile on an NPU: take the fixed one rather than tune.
+            self.static_batch = self.batch = batch or DEFAULT_BATCH
+            self.compiled = compile_model(model, device, batch=self.static_batch)
+        else:
+            self.compiled = self._tuned_compile(model, device, precision, batch)
         self._infer = per_thread_infer(self.compiled)  # a run-dir Predictor may be called from many threads
         compute = self.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
         self.compute = {"bf16": "bf16", "f16": "fp16"}.get(compute, self.compute)
         if precision == "int8":
             self.compute = "int8"
+
+    def _tuned_compile(self, model, device: str, precision: str, batch: int | None):
+        """Compile with the hint and batch size measured fastest for this model on this machine."""
+        from devices.openvino_compile import compile_model
+        from devices.openvino_tuning import tuned_settings
+
+        size = self.spec.input_size
+        rng = np.random.default_rng(0)
+        compiled = {}
+
+        def compile_for(hint: str):
+            compiled[hint] = compile_model(model, device, latency=hint == "LATENCY")
+            return compiled[hint]
+
+        settings = tuned_settings(
+            f"{device} | {self.spec.name} {precision}", compile_for,
+            lambda n: rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8))
+        self.batch = batch or settings.batch
+        self.tuning = settings
+        return compiled.get(settings.hint) or compile_for(settings.hint)
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
         return self._infer(np.ascontiguousarray(batch))
@@ -291,7 +315,7 @@ def extract_features(
     must come from `k` alone (not from thread timing) so the result is the same on every run.
     Returns float16 (count, feature_dim): half the memory, and plenty for a linear head.
     """
-    batch_size = batch_size or DEFAULT_BATCH
+    batch_size = batch_size or engine.batch
     out = np.empty((count, engine.spec.feature_dim), np.float32)
     starts = range(0, count, batch_size)
 

@@ -165,7 +165,9 @@ def _bundle_predictor(bundle: Path, device: str) -> Predictor:
     if runtime == "onnxruntime":
         run = onnx_runner(model, provider=name)
     elif runtime == "openvino":
-        run = openvino_runner(model, device=name, batch=static)
+        # LATENCY: robot code classifies frame by frame; a THROUGHPUT compile (several streams) doubles
+        # batch-1 latency on small CPUs (BENCHMARKS.md "Runtime latency").
+        run = openvino_runner(model, device=name, batch=static, latency=True)
     else:
         raise EdgetuneError(f"{bundle}: unknown runtime '{runtime}' in {MANIFEST}.")
     desc = f"{manifest['format']} bundle {bundle} on {dev.id} ({manifest.get('precision', '?')})"
