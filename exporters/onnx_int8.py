@@ -183,7 +183,7 @@ class OnnxInt8Exporter(Exporter):
         import onnx
         import onnxruntime as ort
 
-        from exporters.openvino_ir import agreement_check, batches
+        from exporters.openvino_ir import agreement_check, batches, restorer_parameters
 
         model = Path(out_dir) / "model.onnx"
         calib = ctx.calibration_inputs()
@@ -206,6 +206,7 @@ class OnnxInt8Exporter(Exporter):
                 nncf.Dataset(validation, lambda item: {name: item[0]}), metric, max_drop=max_drop,
                 drop_type=nncf.DropType.ABSOLUTE, subset_size=len(calib),
                 ignored_scope=nncf.IgnoredScope(types=["Gemm", "MatMul", "Softmax"], validate=False),
+                advanced_accuracy_restorer_parameters=restorer_parameters(),
             )
         onnx.save(quantized, str(model))
         ctx.extra["quantizer"] = "nncf.quantize_with_accuracy_control"

@@ -100,6 +100,7 @@ class OpenVINOInt8Exporter(Exporter):
             quantized = nncf.quantize_with_accuracy_control(
                 model, calibration, nncf.Dataset(validation, lambda item: item[0]), accuracy, max_drop=max_drop,
                 drop_type=nncf.DropType.ABSOLUTE, subset_size=len(calib), ignored_scope=head_scope(),
+                advanced_accuracy_restorer_parameters=restorer_parameters(),
             )
         ctx.extra["quantizer"] = "nncf.quantize_with_accuracy_control"
         return save(quantized, Path(out_dir) / MODEL_FILE, fp16=not ctx.fp32)
@@ -141,6 +142,14 @@ def agreement_check(calib: np.ndarray, run: RunDir, b: int, ctx: ExportContext, 
     return items, metric, max_drop
 
 
+def restorer_parameters():
+    """Bounds on NNCF's accuracy restorer: it ranks layers on a 64-image subset (ranking every
+    layer on all calibration images takes minutes on 2 cores) and reverts at most 12 of them."""
+    import nncf
+
+    return nncf.AdvancedAccuracyRestorerParameters(ranking_subset_size=64, max_num_iterations=12)
+
+
 def with_head(backbone_ir: Path, head, ctx: ExportContext):
     """A saved OpenVINO backbone (image -> features) followed by the torch `head`, as one
     openvino.Model with the same inputs/outputs as `convert`."""
@@ -148,11 +157,12 @@ def with_head(backbone_ir: Path, head, ctx: ExportContext):
     import openvino.opset13 as ops
     import torch
 
-    core = ov.Core()
-    backbone = core.read_model(str(backbone_ir))
+    from toolkit.features import float_input
+
+    backbone = float_input(ov.Core().read_model(str(backbone_ir)))
     if ctx.static_batch:
         backbone.reshape([ctx.static_batch, *list(backbone.inputs[0].get_partial_shape())[1:]])
-    features = backbone.outputs[0]
+    features = backbone.get_results()[0].input_value(0)  # the tensor the Result reads, not the Result
     dim = features.get_partial_shape()[1].get_length()
     with torch.no_grad():
         head_model = ov.convert_model(with_probabilities(head), example_input=torch.zeros(1, dim),

@@ -105,10 +105,13 @@ class OpenVINOEngine(FeatureEngine):
         from devices.openvino_compile import compile_model, needs_static_shapes
 
         if ir is not None:
-            model = ov.Core().read_model(str(ir))
+            model = float_input(ov.Core().read_model(str(ir)))
         else:
             model = _openvino_backbone(spec, precision, calibration)
-        self.model = model  # before the uint8 preprocessing: what `save_ir` keeps with a run
+        # What `save_ir` keeps with a run: float NCHW in, as every exporter expects. A copy, because
+        # PrePostProcessor.build() changes the model in place (runs saved before this fix hold
+        # the uint8 form; `float_input` undoes it on load).
+        self.model = model.clone()
         # Take uint8 NHWC straight from OpenCV; the layout change and cast run inside OpenVINO.
         ppp = ov.preprocess.PrePostProcessor(model)
         ppp.input().tensor().set_element_type(ov.Type.u8).set_layout(ov.Layout("NHWC"))
@@ -204,6 +207,28 @@ def create_engine(
             f"Backbone precision {precision} needs the OpenVINO engine; {runtime} runs fp32."
         )
     return ENGINES[runtime](spec, device)
+
+
+def float_input(model):
+    """`model` with a float32 NCHW input: a backbone saved with its uint8 NHWC preprocessing
+    (Parameter -> Convert/Transpose) has that prefix replaced by a float NCHW parameter."""
+    import openvino as ov
+
+    param = model.get_parameters()[0]
+    if param.get_element_type() != ov.Type.u8:
+        return model
+    out = param.output(0)
+    while True:  # follow the Convert/Transpose chain the PrePostProcessor inserted
+        nxt = [t.get_node() for t in out.get_target_inputs()]
+        if len(nxt) != 1 or nxt[0].get_type_name() not in ("Convert", "Transpose"):
+            break
+        out = nxt[0].output(0)
+    shape = out.get_partial_shape()
+    new = ov.opset13.parameter(shape, ov.Type.f32, name=param.get_friendly_name())
+    new.output(0).set_names(param.output(0).get_names())
+    for target in list(out.get_target_inputs()):
+        target.replace_source_output(new.output(0))
+    return ov.Model(model.get_results(), [new], model.get_friendly_name())
 
 
 def _openvino_backbone(spec: BackboneSpec, precision: str, calibration):
