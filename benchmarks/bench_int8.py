@@ -8,7 +8,7 @@ low-resolution robot camera gives). Part 1 quantizes each run with every calibra
 fix on the same calibration subset and measures, against the run-dir model on the run's val
 images, the accuracy drop, top-1 agreement and worst class; part 2 runs the default
 `export RUN --format onnx-int8|openvino-int8` (budget, fallback and all) and times it. Prints the
-tables and replaces the "## int8 exports" section of BENCHMARKS.md.
+tables and replaces the "## int8 calibration methods" and "## int8 exports" sections of BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -118,7 +118,7 @@ def method_rows(name: str, run_dir: Path, entropy: bool) -> list[tuple]:
                                                                    "extra_options": {"QuantizeBias": False}}),
                        ("+ int32-safe biases", {"seven_bit": "none"}),
                        ("+ int32-safe biases + 7-bit stem (default)", {}),
-                       ("+ int32-safe biases + 7-bit weights everywhere", {"seven_bit": "all"})],
+                       ],
         }
         for method in methods:
             t = time.perf_counter()
@@ -140,10 +140,6 @@ def method_rows(name: str, run_dir: Path, entropy: bool) -> list[tuple]:
         nncf_variants = [
             ("performance preset, fast bias correction (default)", {"fast_bias_correction": True}),
             ("performance preset, full bias correction", {"fast_bias_correction": False}),
-            ("mixed preset, fast bias correction", {"fast_bias_correction": True,
-                                                    "preset": nncf.QuantizationPreset.MIXED}),
-            ("no bias correction", {"advanced_parameters": nncf.AdvancedQuantizationParameters(
-                disable_bias_correction=True)}),
             ("overflow fix off (8-bit stem)", {"fast_bias_correction": True, "advanced_parameters":
                 nncf.AdvancedQuantizationParameters(overflow_fix=nncf.OverflowFix.DISABLE)}),
         ]
@@ -191,7 +187,8 @@ def table(head: tuple, rows: list[tuple]) -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--run", action="append", default=[], metavar="NAME=RUN_DIR", help="reuse trained runs")
-    ap.add_argument("--skip-methods", action="store_true", help="only the default-export table")
+    ap.add_argument("--skip-methods", action="store_true", help="no calibration-method table")
+    ap.add_argument("--skip-exports", action="store_true", help="no default-export table")
     ap.add_argument("--entropy", action="store_true", help="add ORT entropy calibration (slow)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.ERROR)
@@ -200,34 +197,35 @@ def main() -> None:
         runs = {k: Path(v) for k, v in (item.split("=", 1) for item in args.run)}
     else:
         runs = default_runs(Path(tempfile.mkdtemp(prefix="bench-int8-")))
-    methods = [] if args.skip_methods else [row for name, path in runs.items() for row in method_rows(name, path, args.entropy)]
-    exports = [row for name, path in runs.items() for row in export_rows(name, path)]
-    section = [
-        f"`{command_line()}`; {machine_description()}; CPU flags: {cpu_flags()}; load average {start_load} at "
-        f"start, {load_average()} at end (the machine was shared: seconds are noisy, ratios less so).",
-        "",
-    ]
-    if methods:
-        section += [
+    header = (f"`{command_line()}`; {machine_description()}; CPU flags: {cpu_flags()}; load average {start_load} "
+              "at start, {end} at end (the machine was shared: seconds are noisy, ratios less so).")
+    if not args.skip_methods:
+        methods = [row for name, path in runs.items() for row in method_rows(name, path, args.entropy)]
+        text = "\n".join([
+            header.format(end=load_average()),
+            "",
             "Calibration methods and fixes, each on the same stratified calibration subset of the run's training "
             "images, checked against the run-dir model on the run's val images (drop in points, positive = worse; "
             "worst class only over classes with >= 20 val images). Latency: batch-1 ORT CPU, int8 / fp32 graph.",
             "",
             *table(("run", "format", "method", "drop", "agreement", "worst class drop", "quantize time",
                     "latency x fp32", "cast warnings"), methods),
+        ])
+        print("## int8 calibration methods\n\n" + text)
+        update_benchmarks_md("int8 calibration methods", text)
+    if not args.skip_exports:
+        exports = [row for name, path in runs.items() for row in export_rows(name, path)]
+        text = "\n".join([
+            header.format(end=load_average()),
             "",
-        ]
-    section += [
-        "The default command, `edgetune export RUN --format F` (budget: <= 0.5 points, >= 98% agreement, "
-        "<= 5 points per class with >= 20 val images; accuracy-controlled fallback; exit 2 otherwise):",
-        "",
-        *table(("run", "train images", "format", "val accuracy", "drop", "agreement", "worst class drop",
-                "export time", "quantizer / result"), exports),
-    ]
-    text = "\n".join(section)
-    print("## int8 exports\n\n" + text)
-    update_benchmarks_md("int8 exports", text)
-
+            "The default command, `edgetune export RUN --format F` (budget: <= 0.5 points, >= 98% agreement, "
+            "<= 5 points per class with >= 20 val images; accuracy-controlled fallback; exit 2 otherwise):",
+            "",
+            *table(("run", "train images", "format", "val accuracy", "drop", "agreement", "worst class drop",
+                    "export time", "quantizer / result"), exports),
+        ])
+        print("## int8 exports\n\n" + text)
+        update_benchmarks_md("int8 exports", text)
 
 if __name__ == "__main__":
     main()

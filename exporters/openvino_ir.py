@@ -111,14 +111,11 @@ def batches(x: np.ndarray, b: int) -> list[np.ndarray]:
 
 
 def quantize(model, calib: np.ndarray, *, batch: int = 1):
-    """NNCF post-training int8 with the settings measured best across datasets (BENCHMARKS.md):
-    performance preset, fast bias correction, the first-layer overflow fix (7-bit stem weights,
-    see exporters.onnx_int8.weight_overrides for why), the head in fp32."""
-    import nncf
+    """NNCF int8 with the settings measured best across datasets (toolkit.features.nncf_int8), the
+    head in fp32."""
+    from toolkit.features import nncf_int8
 
-    with nncf_verbosity("exporters"):
-        return nncf.quantize(model, nncf.Dataset(batches(calib, batch)), subset_size=len(calib),
-                             fast_bias_correction=True, ignored_scope=head_scope())
+    return nncf_int8(model, batches(calib, batch), ignored_scope=head_scope())
 
 
 def agreement_check(calib: np.ndarray, run: RunDir, b: int, ctx: ExportContext, run_model):

@@ -255,18 +255,28 @@ def _openvino_backbone(spec: BackboneSpec, precision: str, calibration):
 
 
 def _quantize_backbone(model, calibration):
-    import nncf
-
     if not calibration:
         from toolkit.errors import EdgetuneError
 
         raise EdgetuneError("int8 backbone needs calibration images (the training set's clean views).")
-    data = [to_nchw_float(v[None]) for v in calibration]
-    logger.info("Quantizing the backbone to int8 with NNCF on %d views", len(data))
+    logger.info("Quantizing the backbone to int8 with NNCF on %d views", len(calibration))
+    return nncf_int8(model, [to_nchw_float(v[None]) for v in calibration])
+
+
+def nncf_int8(model, batches: Sequence[np.ndarray], *, ignored_scope=None):
+    """NNCF post-training int8 of an openvino.Model on float NCHW `batches`, with the settings
+    measured across ants/bees, caltech50 and 128-px caltech50 (benchmarks/bench_int8.py): the
+    performance preset; fast bias correction (full bias correction gained on one set of three, at
+    3-4x the time); NNCF's default first-layer overflow fix (7-bit stem weights: no int16
+    saturation on CPUs without VNNI). Used for the training backbone and openvino-int8 exports."""
+    import nncf
+
     from toolkit.convert import nncf_verbosity
 
+    kwargs = {"ignored_scope": ignored_scope} if ignored_scope is not None else {}
     with nncf_verbosity():
-        return nncf.quantize(model, nncf.Dataset(data), subset_size=len(data), fast_bias_correction=True)
+        return nncf.quantize(model, nncf.Dataset(list(batches)), subset_size=len(batches),
+                             fast_bias_correction=True, **kwargs)
 
 
 def _cached_onnx_backbone(spec: BackboneSpec) -> Path:
