@@ -106,7 +106,7 @@ def trained_run(hymenoptera, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def exported(trained_run, tmp_path_factory):
     """exported(fmt) -> ExportResult, exporting each format at most once per session."""
-    from exporters import export
+    from exporters import export, get_exporter
 
     cache: dict[str, object] = {}
     out = tmp_path_factory.mktemp("bundles")
@@ -115,7 +115,10 @@ def exported(trained_run, tmp_path_factory):
         if fmt not in cache:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                cache[fmt] = export(trained_run, fmt, out / fmt)
+                # 8 val images: one flip is 12.5 points. The contract is about files and outputs;
+                # int8 accuracy budgets are tested in test_int8.py and measured by bench_int8.py.
+                wide = {"max_drop": 100.0} if get_exporter(fmt).tolerance is None else {}
+                cache[fmt] = export(trained_run, fmt, out / fmt, **wide)
         return cache[fmt]
 
     return get

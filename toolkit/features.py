@@ -106,10 +106,13 @@ class OpenVINOEngine(FeatureEngine):
         from devices.openvino_compile import compile_model, needs_static_shapes
 
         if ir is not None:
-            model = ov.Core().read_model(str(ir))
+            model = float_input(ov.Core().read_model(str(ir)))
         else:
             model = _openvino_backbone(spec, precision, calibration)
-        self.model = model  # before the uint8 preprocessing: what `save_ir` keeps with a run
+        # What `save_ir` keeps with a run: float NCHW in, as every exporter expects. A copy, because
+        # PrePostProcessor.build() changes the model in place (runs saved before this fix hold
+        # the uint8 form; `float_input` undoes it on load).
+        self.model = model.clone()
         # Take uint8 NHWC straight from OpenCV; the layout change and cast run inside OpenVINO.
         ppp = ov.preprocess.PrePostProcessor(model)
         ppp.input().tensor().set_element_type(ov.Type.u8).set_layout(ov.Layout("NHWC"))
@@ -247,6 +250,28 @@ def backbone_cache_key(spec: BackboneSpec, converter: str) -> str:
     return f"{spec.name}-w{weights_version(spec)}-{__version__}-{converter}"
 
 
+def float_input(model):
+    """`model` with a float32 NCHW input: a backbone saved with its uint8 NHWC preprocessing
+    (Parameter -> Convert/Transpose) has that prefix replaced by a float NCHW parameter."""
+    import openvino as ov
+
+    param = model.get_parameters()[0]
+    if param.get_element_type() != ov.Type.u8:
+        return model
+    out = param.output(0)
+    while True:  # follow the Convert/Transpose chain the PrePostProcessor inserted
+        nxt = [t.get_node() for t in out.get_target_inputs()]
+        if len(nxt) != 1 or nxt[0].get_type_name() not in ("Convert", "Transpose"):
+            break
+        out = nxt[0].output(0)
+    shape = out.get_partial_shape()
+    new = ov.opset13.parameter(shape, ov.Type.f32, name=param.get_friendly_name())
+    new.output(0).set_names(param.output(0).get_names())
+    for target in list(out.get_target_inputs()):
+        target.replace_source_output(new.output(0))
+    return ov.Model(model.get_results(), [new], model.get_friendly_name())
+
+
 def _openvino_backbone(spec: BackboneSpec, precision: str, calibration):
     """The backbone as an openvino.Model, converted once per version and cached on disk."""
     import openvino as ov
@@ -271,18 +296,28 @@ def _openvino_backbone(spec: BackboneSpec, precision: str, calibration):
 
 
 def _quantize_backbone(model, calibration):
-    import nncf
-
     if not calibration:
         from toolkit.errors import EdgetuneError
 
         raise EdgetuneError("int8 backbone needs calibration images (the training set's clean views).")
-    data = [to_nchw_float(v[None]) for v in calibration]
-    logger.info("Quantizing the backbone to int8 with NNCF on %d views", len(data))
+    logger.info("Quantizing the backbone to int8 with NNCF on %d views", len(calibration))
+    return nncf_int8(model, [to_nchw_float(v[None]) for v in calibration])
+
+
+def nncf_int8(model, batches: Sequence[np.ndarray], *, ignored_scope=None):
+    """NNCF post-training int8 of an openvino.Model on float NCHW `batches`, with the settings
+    measured across ants/bees, caltech50 and 128-px caltech50 (benchmarks/bench_int8.py): the
+    performance preset; fast bias correction (full bias correction gained on one set of three, at
+    3-4x the time); NNCF's default first-layer overflow fix (7-bit stem weights: no int16
+    saturation on CPUs without VNNI). Used for the training backbone and openvino-int8 exports."""
+    import nncf
+
     from toolkit.convert import nncf_verbosity
 
+    kwargs = {"ignored_scope": ignored_scope} if ignored_scope is not None else {}
     with nncf_verbosity():
-        return nncf.quantize(model, nncf.Dataset(data), subset_size=len(data), fast_bias_correction=True)
+        return nncf.quantize(model, nncf.Dataset(list(batches)), subset_size=len(batches),
+                             fast_bias_correction=True, **kwargs)
 
 
 def _cached_onnx_backbone(spec: BackboneSpec) -> Path:

@@ -227,13 +227,19 @@ def _run_predictor(path: Path, device: str) -> Predictor:
         return _finetuned_predictor(run, runtime, name, dev.id)
     from toolkit.features import create_engine
 
-    int8 = run.path / INT8_BACKBONE
-    if cfg["train"]["backbone_precision"] == "int8" and runtime == "openvino" and int8.exists():
+    int8 = run.int8_backbone  # raises when the run trained on one that is gone
+    if int8 is not None and runtime == "openvino":
         engine = create_engine(spec.name, "openvino", name, precision="int8", ir=int8)
     else:
         engine = create_engine(spec.name, runtime, name)
+        if int8 is not None:
+            logger.warning("This run's head was trained on its int8 backbone (%s), which only OpenVINO runs: "
+                           "%s runs the fp32 backbone, so predictions can differ from the evaluated run. "
+                           "Use --device openvino:CPU (or auto) for the backbone it learned on.", INT8_BACKBONE, dev.id)
     head = numpy_head({k[len("head."):]: v for k, v in state.items() if k.startswith("head.")}, cfg["train"]["head"])
-    desc = f"run {path} ({engine.name} + numpy {cfg['train']['head']} head)"
+    trained = " trained on the int8 backbone" if int8 is not None else ""
+    mismatch = ", NOT the int8 backbone the head trained on" if int8 is not None and engine.precision != "int8" else ""
+    desc = f"run {path} ({engine.name}{mismatch} + numpy {cfg['train']['head']} head{trained})"
     return Predictor(labels, spec.input_size, lambda v: head(engine.extract(np.ascontiguousarray(v))), desc,
                      info={"run_dir": str(path)})
 
