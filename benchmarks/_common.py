@@ -51,13 +51,25 @@ def cpu_count() -> int:
         return os.cpu_count() or 1
 
 
+_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8")
+
+
+def cpu_flags() -> str:
+    """The instruction-set flags that decide OpenVINO's speed (bf16/int8 units), from /proc/cpuinfo."""
+    try:
+        present = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return "unknown"
+    return " ".join(f for f in _FLAGS if f in present) or "none of " + "/".join(_FLAGS)
+
+
 def today() -> str:
     return _dt.date.today().isoformat()
 
 
 def machine_description() -> str:
-    """One line: CPU model, cores, OS, Python and the date, for the top of a results table."""
-    return (f"{cpu_model()}, {cpu_count()} cores (nproc), {platform.system()} {platform.release()}, "
+    """One line: CPU model and flags, cores, OS, Python and the date, for the top of a results table."""
+    return (f"{cpu_model()} [{cpu_flags()}], {cpu_count()} cores (nproc), {platform.system()} {platform.release()}, "
             f"Python {platform.python_version()}, {today()}")
 
 

@@ -87,7 +87,7 @@ def compile_config(
     return config
 
 
-def _static_shape(model, batch: int | None):
+def with_static_batch(model, batch: int | None):
     """A copy of `model` with every input fixed to [batch, ...]; DeviceError when other dims are dynamic."""
     import openvino as ov
 
@@ -130,7 +130,7 @@ def compile_model(
     if isinstance(model, (str, Path)):
         model = core.read_model(str(model))
     if needs_static_shapes(device):
-        model = _static_shape(model, batch)
+        model = with_static_batch(model, batch)
     config = compile_config(device, cache_dir=cache_dir, latency=latency, exact=exact)
     Path(config["CACHE_DIR"]).mkdir(parents=True, exist_ok=True)
     name = ov_device_name(device)

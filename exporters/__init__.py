@@ -51,6 +51,7 @@ def export(
     *,
     calibration: Path | None = None,
     max_drop: float | None = None,
+    allow_drop: bool = False,
     static: bool = False,
     fp32: bool = False,
     progress: Callable[[str, int, int], None] | None = None,
@@ -58,7 +59,9 @@ def export(
     """Export the run at `run_dir` as `fmt` into `out_dir` (default <run_dir>/exports/<fmt>).
 
     The export is checked against the run's classifier on its val images and written atomically:
-    on any error nothing is left at `out_dir`. `max_drop` is in accuracy percentage points.
+    on any error nothing is left at `out_dir`. int8 formats must stay within an accuracy budget
+    (exporters.parity.Budget: by default 0.5 points, 98% agreement, 5 points per class);
+    `max_drop` (percentage points) sets it, `allow_drop` writes an over-budget export anyway.
     """
     from exporters.base import ExportContext
     from toolkit.runs import RunDir
@@ -68,7 +71,7 @@ def export(
     if max_drop is not None and max_drop < 0:
         raise EdgetuneError(f"--max-drop must be >= 0 (accuracy points), not {max_drop}.")
     out = Path(out_dir) if out_dir is not None else run.path / "exports" / fmt
-    ctx = ExportContext(run, calibration=calibration, max_drop=max_drop, static=static, fp32=fp32,
+    ctx = ExportContext(run, calibration=calibration, max_drop=max_drop, allow_drop=allow_drop, static=static, fp32=fp32,
                         progress=progress or (lambda *_: None))
     return cls(ctx).export(run, out, ctx)
 

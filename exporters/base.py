@@ -17,7 +17,7 @@ from typing import Any, Callable, ClassVar
 
 import numpy as np
 
-from toolkit.augment import eval_resize_shorter
+from toolkit.preprocess import eval_resize_shorter
 from toolkit.errors import EdgetuneError
 from toolkit.runs import RunDir
 from toolkit.runtime import run_batched
@@ -45,12 +45,19 @@ class ExportContext:
     run: RunDir
     calibration: Path | None = None
     max_drop: float | None = None
+    allow_drop: bool = False  # int8: write an over-budget export anyway (recorded in the manifest)
     static: bool = False
     fp32: bool = False
     progress: Progress = lambda *_: None
     _val: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)
     _calib: np.ndarray | None = field(default=None, repr=False)
     extra: dict[str, Any] = field(default_factory=dict)  # exporter notes for the manifest
+
+    @property
+    def budget(self):
+        from exporters.parity import Budget
+
+        return Budget.from_options(self.max_drop, self.allow_drop)
 
     @property
     def input_size(self) -> int:
@@ -95,6 +102,11 @@ class Exporter(abc.ABC):
     def tolerance_for(self, ctx: ExportContext) -> float | None:
         return self.tolerance
 
+    def build_with_accuracy_control(self, run: RunDir, classifier, out_dir: Path, ctx: ExportContext) -> Path | None:
+        """int8 only: redo `build` keeping the layers that cost most in float, for when the plain
+        quantization misses the accuracy budget. None: this format has no such path."""
+        return None
+
     def runner(self, model: Path, ctx: ExportContext) -> Callable[[np.ndarray], np.ndarray]:
         """float32 NCHW -> logits with the model's own runtime, for the parity check."""
         from toolkit.runtime import onnx_runner, openvino_runner
@@ -120,19 +132,37 @@ class Exporter(abc.ABC):
         inputs, labels = ctx.val_inputs()
         classifier = run.build_classifier()
         ctx.progress("source", 0, 1)
-        reference = parity.cached_source_logits(run, classifier, inputs)
+        reference = parity.reference_logits(run, classifier, inputs, int8=self.tolerance_for(ctx) is None)
         try:
             with staged_dir(out_dir) as stage:
                 ctx.progress("build", 0, 1)
                 model = Path(self.build(run, classifier, stage, ctx))
                 ctx.progress("parity", 0, 1)
                 exported = run_batched(self.runner(model, ctx), inputs, batch=ctx.static_batch)
-                measured = parity.measure(reference, exported, labels)
-                parity.check(measured, fmt=self.name, tolerance=self.tolerance_for(ctx),
-                             min_agreement=self.min_agreement, max_drop=ctx.max_drop,
-                             relative=self.relative_tolerance and not ctx.fp32)
+                measured = parity.measure(reference, exported, labels, run.labels)
+                int8 = self.tolerance_for(ctx) is None
+                misses = ctx.budget.misses(measured) if int8 else []
+                if misses:
+                    logger.warning("%s: plain int8 quantization misses the accuracy budget (%s): trying "
+                                   "accuracy-controlled quantization", self.name, "; ".join(misses))
+                    controlled = self.build_with_accuracy_control(run, classifier, stage, ctx)
+                    if controlled is not None:
+                        model = Path(controlled)
+                        exported = run_batched(self.runner(model, ctx), inputs, batch=ctx.static_batch)
+                        measured = parity.measure(reference, exported, labels, run.labels)
+                misses = parity.check(measured, fmt=self.name, tolerance=self.tolerance_for(ctx),
+                                      min_agreement=self.min_agreement, budget=ctx.budget,
+                                      relative=self.relative_tolerance and not ctx.fp32)
+                if run.int8_backbone is not None and not int8:
+                    _note_backbone_mismatch(self.name, run, inputs, labels, exported, ctx)
                 record = {**measured.to_json(), "tolerance": self.tolerance_for(ctx), "max_drop": ctx.max_drop,
                           "relative_tolerance": self.relative_tolerance and not ctx.fp32}
+                if int8:
+                    record["budget"] = ctx.budget.to_json()
+                    if misses:  # written anyway: --allow-drop
+                        record["over_budget"] = misses
+                        ctx.extra["accuracy_warning"] = (f"{self.name} misses its accuracy budget ({'; '.join(misses)}) "
+                                                         "and was written only because of --allow-drop")
                 files = sorted(p.name for p in stage.iterdir() if p.is_file())
                 manifest = bundle.make_manifest(run, self, model.name, parity=record, static_batch=ctx.static_batch,
                                                 extra_files=files, extra=ctx.extra)
@@ -149,10 +179,10 @@ class Exporter(abc.ABC):
 
 
 def _views(images: list[np.ndarray], size: int) -> np.ndarray:
-    from toolkit.augment import eval_view
+    from toolkit.preprocess import resize_and_crop
     from toolkit.runtime import to_nchw_float
 
-    return to_nchw_float(np.stack([eval_view(img, size) for img in images]))
+    return to_nchw_float(np.stack([resize_and_crop(img, size) for img in images]))
 
 
 def _splits(run: RunDir):
@@ -183,26 +213,29 @@ def val_set(run: RunDir) -> tuple[np.ndarray, np.ndarray]:
 def calibration_set(run: RunDir, calibration: Path | None, limit: int) -> np.ndarray:
     """float32 NCHW eval views of up to `limit` images, spread evenly over the source."""
     from toolkit.data import list_images
-    from toolkit.images import ImageReadError, read_image
+    from toolkit.images import ImageReadError
+    from toolkit.preprocess import model_input
+    from toolkit.runtime import to_nchw_float
 
     size = run.spec.input_size
     if calibration is None:
-        paths = [s.path for s in _splits(run).train.samples]
+        samples = _splits(run).train.samples
+        paths = [samples[i].path for i in stratified_subset([s.label for s in samples], limit)]
         where = f"the run's training images ({run.config['data']})"
     else:
         calibration = Path(calibration)
         if not calibration.is_dir():
             raise EdgetuneError(f"--calib {calibration} is not a folder: pass a folder of images (subfolders are fine).")
         paths, where = list_images(calibration), f"--calib {calibration}"
-    if len(paths) > limit:
-        paths = [paths[i] for i in np.linspace(0, len(paths) - 1, limit).round().astype(int)]
-    images, bad = [], []
+        if len(paths) > limit:
+            paths = [paths[i] for i in np.linspace(0, len(paths) - 1, limit).round().astype(int)]
+    views, bad = [], []
     for p in paths:
         try:
-            images.append(read_image(p, min_side=eval_resize_shorter(size)))
+            views.append(model_input(p, size))
         except ImageReadError as e:
             bad.append(f"{p.name} ({e.reason})")
-    if not images:
+    if not views:
         detail = f": {', '.join(bad[:3])}" if bad else ""
         raise EdgetuneError(
             f"No readable calibration images in {where} ({len(paths)} files{detail}). "
@@ -210,7 +243,42 @@ def calibration_set(run: RunDir, calibration: Path | None, limit: int) -> np.nda
         )
     if bad:
         logger.warning("Skipped %d unreadable calibration images: %s", len(bad), ", ".join(bad[:5]))
-    return _views(images, size)
+    return to_nchw_float(np.stack(views))
+
+
+def _note_backbone_mismatch(fmt: str, run: RunDir, inputs: np.ndarray, labels: np.ndarray,
+                            exported: np.ndarray, ctx: ExportContext) -> None:
+    """An fp32/fp16 export of a run whose head learned on an int8 backbone pairs that head with
+    a backbone it never saw: measure what that costs against the run-dir model, say it, record it."""
+    from exporters import parity
+
+    pairing = parity.measure(parity.run_dir_logits(run, inputs), exported, labels, run.labels)
+    ctx.extra["backbone_mismatch"] = {
+        "trained_on": "int8 backbone", "exported_with": "float backbone", **pairing.to_json(),
+    }
+    logger.warning(
+        "%s pairs the head with the float backbone, but this run trained its head on an int8 backbone: "
+        "on %d val images this pairing scores %.2f%% against %.2f%% for the run you evaluated "
+        "(agreement %.2f%%). Export openvino-int8 to ship the backbone it learned on.",
+        fmt, pairing.n, 100 * pairing.export_accuracy, 100 * pairing.source_accuracy, 100 * pairing.agreement,
+    )
+
+
+def stratified_subset(labels: list[int], limit: int) -> list[int]:
+    """Indices of at most `limit` items, as equal a share per class as the classes allow (a small
+    class gives all it has, the rest goes to the others), spread evenly within each class; sorted."""
+    by_class: dict[int, list[int]] = {}
+    for i, label in enumerate(labels):
+        by_class.setdefault(label, []).append(i)
+    quota, left = {}, limit
+    for n, c in sorted((len(v), c) for c, v in by_class.items()):  # smallest classes first
+        quota[c] = min(n, left // max(1, len(by_class) - len(quota)))
+        left -= quota[c]
+    picks = []
+    for c, items in by_class.items():
+        if quota[c]:
+            picks += [items[i] for i in np.linspace(0, len(items) - 1, quota[c]).round().astype(int)]
+    return sorted(picks)
 
 
 def _check_unchanged_by_embedding(runner, inputs: np.ndarray, exported: np.ndarray, ctx: ExportContext) -> None:

@@ -1,10 +1,13 @@
 """ONNX int8: static QDQ quantization with onnxruntime.quantization, per-channel weights.
 
 The fp32 graph is first run through quant_pre_process (shape inference + graph optimisation, as
-ORT recommends), then calibrated on eval views of the run's training images (or --calib). The
-head (Gemm) and softmax stay fp32: they are a tiny share of the compute, and int8 logits would
-round near-ties. With --max-drop, when that drop is over budget, NNCF's accuracy-controlled
-quantization redoes it on the same ONNX graph, keeping the layers that cost most in fp32.
+ORT recommends), then calibrated (MinMax, measured best against percentile and entropy in
+BENCHMARKS.md) on a class-stratified subset of the run's training images (or --calib). Two weight
+fixes make the result hold on every dataset and CPU (`weight_overrides`): int32-safe biases and
+7-bit first-layer weights. The head (Gemm) and softmax stay fp32: a sliver of the compute, and
+int8 logits would round near-ties. When the export misses its accuracy budget, NNCF's
+accuracy-controlled quantization redoes it on the same ONNX graph, keeping the layers that cost
+most in fp32.
 """
 
 from __future__ import annotations
@@ -19,7 +22,6 @@ from exporters import register
 from exporters.base import ExportContext, Exporter
 from exporters.onnx_fp32 import write_onnx
 from toolkit.convert import nncf_verbosity
-from toolkit.runtime import run_batched
 from toolkit.runs import RunDir
 
 logger = logging.getLogger(__name__)
@@ -58,24 +60,97 @@ def _stride(n_batches: int, most: int = 4) -> int:
     return max(k for k in range(1, most + 1) if n_batches % k == 0)
 
 
-def quantize(fp32: Path, out: Path, calib: np.ndarray, *, batch: int) -> None:
-    import onnx
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+def calibrate(prep: Path, calib: np.ndarray, *, batch: int, method: str = "MinMax"):
+    """Activation ranges (onnxruntime TensorsData) of every quantizable tensor over `calib`.
 
-    graph = onnx.load(str(fp32)).graph
-    head = [n.name for n in graph.node if n.op_type in ("Gemm", "MatMul", "Softmax")]
-    quantize_static(
-        str(fp32), str(out), _reader(calib, graph.input[0].name, batch),
-        quant_format=QuantFormat.QDQ, per_channel=True,
-        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-        calibrate_method=CalibrationMethod.MinMax,
-        nodes_to_exclude=head,
-        # Calibrate a few batches at a time, merging ranges between strides: MinMax otherwise keeps
-        # every activation of every batch in memory. Not CalibMaxIntermediateOutputs: in ORT 1.19 it
-        # drops the held outputs without folding them into the ranges (microsoft/onnxruntime#18893),
-        # so only the last few batches were calibrated on (0.65-point drop on ants/bees; 0 with all).
-        extra_options={"CalibStridedMinMax": _stride(-(-len(calib) // batch))},
+    Calibrated a few batches at a time, merging ranges between strides: MinMax otherwise keeps
+    every activation of every batch in memory. Not CalibMaxIntermediateOutputs: in ORT 1.19 it
+    drops the held outputs without folding them into the ranges (microsoft/onnxruntime#18893).
+    """
+    from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator
+
+    with tempfile.TemporaryDirectory(prefix="ort.calib.") as tmp:
+        calibrator = create_calibrator(
+            Path(prep), None, augmented_model_path=str(Path(tmp) / "augmented.onnx"),
+            calibrate_method=CalibrationMethod[method],
+        )
+        reader = _reader(calib, calibrator.model.graph.input[0].name, batch)
+        stride = _stride(len(reader))
+        for start in range(0, len(reader), stride):
+            reader.set_range(start, start + stride)
+            calibrator.collect_data(reader)
+        ranges = calibrator.compute_data()
+        del calibrator
+    return ranges
+
+
+# A quantized bias is int32 with scale input_scale x weight_scale[c]. Keep every |q| below 2^30
+# (half of int32's range) so rounding in ORT's own scale arithmetic can never reach the edge.
+INT32_BIAS_LIMIT = float(2**30)
+
+
+def weight_overrides(model, ranges, *, seven_bit: str = "first") -> dict[str, list[dict]]:
+    """Per-channel weight scales (ORT TensorQuantOverrides) that fix two ways int8 goes wrong.
+
+    int32-safe biases: ORT 1.19 quantizes a Conv bias as round(b / (input_scale x weight_scale[c]))
+    cast to int32 without a range check. A "dead" output channel (max |w| = 3e-7 in
+    EfficientNet-Lite's stem, bias -5.3) gets a tiny weight scale, the quotient is ~1e11 and the
+    cast wraps it to -2^31: the bias changes value (positive ones flip sign), and a RuntimeWarning
+    "invalid value encountered in cast" is the only sign. Such channels get the smallest weight
+    scale that keeps the bias representable (their tiny weights then round to 0 or +-1, what they
+    are worth next to the bias). ORT 1.20 added the same adjustment upstream.
+
+    first-layer 7-bit weights: on x86 CPUs without VNNI (AVX2, AVX-512 without VNNI), ORT's
+    u8 x s8 kernels add pairs of products in int16 (vpmaddubsw), which saturates when both
+    activations and weights use their full range: that is the stem, which sees raw pixels. The
+    saturated stem alone costs ~2.6% top-1 agreement on ants/bees (the same graph run without
+    fusion agrees 100%). Weights in [-64, 63] cannot saturate; NNCF's default overflow fix does the
+    same for the first layer. Later layers see ReLU6 outputs and were measured not to need it.
+    """
+    from onnx import numpy_helper
+
+    inits = {t.name: t for t in model.graph.initializer}
+    convs = [n for n in model.graph.node if n.op_type == "Conv" and len(n.input) > 1 and n.input[1] in inits]
+    overrides: dict[str, list[dict]] = {}
+    for i, node in enumerate(convs):
+        narrow = seven_bit == "all" or (seven_bit == "first" and i == 0)
+        qmax = 63.5 if narrow else 127.0  # ORT's symmetric ranges: [-64, 64] reduced, [-127, 127] full
+        w = numpy_helper.to_array(inits[node.input[1]]).astype(np.float64)
+        scale = np.abs(w.reshape(len(w), -1)).max(axis=1) / qmax
+        if len(node.input) > 2 and node.input[2] in inits and node.input[0] in ranges.data:
+            lo, hi = (float(np.asarray(v).reshape(-1)[0]) for v in ranges.data[node.input[0]].range_value)
+            input_scale = (max(hi, 0.0) - min(lo, 0.0)) / 255.0  # uint8 activations, ORT's formula
+            b = np.abs(numpy_helper.to_array(inits[node.input[2]]).astype(np.float64))
+            if input_scale > 0:
+                scale = np.maximum(scale, b / (input_scale * INT32_BIAS_LIMIT))
+        if not narrow and np.array_equal(scale, np.abs(w.reshape(len(w), -1)).max(axis=1) / qmax):
+            continue  # ORT's own scales are fine
+        scale[scale == 0] = 1.0  # an all-zero channel with zero bias: any scale works; ORT uses 1
+        overrides[node.input[1]] = [{"axis": 0, "scale": np.float32(s), "zero_point": np.int8(0)} for s in scale]
+    return overrides
+
+
+def quantize(prep: Path, out: Path, ranges, *, exclude: tuple[str, ...] = (), overrides: bool = True,
+             seven_bit: str = "first", extra_options: dict | None = None) -> None:
+    """Static QDQ int8 of the pre-processed graph `prep` with activation `ranges` (`calibrate`):
+    per-channel int8 weights, uint8 activations; the head (Gemm/MatMul), softmax and the nodes
+    named in `exclude` stay fp32."""
+    from onnxruntime.quantization import QuantType
+    from onnxruntime.quantization.qdq_quantizer import QDQQuantizer
+    from onnxruntime.quantization.quant_utils import load_model_with_shape_infer
+    from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
+
+    model = load_model_with_shape_infer(Path(prep))
+    head = [n.name for n in model.graph.node if n.op_type in ("Gemm", "MatMul", "Softmax")] + list(exclude)
+    options = dict(extra_options or {})
+    if overrides:
+        options["TensorQuantOverrides"] = weight_overrides(model, ranges, seven_bit=seven_bit)
+    quantizer = QDQQuantizer(
+        model, True, False, QuantType.QInt8, QuantType.QUInt8, ranges,
+        [], head, sorted(set(QLinearOpsRegistry) | set(QDQRegistry)), options,  # quantize_static's defaults
     )
+    quantizer.quantize_model()
+    quantizer.model.save_model_to_file(str(out))
 
 
 @register
@@ -87,62 +162,62 @@ class OnnxInt8Exporter(Exporter):
     description = "ONNX int8 (QDQ, per-channel), for ORT CPU / NPU execution providers"
 
     def build(self, run: RunDir, classifier, out_dir: Path, ctx: ExportContext) -> Path:
-        from onnxruntime.quantization.shape_inference import quant_pre_process
-
-        out_dir = Path(out_dir)
-        calib = ctx.calibration_inputs()
-        model = out_dir / "model.onnx"
+        if run.int8_backbone is not None:
+            logger.warning(
+                "This run trained its head on an OpenVINO int8 backbone, which has no ONNX form: onnx-int8 "
+                "quantizes the backbone afresh with onnxruntime and is checked against the run-dir model. "
+                "Export openvino-int8 to ship the exact backbone the head learned on."
+            )
+            ctx.extra["backbone_note"] = "re-quantized with onnxruntime (not the run's own int8 backbone)"
+        model = Path(out_dir) / "model.onnx"
         with tempfile.TemporaryDirectory(dir=out_dir, prefix=".work.") as work:
-            fp32, prep = Path(work) / "fp32.onnx", Path(work) / "prep.onnx"
-            write_onnx(classifier, fp32, ctx)
-            quant_pre_process(str(fp32), str(prep), skip_symbolic_shape=False)
-            quantize(prep, model, calib, batch=ctx.static_batch or 8)
-            if ctx.max_drop is not None:
-                drop = _accuracy_drop(self, model, ctx, run)
-                logger.info("onnx-int8 with onnxruntime.quantization: drop %.2f points", drop)
-                if drop > ctx.max_drop:
-                    _quantize_with_budget(prep, model, calib, ctx)
-                    ctx.extra["quantizer"] = "nncf.quantize_with_accuracy_control"
+            prep = preprocessed(classifier, Path(work), ctx)
+            ranges = calibrate(prep, ctx.calibration_inputs(), batch=ctx.static_batch or 8)
+            quantize(prep, model, ranges)
+        return model
+
+    def build_with_accuracy_control(self, run: RunDir, classifier, out_dir: Path, ctx: ExportContext) -> Path:
+        """NNCF's accuracy-controlled quantization on the ONNX graph: it ranks layers by what their
+        quantization costs and reverts the worst to fp32 until the loss fits the budget."""
+        import nncf
+        import onnx
+        import onnxruntime as ort
+
+        from exporters.openvino_ir import agreement_check, batches, restorer_parameters
+
+        model = Path(out_dir) / "model.onnx"
+        calib = ctx.calibration_inputs()
+        b = ctx.static_batch or 1
+        with tempfile.TemporaryDirectory(dir=out_dir, prefix=".work.") as work:
+            graph = onnx.load(str(preprocessed(classifier, Path(work), ctx)))
+        name = graph.graph.input[0].name
+
+        def run_model(candidate, x):
+            if not hasattr(candidate, "_session"):  # one session per candidate model NNCF hands us
+                candidate._session = ort.InferenceSession(candidate.SerializeToString(),
+                                                          providers=["CPUExecutionProvider"])
+            return candidate._session.run(None, {name: x})[0]
+
+        validation, metric, max_drop = agreement_check(calib, run, b, ctx, run_model)
+        logger.info("onnx-int8: NNCF accuracy-controlled quantization, max agreement loss %.2f%%", 100 * max_drop)
+        with nncf_verbosity("exporters"):
+            quantized = nncf.quantize_with_accuracy_control(
+                graph, nncf.Dataset(batches(calib, b), lambda x: {name: x}),
+                nncf.Dataset(validation, lambda item: {name: item[0]}), metric, max_drop=max_drop,
+                drop_type=nncf.DropType.ABSOLUTE, subset_size=len(calib),
+                ignored_scope=nncf.IgnoredScope(types=["Gemm", "MatMul", "Softmax"], validate=False),
+                advanced_accuracy_restorer_parameters=restorer_parameters(),
+            )
+        onnx.save(quantized, str(model))
+        ctx.extra["quantizer"] = "nncf.quantize_with_accuracy_control"
         return model
 
 
-def _quantize_with_budget(prep: Path, out: Path, calib: np.ndarray, ctx: ExportContext) -> None:
-    """NNCF's accuracy-controlled quantization on the ONNX graph: it ranks layers by how much their
-    quantization costs on the val set and reverts the worst to fp32 until the drop fits the budget."""
-    import nncf
-    import onnx
-    import onnxruntime as ort
+def preprocessed(classifier, work: Path, ctx: ExportContext) -> Path:
+    """The fp32 graph after ORT's recommended quant_pre_process (shape inference + optimisation)."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    model = onnx.load(str(prep))
-    name = model.graph.input[0].name
-    b = ctx.static_batch or 1
-    inputs, labels = ctx.val_inputs()
-    calibration = nncf.Dataset([calib[i : i + b] for i in range(0, len(calib) - b + 1, b)], lambda x: {name: x})
-    items = [(inputs[i : i + b], labels[i : i + b]) for i in range(0, len(inputs) - b + 1, b)]
-    validation = nncf.Dataset(items, lambda item: {name: item[0]})
-
-    def accuracy(candidate, data) -> float:
-        session = ort.InferenceSession(candidate.SerializeToString(), providers=["CPUExecutionProvider"])
-        hits = total = 0
-        for x, y in data:
-            hits += int((session.run(None, {name: x})[0].argmax(1) == y).sum())
-            total += len(y)
-        return hits / max(1, total)
-
-    logger.info("onnx-int8: NNCF accuracy-controlled quantization, max drop %.2f points", ctx.max_drop)
-    with nncf_verbosity("exporters"):
-        quantized = nncf.quantize_with_accuracy_control(
-            model, calibration, validation, accuracy, max_drop=ctx.max_drop / 100.0,
-            drop_type=nncf.DropType.ABSOLUTE, subset_size=len(calib),
-            ignored_scope=nncf.IgnoredScope(types=["Gemm", "MatMul", "Softmax"], validate=False),
-        )
-    onnx.save(quantized, str(out))
-
-
-def _accuracy_drop(exporter: Exporter, model: Path, ctx: ExportContext, run: RunDir) -> float:
-    from exporters import parity
-
-    inputs, labels = ctx.val_inputs()
-    reference = parity.cached_source_logits(run, run.build_classifier(), inputs)
-    exported = run_batched(exporter.runner(model, ctx), inputs, batch=ctx.static_batch)
-    return parity.measure(reference, exported, labels).accuracy_drop
+    fp32, prep = work / "fp32.onnx", work / "prep.onnx"
+    write_onnx(classifier, fp32, ctx)
+    quant_pre_process(str(fp32), str(prep), skip_symbolic_shape=False)
+    return prep

@@ -77,40 +77,98 @@ class OpenVINOInt8Exporter(Exporter):
     description = "OpenVINO IR int8 (NNCF post-training quantization)"
 
     def build(self, run: RunDir, classifier, out_dir: Path, ctx: ExportContext) -> Path:
+        if run.int8_backbone is not None:
+            # The head learned on this exact quantized backbone: ship it, never a re-quantization.
+            ctx.extra["quantizer"] = "the run's own int8 backbone (--backbone-precision int8)"
+            model = with_head(run.int8_backbone, run.build_head(), ctx)
+        else:
+            model = quantize(convert(classifier, ctx), ctx.calibration_inputs(), batch=ctx.static_batch or 1)
+        # Remaining float constants (biases, scales) as fp16: smaller file, same int8 compute.
+        return save(model, Path(out_dir) / MODEL_FILE, fp16=not ctx.fp32)
+
+    def build_with_accuracy_control(self, run: RunDir, classifier, out_dir: Path, ctx: ExportContext) -> Path:
         import nncf
 
         model = convert(classifier, ctx)
         calib = ctx.calibration_inputs()
         b = ctx.static_batch or 1
-        calibration = nncf.Dataset([calib[i : i + b] for i in range(0, len(calib) - b + 1, b)])
+        calibration = nncf.Dataset(batches(calib, b))
+        validation, accuracy, max_drop = agreement_check(calib, run, b, ctx, lambda compiled, x: compiled(x)[0])
+        logger.info("NNCF accuracy-controlled quantization, max agreement loss %.2f%% on the calibration images",
+                    100 * max_drop)
         with nncf_verbosity("exporters"):
-            if ctx.max_drop is None:
-                quantized = nncf.quantize(model, calibration, subset_size=len(calib), fast_bias_correction=True,
-                                          ignored_scope=head_scope())
-            else:
-                quantized = self._quantize_with_budget(model, calibration, ctx)
-        # Remaining float constants (biases, scales) as fp16: smaller file, same int8 compute.
+            quantized = nncf.quantize_with_accuracy_control(
+                model, calibration, nncf.Dataset(validation, lambda item: item[0]), accuracy, max_drop=max_drop,
+                drop_type=nncf.DropType.ABSOLUTE, subset_size=len(calib), ignored_scope=head_scope(),
+                advanced_accuracy_restorer_parameters=restorer_parameters(),
+            )
+        ctx.extra["quantizer"] = "nncf.quantize_with_accuracy_control"
         return save(quantized, Path(out_dir) / MODEL_FILE, fp16=not ctx.fp32)
 
-    @staticmethod
-    def _quantize_with_budget(model, calibration, ctx: ExportContext):
-        import nncf
 
-        inputs, labels = ctx.val_inputs()
-        b = ctx.static_batch or 1
-        items = [(inputs[i : i + b], labels[i : i + b]) for i in range(0, len(inputs) - b + 1, b)]
-        validation = nncf.Dataset(items, lambda item: item[0])
+def batches(x: np.ndarray, b: int) -> list[np.ndarray]:
+    return [x[i : i + b] for i in range(0, len(x) - b + 1, b)]
 
-        def accuracy(compiled, data) -> float:
-            hits = total = 0
-            for x, y in data:
-                pred = np.asarray(compiled(x)[0]).argmax(1)
-                hits += int((pred == y).sum())
-                total += len(y)
-            return hits / max(1, total)
 
-        logger.info("NNCF accuracy-controlled quantization, max drop %.2f points", ctx.max_drop)
-        return nncf.quantize_with_accuracy_control(
-            model, calibration, validation, accuracy, max_drop=ctx.max_drop / 100.0,
-            drop_type=nncf.DropType.ABSOLUTE, subset_size=MAX_CALIBRATION, ignored_scope=head_scope(),
-        )
+def quantize(model, calib: np.ndarray, *, batch: int = 1):
+    """NNCF int8 with the settings measured best across datasets (toolkit.features.nncf_int8), the
+    head in fp32."""
+    from toolkit.features import nncf_int8
+
+    return nncf_int8(model, batches(calib, batch), ignored_scope=head_scope())
+
+
+def agreement_check(calib: np.ndarray, run: RunDir, b: int, ctx: ExportContext, run_model):
+    """(items, metric, max_drop) for NNCF's accuracy control, on TRAINING images: the metric is top-1
+    agreement with the run-dir model, and the allowed loss the budget's. Layers to keep in
+    float are chosen there, never on the val split, which only checks the result."""
+    from exporters.parity import run_dir_logits
+
+    target = run_dir_logits(run, calib).argmax(1)
+    items = [(calib[i : i + b], target[i : i + b]) for i in range(0, len(calib) - b + 1, b)]
+    budget = ctx.budget
+    max_drop = max(1e-4, min(budget.max_drop / 100.0, 1.0 - budget.min_agreement))
+
+    def metric(model, data) -> float:
+        hits = total = 0
+        for x, y in data:
+            hits += int((np.asarray(run_model(model, x)).argmax(1) == y).sum())
+            total += len(y)
+        return hits / max(1, total)
+
+    return items, metric, max_drop
+
+
+def restorer_parameters():
+    """Bounds on NNCF's accuracy restorer: it ranks layers on a 64-image subset (ranking every
+    layer on all calibration images takes minutes on 2 cores) and reverts at most 12 of them."""
+    import nncf
+
+    return nncf.AdvancedAccuracyRestorerParameters(ranking_subset_size=64, max_num_iterations=12)
+
+
+def with_head(backbone_ir: Path, head, ctx: ExportContext):
+    """A saved OpenVINO backbone (image -> features) followed by the torch `head`, as one
+    openvino.Model with the same inputs/outputs as `convert`."""
+    import openvino as ov
+    import openvino.opset13 as ops
+    import torch
+
+    from toolkit.features import float_input
+
+    backbone = float_input(ov.Core().read_model(str(backbone_ir)))
+    if ctx.static_batch:
+        backbone.reshape([ctx.static_batch, *list(backbone.inputs[0].get_partial_shape())[1:]])
+    features = backbone.get_results()[0].input_value(0)  # the tensor the Result reads, not the Result
+    dim = features.get_partial_shape()[1].get_length()
+    with torch.no_grad():
+        head_model = ov.convert_model(with_probabilities(head), example_input=torch.zeros(1, dim),
+                                      input=[(-1, dim)])
+    head_input = head_model.parameters[0]
+    for target in head_input.output(0).get_target_inputs():
+        target.replace_source_output(features)
+    model = ov.Model([ops.result(r.input_value(0)) for r in head_model.results], backbone.parameters, "classifier")
+    model.inputs[0].get_tensor().set_names({"image"})
+    for port, name in zip(model.outputs, ("logits", "probabilities")):
+        port.get_tensor().set_names({name})
+    return model

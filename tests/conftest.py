@@ -27,11 +27,13 @@ def synthetic_image(class_index: int, image_index: int, size: tuple[int, int] = 
     return img
 
 
-def write_class_folder(root: Path, classes: Sequence[str], n: int, size: tuple[int, int]) -> Path:
+def write_class_folder(root: Path, classes: Sequence[str], n: int, size: tuple[int, int], first: int = 0) -> Path:
+    """n images per class, numbered from `first` (val folders start after train's: no shared images,
+    which evaluate would rightly refuse to score)."""
     for ci, name in enumerate(classes):
         folder = root / name
         folder.mkdir(parents=True, exist_ok=True)
-        for i in range(n):
+        for i in range(first, first + n):
             ext = ".jpg" if i % 2 == 0 else ".png"  # both codecs in every dataset
             cv2.imwrite(str(folder / f"{name}_{i:03d}{ext}"), synthetic_image(ci, i, size))
     return root
@@ -50,7 +52,7 @@ def make_image_folder() -> Callable[..., Path]:
         root = Path(tmp_path) / name
         if val_n:
             write_class_folder(root / "train", classes, n, size)
-            write_class_folder(root / "val", classes, val_n, size)
+            write_class_folder(root / "val", classes, val_n, size, first=n)
         else:
             write_class_folder(root, classes, n, size)
         return root
@@ -74,7 +76,7 @@ def tiny_dataset(tmp_path_factory) -> Path:
     """train/val class folders of three colour classes, big enough for a 224+ px backbone."""
     root = tmp_path_factory.mktemp("tiny") / "data"
     write_class_folder(root / "train", ("red", "green", "blue"), 8, (96, 128))
-    write_class_folder(root / "val", ("red", "green", "blue"), 4, (96, 128))
+    write_class_folder(root / "val", ("red", "green", "blue"), 4, (96, 128), first=8)
     return root
 
 
@@ -104,7 +106,7 @@ def trained_run(hymenoptera, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def exported(trained_run, tmp_path_factory):
     """exported(fmt) -> ExportResult, exporting each format at most once per session."""
-    from exporters import export
+    from exporters import export, get_exporter
 
     cache: dict[str, object] = {}
     out = tmp_path_factory.mktemp("bundles")
@@ -113,7 +115,10 @@ def exported(trained_run, tmp_path_factory):
         if fmt not in cache:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                cache[fmt] = export(trained_run, fmt, out / fmt)
+                # 8 val images: one flip is 12.5 points. The contract is about files and outputs;
+                # int8 accuracy budgets are tested in test_int8.py and measured by bench_int8.py.
+                wide = {"max_drop": 100.0} if get_exporter(fmt).tolerance is None else {}
+                cache[fmt] = export(trained_run, fmt, out / fmt, **wide)
         return cache[fmt]
 
     return get

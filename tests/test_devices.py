@@ -281,7 +281,7 @@ def test_compile_config():
 def test_compile_model_on_cpu_writes_cache(tmp_path):
     import numpy as np
 
-    from devices.openvino_compile import _static_shape, compile_model
+    from devices.openvino_compile import with_static_batch, compile_model
 
     model = tiny_ov_model()
     cache = tmp_path / "cache"
@@ -290,7 +290,7 @@ def test_compile_model_on_cpu_writes_cache(tmp_path):
     assert compiled(np.ones((2, 3, 8, 8), np.float32))[0].shape == (2, 4, 8, 8)
     assert any(cache.iterdir()), "CPU plugin supports EXPORT_IMPORT: a blob is cached"
 
-    static = _static_shape(model, 5)  # what an NPU gets
+    static = with_static_batch(model, 5)  # what an NPU gets
     assert str(static.input(0).get_partial_shape()) == "[5,3,8,8]"
     assert model.input(0).get_partial_shape().is_dynamic  # the caller's model is untouched
 
@@ -299,11 +299,11 @@ def test_static_shape_refuses_dynamic_image_size():
     import openvino as ov
     from openvino import opset13 as ops
 
-    from devices.openvino_compile import _static_shape
+    from devices.openvino_compile import with_static_batch
 
     x = ops.parameter([-1, 3, -1, -1], ov.Type.f32, name="x")
     with pytest.raises(DeviceError, match="fixed image size"):
-        _static_shape(ov.Model([ops.relu(x)], [x], "dyn"), None)
+        with_static_batch(ov.Model([ops.relu(x)], [x], "dyn"), None)
 
 
 # --- CLI ----------------------------------------------------------------------------------------

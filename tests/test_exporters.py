@@ -290,14 +290,17 @@ def test_format_help_comes_from_the_registry():
 
 
 @pytest.mark.parametrize("fmt", ["onnx-int8", "openvino-int8"])
-def test_max_drop_runs_accuracy_controlled_quantization(fmt, trained_run, tmp_path, monkeypatch):
-    if fmt == "onnx-int8":
-        import exporters.onnx_int8 as onnx_int8
+def test_a_missed_budget_runs_accuracy_controlled_quantization(fmt, trained_run, tmp_path, monkeypatch):
+    from exporters import parity
 
-        # Pretend onnxruntime's quantization missed the budget, so the NNCF fallback must run.
-        monkeypatch.setattr(onnx_int8, "_accuracy_drop", lambda *a, **k: 100.0)
-    result = export(trained_run, fmt, tmp_path / fmt, max_drop=0.5)
-    assert result.parity["accuracy_drop_points"] <= 0.5
+    real, calls = parity.Budget.misses, []
+
+    def first_call_misses(self, measured):  # pretend the plain quantization missed, once
+        calls.append(1)
+        return ["pretend miss"] if len(calls) == 1 else real(self, measured)
+
+    monkeypatch.setattr(parity.Budget, "misses", first_call_misses)
+    result = export(trained_run, fmt, tmp_path / fmt, max_drop=100.0)
     assert result.manifest["precision"] == "int8"
-    if fmt == "onnx-int8":
-        assert result.manifest["quantizer"] == "nncf.quantize_with_accuracy_control"
+    assert result.manifest["quantizer"] == "nncf.quantize_with_accuracy_control"
+    assert result.parity["budget"]["max_drop"] == 100.0

@@ -42,10 +42,12 @@ def cli(verbose: int) -> None:
 
 
 def _setup_logging(verbose: int) -> None:
+    from rich.console import Console
     from rich.logging import RichHandler
 
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
-    handler = RichHandler(show_time=False, show_path=False, markup=False)
+    # Warnings go to stderr: stdout carries results (`--json` output must stay parseable).
+    handler = RichHandler(console=Console(stderr=True), show_time=False, show_path=False, markup=False)
     logging.basicConfig(level=level, format="%(message)s", handlers=[handler], force=True)
     # NNCF and OpenVINO log their own progress at INFO; keep ours readable unless asked.
     for noisy in ("nncf", "openvino", "matplotlib", "PIL"):
@@ -208,20 +210,24 @@ def adapt(run: Path, unlabeled: Path, out: Path, adabn: bool, workers: int) -> N
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
 @device_option()
 def evaluate(model: Path, data: Path, as_json: bool, device: str) -> None:
-    """Measure MODEL (a run directory or an exported bundle) on the labelled images in DATA."""
-    from toolkit.data import load_eval_set
+    """Measure MODEL (a run directory or an exported bundle) on the labelled images in DATA.
+
+    Images that trained MODEL are never scored: on the run's own data its recorded val split is
+    what remains; any training image found in DATA is left out and counted.
+    """
     from toolkit.evaluate import evaluate as run_evaluation
     from toolkit.runtime import load_predictor
 
     predictor = load_predictor(model, device=device)
-    dataset = load_eval_set(data, predictor.labels)
     with _RichProgress() as progress:
-        metrics = run_evaluation(predictor, dataset, progress=progress)
+        metrics = run_evaluation(predictor, data, progress=progress)
     if as_json:
         click.echo(json.dumps(metrics, indent=2))
         return
     console = _console()
     console.print(f"[bold]accuracy {metrics['accuracy']:.4f}[/] on {metrics['n']} images ({predictor.describe()})")
+    if metrics.get("training_images_excluded"):
+        console.print(f"[yellow]left out {metrics['training_images_excluded']} images of {data} that trained the model[/]")
     for name, pc in metrics["per_class"].items():
         console.print(f"  {name:>20}: precision {pc['precision']:.3f}  recall {pc['recall']:.3f}  n={pc['support']}")
 
@@ -296,7 +302,6 @@ def demo(out: Path, per_class: int, seed: int) -> None:
     import tempfile
     import time
 
-    from toolkit.data import load_eval_set
     from toolkit.evaluate import evaluate as run_evaluation
     from toolkit.runtime import load_predictor
     from toolkit.synthetic import make_tabletop_dataset
@@ -315,7 +320,7 @@ def demo(out: Path, per_class: int, seed: int) -> None:
             metrics = run_training(data, out, TrainConfig(seed=seed), progress=progress)
         (out / DEMO_MARKER).touch()
         _print_train_summary(console, out, metrics)
-        result = run_evaluation(load_predictor(out), load_eval_set(data / "val", metrics["classes"]))
+        result = run_evaluation(load_predictor(out), data / "val")
         console.print(f"re-evaluated from the run directory: accuracy {result['accuracy']:.4f} on {result['n']} images")
         for name, pc in result["per_class"].items():
             console.print(f"  {name:>12}: recall {pc['recall']:.3f}")

@@ -20,12 +20,12 @@ import numpy as np
 
 from toolkit import __version__
 from toolkit.backbones import BackboneSpec, create_backbone, get_spec
-from toolkit.runtime import pad_batch, to_nchw_float
+from toolkit.runtime import pad_batch, per_thread_infer, to_nchw_float
 
 logger = logging.getLogger(__name__)
 
-# Small batches keep activations in cache and memory flat. A whole ants/bees run on 2 cores
-# (Lite1): batch 4 -> ~450 views/s, 677 MB peak; 8 -> ~430, 730 MB; 32 -> ~345, 1 GB.
+# Small batches keep activations in cache and memory flat. Engines without their own measurement
+# (torch, ONNX Runtime, NPUs) use this; OpenVINO on CPU/GPU picks its batch by timing candidates.
 DEFAULT_BATCH = 4
 
 
@@ -41,6 +41,7 @@ class FeatureEngine(abc.ABC):
 
     runtime = "?"
     static_batch: int | None = None  # NPUs compile for one batch size: shorter batches are padded
+    batch = DEFAULT_BATCH  # images per engine call; OpenVINO measures its own (devices.openvino_tuning)
 
     def __init__(self, spec: BackboneSpec, device: str, precision: str) -> None:
         self.spec, self.device, self.precision = spec, device, precision
@@ -96,7 +97,7 @@ class OpenVINOEngine(FeatureEngine):
         precision: str = "fp32",
         *,
         calibration: Sequence[np.ndarray] | None = None,
-        batch: int = DEFAULT_BATCH,
+        batch: int | None = None,
         ir: Path | None = None,
     ) -> None:
         super().__init__(spec, device, precision)
@@ -105,25 +106,52 @@ class OpenVINOEngine(FeatureEngine):
         from devices.openvino_compile import compile_model, needs_static_shapes
 
         if ir is not None:
-            model = ov.Core().read_model(str(ir))
+            model = float_input(ov.Core().read_model(str(ir)))
         else:
             model = _openvino_backbone(spec, precision, calibration)
-        self.model = model  # before the uint8 preprocessing: what `save_ir` keeps with a run
+        # What `save_ir` keeps with a run: float NCHW in, as every exporter expects. A copy, because
+        # PrePostProcessor.build() changes the model in place (runs saved before this fix hold
+        # the uint8 form; `float_input` undoes it on load).
+        self.model = model.clone()
         # Take uint8 NHWC straight from OpenCV; the layout change and cast run inside OpenVINO.
         ppp = ov.preprocess.PrePostProcessor(model)
         ppp.input().tensor().set_element_type(ov.Type.u8).set_layout(ov.Layout("NHWC"))
         ppp.input().model().set_layout(ov.Layout("NCHW"))
         model = ppp.build()
         if needs_static_shapes(device):
-            self.static_batch = batch
-        self.compiled = compile_model(model, device, batch=self.static_batch)
+            # Every batch size is another compile on an NPU: take the fixed one rather than tune.
+            self.static_batch = self.batch = batch or DEFAULT_BATCH
+            self.compiled = compile_model(model, device, batch=self.static_batch)
+        else:
+            self.compiled = self._tuned_compile(model, device, precision, batch)
+        self._infer = per_thread_infer(self.compiled)  # a run-dir Predictor may be called from many threads
         compute = self.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
         self.compute = {"bf16": "bf16", "f16": "fp16"}.get(compute, self.compute)
         if precision == "int8":
             self.compute = "int8"
 
+    def _tuned_compile(self, model, device: str, precision: str, batch: int | None):
+        """Compile with the hint and batch size measured fastest for this model on this machine."""
+        from devices.openvino_compile import compile_model
+        from devices.openvino_tuning import tuned_settings
+
+        size = self.spec.input_size
+        rng = np.random.default_rng(0)
+        compiled = {}
+
+        def compile_for(hint: str):
+            compiled[hint] = compile_model(model, device, latency=hint == "LATENCY")
+            return compiled[hint]
+
+        settings = tuned_settings(
+            f"{device} | {self.spec.name} {precision}", compile_for,
+            lambda n: rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8))
+        self.batch = batch or settings.batch
+        self.tuning = settings
+        return compiled.get(settings.hint) or compile_for(settings.hint)
+
     def _run(self, batch: np.ndarray) -> np.ndarray:
-        return self.compiled(np.ascontiguousarray(batch))[0]
+        return self._infer(np.ascontiguousarray(batch))
 
     def extract_many(self, batches, out: np.ndarray) -> None:
         # One infer request per stream keeps every core busy while Python builds the next batch.
@@ -206,12 +234,50 @@ def create_engine(
     return ENGINES[runtime](spec, device)
 
 
+def weights_version(spec: BackboneSpec) -> str:
+    """The installed version of the weights package: a new release must not reuse a backbone
+    converted from the old weights, so it is part of every cache key."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(spec.weights)
+    except PackageNotFoundError:
+        return "unversioned"
+
+
+def backbone_cache_key(spec: BackboneSpec, converter: str) -> str:
+    """Name of a converted backbone in the cache: what it was converted from and with."""
+    return f"{spec.name}-w{weights_version(spec)}-{__version__}-{converter}"
+
+
+def float_input(model):
+    """`model` with a float32 NCHW input: a backbone saved with its uint8 NHWC preprocessing
+    (Parameter -> Convert/Transpose) has that prefix replaced by a float NCHW parameter."""
+    import openvino as ov
+
+    param = model.get_parameters()[0]
+    if param.get_element_type() != ov.Type.u8:
+        return model
+    out = param.output(0)
+    while True:  # follow the Convert/Transpose chain the PrePostProcessor inserted
+        nxt = [t.get_node() for t in out.get_target_inputs()]
+        if len(nxt) != 1 or nxt[0].get_type_name() not in ("Convert", "Transpose"):
+            break
+        out = nxt[0].output(0)
+    shape = out.get_partial_shape()
+    new = ov.opset13.parameter(shape, ov.Type.f32, name=param.get_friendly_name())
+    new.output(0).set_names(param.output(0).get_names())
+    for target in list(out.get_target_inputs()):
+        target.replace_source_output(new.output(0))
+    return ov.Model(model.get_results(), [new], model.get_friendly_name())
+
+
 def _openvino_backbone(spec: BackboneSpec, precision: str, calibration):
     """The backbone as an openvino.Model, converted once per version and cached on disk."""
     import openvino as ov
 
     core = ov.Core()
-    key = f"{spec.name}-{__version__}-ov{ov.__version__.split('-')[0]}"
+    key = backbone_cache_key(spec, f"ov{ov.__version__.split('-')[0]}")
     path = cache_dir() / "openvino" / f"{key}.xml"
     if path.exists():
         model = core.read_model(str(path))
@@ -230,24 +296,34 @@ def _openvino_backbone(spec: BackboneSpec, precision: str, calibration):
 
 
 def _quantize_backbone(model, calibration):
-    import nncf
-
     if not calibration:
         from toolkit.errors import EdgetuneError
 
         raise EdgetuneError("int8 backbone needs calibration images (the training set's clean views).")
-    data = [to_nchw_float(v[None]) for v in calibration]
-    logger.info("Quantizing the backbone to int8 with NNCF on %d views", len(data))
+    logger.info("Quantizing the backbone to int8 with NNCF on %d views", len(calibration))
+    return nncf_int8(model, [to_nchw_float(v[None]) for v in calibration])
+
+
+def nncf_int8(model, batches: Sequence[np.ndarray], *, ignored_scope=None):
+    """NNCF post-training int8 of an openvino.Model on float NCHW `batches`, with the settings
+    measured across ants/bees, caltech50 and 128-px caltech50 (benchmarks/bench_int8.py): the
+    performance preset; fast bias correction (full bias correction gained on one set of three, at
+    3-4x the time); NNCF's default first-layer overflow fix (7-bit stem weights: no int16
+    saturation on CPUs without VNNI). Used for the training backbone and openvino-int8 exports."""
+    import nncf
+
     from toolkit.convert import nncf_verbosity
 
+    kwargs = {"ignored_scope": ignored_scope} if ignored_scope is not None else {}
     with nncf_verbosity():
-        return nncf.quantize(model, nncf.Dataset(data), subset_size=len(data), fast_bias_correction=True)
+        return nncf.quantize(model, nncf.Dataset(list(batches)), subset_size=len(batches),
+                             fast_bias_correction=True, **kwargs)
 
 
 def _cached_onnx_backbone(spec: BackboneSpec) -> Path:
     import torch
 
-    key = hashlib.sha1(f"{spec.name}-{__version__}-{torch.__version__}".encode()).hexdigest()[:12]
+    key = hashlib.sha1(backbone_cache_key(spec, f"torch{torch.__version__}").encode()).hexdigest()[:12]
     path = cache_dir() / "onnx" / f"{spec.name}-{key}.onnx"
     if not path.exists():
         from toolkit.convert import to_onnx, with_normalization
@@ -274,7 +350,7 @@ def extract_features(
     must come from `k` alone (not from thread timing) so the result is the same on every run.
     Returns float16 (count, feature_dim): half the memory, and plenty for a linear head.
     """
-    batch_size = batch_size or DEFAULT_BATCH
+    batch_size = batch_size or engine.batch
     out = np.empty((count, engine.spec.feature_dim), np.float32)
     starts = range(0, count, batch_size)
 

@@ -5,6 +5,7 @@
     model.safetensors  best weights: head.* (and backbone.* when the tail was unfrozen)
     metrics.json       val_accuracy, val_loss, best_epoch, train_seconds, images_skipped, ...
     history.csv        one row per epoch
+    split.json         every training and validation file (path, sha1): evaluate never scores training images
     report.png         learning curves + confusion matrix
     state/             resume state: features cache, last checkpoint, progress
 
@@ -105,18 +106,50 @@ class RunDir:
         atomic.write_text(self.path / "history.csv", buf.getvalue())
 
     # -- models --------------------------------------------------------------------------------
+    @property
+    def int8_backbone(self) -> Path | None:
+        """The quantized backbone the head was trained on (--backbone-precision int8), else None.
+
+        Only a frozen backbone counts: a run that fine-tuned its tail trained in torch fp32.
+        """
+        if self.config["train"].get("backbone_precision") != "int8":
+            return None
+        if any(k.startswith("backbone.") for k in self.model_state()):
+            return None
+        from toolkit.learners import INT8_BACKBONE
+
+        path = self.path / INT8_BACKBONE
+        if not path.is_file():
+            raise RunDirError(
+                f"{path} is missing: this run's head was trained on that int8 backbone and is wrong without "
+                f"it. Restore the file or retrain the run (`edgetune train --backbone-precision int8`)."
+            )
+        return path
+
+    def build_head(self):
+        """The trained head as a torch module: backbone features in, logits out."""
+        import torch
+
+        from toolkit.heads import head_from_config
+
+        state = {k[len("head."):]: torch.from_numpy(v) for k, v in self.model_state().items() if k.startswith("head.")}
+        head = head_from_config(self.config["train"], self.spec.feature_dim, len(self.labels))
+        head.load_state_dict(state)
+        return head.eval()
+
     def build_classifier(self):
         """The trained classifier as one torch module: float32 NCHW RGB 0-255 in, logits out.
 
-        This is the source model every exporter converts and checks parity against.
+        This is the source model every exporter converts and checks parity against, with the fp32
+        backbone: for a run trained on an int8 backbone (`int8_backbone`), int8 exports use that
+        backbone instead and check against the run-dir model (exporters.parity.reference_logits).
         """
         import torch
 
         from toolkit.backbones import create_backbone
         from toolkit.convert import with_normalization
-        from toolkit.heads import head_from_config
 
-        cfg, spec = self.config, self.spec
+        spec = self.spec
         state = {k: torch.from_numpy(v) for k, v in self.model_state().items()}
         backbone = create_backbone(spec.name)
         tail = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
@@ -124,9 +157,7 @@ class RunDir:
             from toolkit.learners import load_tail
 
             load_tail(backbone, tail)
-        head = head_from_config(cfg["train"], spec.feature_dim, len(self.labels))
-        head.load_state_dict({k[len("head."):]: v for k, v in state.items() if k.startswith("head.")})
-        return with_normalization(torch.nn.Sequential(backbone, head), spec).eval()
+        return with_normalization(torch.nn.Sequential(backbone, self.build_head()), spec).eval()
 
 
 def write_safetensors(path: Path, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:

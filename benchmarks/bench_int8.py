@@ -1,0 +1,231 @@
+"""int8 on every dataset: calibration methods, then the default export command, per dataset.
+
+    python benchmarks/bench_int8.py [--run NAME=RUN_DIR ...] [--skip-methods] [--entropy]
+
+Without --run it trains default runs on ../shared/datasets/hymenoptera, ../shared/datasets/caltech50
+and a copy of caltech50 downscaled to 128 px (built in a temp dir, never in the repo: what a
+low-resolution robot camera gives). Part 1 quantizes each run with every calibration method and
+fix on the same calibration subset and measures, against the run-dir model on the run's val
+images, the accuracy drop, top-1 agreement and worst class; part 2 runs the default
+`export RUN --format onnx-int8|openvino-int8` (budget, fallback and all) and times it. Prints the
+tables and replaces the "## int8 calibration methods" and "## int8 exports" sections of BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._common import command_line, load_average, machine_description, update_benchmarks_md  # noqa: E402
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+
+
+def cpu_flags() -> str:
+    """The x86 flags int8 speed and exactness depend on (VNNI: no int16 saturation in u8 x s8)."""
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return "unknown"
+    wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8")
+    have = set(flags.split(":", 1)[1].split())
+    return " ".join(f for f in wanted if f in have) + "; no " + " ".join(f for f in wanted if f not in have)
+
+
+def downscaled(source: Path, dst: Path, side: int = 128) -> Path:
+    import cv2
+
+    for p in sorted(source.rglob("*")):
+        img = cv2.imread(str(p), cv2.IMREAD_COLOR) if p.is_file() else None
+        if img is None:
+            continue
+        s = side / max(img.shape[:2])
+        small = cv2.resize(img, (max(1, round(img.shape[1] * s)), max(1, round(img.shape[0] * s))),
+                           interpolation=cv2.INTER_AREA)
+        out = dst / p.relative_to(source).with_suffix(".jpg")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(out), small, [cv2.IMWRITE_JPEG_QUALITY, 90])
+    return dst
+
+
+def default_runs(work: Path) -> dict[str, Path]:
+    from toolkit.train import TrainConfig, train
+
+    data = {"ants/bees": SHARED / "hymenoptera", "caltech50": SHARED / "caltech50",
+            "caltech50 @128 px": downscaled(SHARED / "caltech50", work / "caltech50-128")}
+    runs = {}
+    for name, path in data.items():
+        runs[name] = work / name.replace("/", "-").replace(" ", "")
+        train(path, runs[name], TrainConfig())
+    return runs
+
+
+def summary(reference: np.ndarray, exported: np.ndarray, labels: np.ndarray) -> tuple[float, float, str]:
+    from exporters.parity import measure
+
+    p = measure(reference, exported, labels)
+    return p.accuracy_drop, p.agreement, f"{p.worst_class_drop:.1f}" if p.worst_class else "-"
+
+
+def ort_latency_ms(model: Path, x: np.ndarray) -> float:
+    from toolkit.runtime import onnx_runner
+
+    run = onnx_runner(model)
+    for _ in range(5):
+        run(x)
+    times = []
+    for _ in range(30):
+        t = time.perf_counter()
+        run(x)
+        times.append(time.perf_counter() - t)
+    return float(np.median(times) * 1e3)
+
+
+def method_rows(name: str, run_dir: Path, entropy: bool) -> list[tuple]:
+    """Every calibration method / fix on one run, on the same calibration subset."""
+    import nncf
+
+    from exporters import onnx_int8, openvino_ir, parity
+    from exporters.base import MAX_CALIBRATION, ExportContext
+    from toolkit.runs import RunDir
+    from toolkit.runtime import onnx_runner, openvino_runner, run_batched
+
+    run = RunDir.open(run_dir)
+    ctx = ExportContext(run)
+    inputs, labels = ctx.val_inputs()
+    calib = ctx.calibration_inputs()
+    reference = parity.run_dir_logits(run, inputs)
+    classifier = run.build_classifier()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        prep = onnx_int8.preprocessed(classifier, tmp, ctx)
+        fp32_ms = ort_latency_ms(prep, inputs[:1])
+        methods = ["MinMax", "Percentile"] + (["Entropy"] if entropy else [])
+        variants = {
+            "MinMax": [("ORT defaults (no fixes)", {"overrides": False}),
+                       ("QuantizeBias=False (biases stay float)", {"overrides": False,
+                                                                   "extra_options": {"QuantizeBias": False}}),
+                       ("+ int32-safe biases", {"seven_bit": "none"}),
+                       ("+ int32-safe biases + 7-bit stem (default)", {}),
+                       ],
+        }
+        for method in methods:
+            t = time.perf_counter()
+            ranges = onnx_int8.calibrate(prep, calib, batch=8, method=method)
+            calib_s = time.perf_counter() - t
+            for label, kw in variants.get(method, [("+ int32-safe biases + 7-bit stem", {})]):
+                t = time.perf_counter()
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    onnx_int8.quantize(prep, tmp / "q.onnx", ranges, **kw)
+                seconds = calib_s + time.perf_counter() - t
+                casts = sum(issubclass(w.category, RuntimeWarning) for w in caught)
+                exported = run_batched(onnx_runner(tmp / "q.onnx"), inputs, batch=None)
+                ratio = ort_latency_ms(tmp / "q.onnx", inputs[:1]) / fp32_ms
+                rows.append((name, "onnx-int8", f"ORT {method}, {label}", *summary(reference, exported, labels),
+                             f"{seconds:.0f} s", f"{ratio:.2f}", str(casts)))
+        model = openvino_ir.convert(classifier, ctx)
+        data = nncf.Dataset(openvino_ir.batches(calib, 1))
+        nncf_variants = [
+            ("performance preset, fast bias correction (default)", {"fast_bias_correction": True}),
+            ("performance preset, full bias correction", {"fast_bias_correction": False}),
+            ("overflow fix off (8-bit stem)", {"fast_bias_correction": True, "advanced_parameters":
+                nncf.AdvancedQuantizationParameters(overflow_fix=nncf.OverflowFix.DISABLE)}),
+        ]
+        for label, kw in nncf_variants:
+            t = time.perf_counter()
+            q = nncf.quantize(model, data, subset_size=len(calib), ignored_scope=openvino_ir.head_scope(), **kw)
+            seconds = time.perf_counter() - t
+            openvino_ir.save(q, tmp / "q.xml", fp16=True)
+            exported = run_batched(openvino_runner(tmp / "q.xml", precise=True), inputs, batch=None)
+            rows.append((name, "openvino-int8", f"NNCF {label}", *summary(reference, exported, labels),
+                         f"{seconds:.0f} s", "", ""))
+    print(f"{name}: {len(calib)} calibration images (max {MAX_CALIBRATION}), {len(labels)} val images", flush=True)
+    return rows
+
+
+def export_rows(name: str, run_dir: Path) -> list[tuple]:
+    from exporters import export
+    from toolkit.errors import EdgetuneError
+    from toolkit.runs import RunDir
+
+    run = RunDir.open(run_dir)
+    n_train = run.metrics.get("n_train", "?")
+    rows = []
+    for fmt in ("onnx-int8", "openvino-int8"):
+        t = time.perf_counter()
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                r = export(run_dir, fmt, Path(tmp) / fmt)
+            except EdgetuneError as e:
+                rows.append((name, str(n_train), fmt, "FAILED (exit 2)", "", "", "", f"{time.perf_counter() - t:.0f} s",
+                             str(e)[:160]))
+                continue
+        p = r.parity
+        rows.append((name, str(n_train), fmt, f"{p['source_accuracy']:.2%} -> {p['export_accuracy']:.2%}",
+                     f"{p['accuracy_drop_points']:+.2f}", f"{p['agreement']:.2%}", f"{p['worst_class_drop']:.1f}",
+                     f"{time.perf_counter() - t:.0f} s", r.manifest.get("quantizer", "plain")))
+    return rows
+
+
+def table(head: tuple, rows: list[tuple]) -> list[str]:
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + \
+           ["| " + " | ".join(str(c) if not isinstance(c, float) else f"{c:.2f}" for c in r) + " |" for r in rows]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--run", action="append", default=[], metavar="NAME=RUN_DIR", help="reuse trained runs")
+    ap.add_argument("--skip-methods", action="store_true", help="no calibration-method table")
+    ap.add_argument("--skip-exports", action="store_true", help="no default-export table")
+    ap.add_argument("--entropy", action="store_true", help="add ORT entropy calibration (slow)")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.ERROR)
+    start_load = load_average()
+    if args.run:
+        runs = {k: Path(v) for k, v in (item.split("=", 1) for item in args.run)}
+    else:
+        runs = default_runs(Path(tempfile.mkdtemp(prefix="bench-int8-")))
+    header = (f"`{command_line()}`; {machine_description()}; CPU flags: {cpu_flags()}; load average {start_load} "
+              "at start, {end} at end (the machine was shared: seconds are noisy, ratios less so).")
+    if not args.skip_methods:
+        methods = [row for name, path in runs.items() for row in method_rows(name, path, args.entropy)]
+        text = "\n".join([
+            header.format(end=load_average()),
+            "",
+            "Calibration methods and fixes, each on the same stratified calibration subset of the run's training "
+            "images, checked against the run-dir model on the run's val images (drop in points, positive = worse; "
+            "worst class only over classes with >= 20 val images). Latency: batch-1 ORT CPU, int8 / fp32 graph.",
+            "",
+            *table(("run", "format", "method", "drop", "agreement", "worst class drop", "quantize time",
+                    "latency x fp32", "cast warnings"), methods),
+        ])
+        print("## int8 calibration methods\n\n" + text)
+        update_benchmarks_md("int8 calibration methods", text)
+    if not args.skip_exports:
+        exports = [row for name, path in runs.items() for row in export_rows(name, path)]
+        text = "\n".join([
+            header.format(end=load_average()),
+            "",
+            "The default command, `edgetune export RUN --format F` (budget: <= 0.5 points, >= 98% agreement, "
+            "<= 5 points per class with >= 20 val images; accuracy-controlled fallback; exit 2 otherwise):",
+            "",
+            *table(("run", "train images", "format", "val accuracy", "drop", "agreement", "worst class drop",
+                    "export time", "quantizer / result"), exports),
+        ])
+        print("## int8 exports\n\n" + text)
+        update_benchmarks_md("int8 exports", text)
+
+if __name__ == "__main__":
+    main()

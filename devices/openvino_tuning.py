@@ -1,0 +1,147 @@
+"""Feature-engine settings measured on this machine, not constants tuned on one CPU.
+
+The best batch size and performance hint for a frozen backbone differ from CPU to CPU: on a
+bf16/AVX-512 machine small batches under the THROUGHPUT hint win, on a plain AVX2 machine other
+settings may. The first time a model runs on a device, a few candidates are timed on synthetic
+input for a fraction of a second each (after one warm-up batch) and the fastest is kept in the
+user cache, keyed by the CPU (model, flags, cores), the OpenVINO version, the device and the
+model, so every later run starts at once with the same choice.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+
+from devices.openvino_compile import edgetune_cache_dir
+
+log = logging.getLogger(__name__)
+
+HINTS = ("THROUGHPUT", "LATENCY")
+BATCHES = (1, 2, 4, 8, 16)
+_CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8")
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    hint: str  # OpenVINO PERFORMANCE_HINT the model is compiled with
+    batch: int  # images per infer request
+    images_per_second: float  # what the tuning measured for this choice
+    measured: str  # when, for `-v` and the cache file
+
+
+def tuning_file() -> Path:
+    return edgetune_cache_dir() / "engine_tuning.json"
+
+
+def machine_key() -> str:
+    """What makes timings on one machine valid on another: CPU model, the flags that matter, cores."""
+    model, flags = "unknown cpu", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and model == "unknown cpu":
+                model = value.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = set(value.split())
+    except OSError:
+        import platform
+
+        model = platform.processor() or platform.machine()
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    return f"{model} [{' '.join(f for f in _CPU_FLAGS if f in flags)}] x{cores}"
+
+
+def _load() -> dict[str, Any]:
+    try:
+        return json.loads(tuning_file().read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}  # a missing or damaged cache only costs one more measurement
+
+
+def _store(key: str, settings: EngineSettings) -> None:
+    table = _load()
+    table[key] = asdict(settings)
+    path = tuning_file()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tuning-")
+        with os.fdopen(fd, "w") as f:
+            json.dump(table, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)  # concurrent runs: last writer wins, each file whole
+    except OSError as e:
+        log.warning("Could not save engine tuning to %s (%s); it will be measured again next time.", path, e)
+
+
+def images_per_second(compiled, make_batch: Callable[[int], np.ndarray], batch: int, seconds: float) -> float:
+    """Throughput of `compiled` fed `batch`-image requests, all its optimal requests in flight."""
+    n = max(1, int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
+    requests = [compiled.create_infer_request() for _ in range(n)]
+    x = make_batch(batch)
+    requests[0].infer({0: x})  # warm-up: first-inference allocations are not throughput
+    done, started = 0, time.perf_counter()
+    for r in requests:
+        r.start_async({0: x})
+    i = 0
+    while time.perf_counter() - started < seconds:
+        requests[i].wait()
+        done += batch
+        requests[i].start_async({0: x})
+        i = (i + 1) % n
+    for r in requests:
+        r.wait()
+    done += n * batch
+    return done / (time.perf_counter() - started)
+
+
+def tuned_settings(
+    model_key: str,
+    compile_for: Callable[[str], Any],
+    make_batch: Callable[[int], np.ndarray],
+    *,
+    batches: Iterable[int] | None = None,
+    seconds: float = 0.4,
+    retune: bool = False,
+) -> EngineSettings:
+    """The cached best (hint, batch) for `model_key` on this machine, measured on first use.
+
+    `compile_for(hint)` returns a CompiledModel with dynamic batch for that performance hint;
+    `make_batch(n)` an input batch of n images.
+    """
+    import openvino as ov
+
+    key = f"{machine_key()} | openvino {ov.__version__.split('-')[0]} | {model_key}"
+    cached = None if retune else _load().get(key)
+    if cached:
+        try:
+            settings = EngineSettings(**cached)
+            log.info("Engine settings for %s (measured %s): %s hint, batch %d, %.0f img/s", model_key,
+                     settings.measured, settings.hint, settings.batch, settings.images_per_second)
+            return settings
+        except TypeError:
+            pass  # written by another version: measure again
+    t0 = time.perf_counter()
+    results = []
+    for hint in HINTS:
+        compiled = compile_for(hint)
+        for b in batches or BATCHES:
+            results.append((images_per_second(compiled, make_batch, b, seconds), hint, b))
+        del compiled
+    best = max(results)
+    settings = EngineSettings(best[1], best[2], round(best[0], 1), time.strftime("%Y-%m-%d"))
+    table = ", ".join(f"{h[0]}{b}: {r:.0f}" for r, h, b in results)
+    log.info("Tuned %s in %.1f s (img/s by T=THROUGHPUT/L=LATENCY hint and batch: %s): %s hint, batch %d",
+             model_key, time.perf_counter() - t0, table, settings.hint, settings.batch)
+    _store(key, settings)
+    return settings

@@ -1,0 +1,170 @@
+"""int8 exports hold or fail loudly: the accuracy budget, the int32-safe bias and 7-bit stem fixes,
+the bounded calibration subset, and int8-trained runs shipping the backbone they learned on."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from exporters import export
+from exporters.base import stratified_subset
+from exporters.parity import Budget, Parity, measure
+from toolkit.errors import EdgetuneError
+
+
+def _parity(**kw) -> Parity:
+    base = dict(n=200, agreement=1.0, max_abs_diff=0.1, logit_scale=5.0, source_accuracy=0.9, export_accuracy=0.9)
+    return Parity(**{**base, **kw})
+
+
+def test_default_budget_is_half_a_point_98_percent_agreement_and_5_points_per_class():
+    budget = Budget()
+    assert budget.misses(_parity(export_accuracy=0.896)) == []  # 0.4 points
+    assert "drop" in budget.misses(_parity(export_accuracy=0.894))[0]  # 0.6 points
+    assert "agreement" in budget.misses(_parity(agreement=0.975))[0]
+    assert "class 'bees'" in budget.misses(_parity(worst_class="bees", worst_class_drop=6.0))[0]
+
+
+def test_max_drop_sets_the_budget_and_loosens_agreement_with_it():
+    assert Budget.from_options(0.0).misses(_parity(export_accuracy=0.895))  # one image of 200
+    wide = Budget.from_options(2.0)
+    assert wide.misses(_parity(export_accuracy=0.885, agreement=0.93)) == []
+    assert wide.max_class_drop == 5.0 and Budget.from_options(8.0).max_class_drop == 8.0
+
+
+def test_per_class_drop_counts_only_classes_with_enough_val_images():
+    labels = np.array([0] * 40 + [1] * 5)
+    reference = np.eye(2)[labels]
+    exported = reference.copy()
+    exported[:3] = [0, 1]  # class 0 loses 3 of 40 = 7.5 points
+    exported[40] = [1, 0]  # class 1 loses 1 of 5 = 20 points, but 5 images are too few to judge
+    p = measure(reference, exported, labels, ["big", "small"])
+    assert (p.worst_class, p.worst_class_drop) == ("big", 7.5)
+
+
+def test_stratified_subset_is_bounded_and_keeps_every_class():
+    labels = [0] * 3000 + [1] * 400 + [2] * 12
+    picks = stratified_subset(labels, 300)
+    counts = np.bincount([labels[i] for i in picks])
+    assert len(picks) == 300 and counts[2] == 12 and abs(int(counts[0]) - int(counts[1])) <= 1
+    assert stratified_subset([0, 1, 1], 300) == [0, 1, 2]
+
+
+def _conv_with_a_dead_channel(path: Path) -> None:
+    """Conv 3->4 whose channel 1 is 'dead' (max |w| 3e-7) with a positive bias of 5, like
+    EfficientNet-Lite's stem channel 30: ORT 1.19 overflowed that bias to -2^31."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = rng.normal(0, 0.2, (4, 3, 3, 3)).astype(np.float32)
+    w[1] = rng.uniform(-3e-7, 3e-7, (3, 3, 3))
+    w[3] = 0.0  # an all-zero channel too
+    b = np.array([0.1, 5.0, -0.3, 0.0], np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w", "b"], ["y"], pads=[1, 1, 1, 1])], "dead",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 4, 8, 8])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+
+
+@pytest.mark.parametrize("fixed", [True, False])
+def test_dead_channel_bias_stays_inside_int32(tmp_path, fixed):
+    import onnx
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    from exporters.onnx_int8 import calibrate, quantize
+
+    _conv_with_a_dead_channel(tmp_path / "f.onnx")
+    x = np.random.default_rng(1).uniform(-2, 2, (16, 3, 8, 8)).astype(np.float32)
+    ranges = calibrate(tmp_path / "f.onnx", x, batch=4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quantize(tmp_path / "f.onnx", tmp_path / "q.onnx", ranges, overrides=fixed)
+    cast_warnings = [w for w in caught if issubclass(w.category, RuntimeWarning)]
+    q = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(tmp_path / "q.onnx")).graph.initializer}
+    bias = q["b_quantized"].astype(np.float64) * q["b_quantized_scale"]
+    expected = ort.InferenceSession(str(tmp_path / "f.onnx")).run(None, {"x": x})[0]
+    got = ort.InferenceSession(str(tmp_path / "q.onnx")).run(None, {"x": x})[0]
+    if not fixed:  # the bug this guards against, still in ORT 1.19: proves the test can fail
+        assert cast_warnings and bias[1] < 0
+        return
+    assert not cast_warnings, [str(w.message) for w in cast_warnings]
+    assert np.all(np.isfinite(q["b_quantized_scale"])) and np.all(q["b_quantized_scale"] > 0)
+    np.testing.assert_allclose(bias, [0.1, 5.0, -0.3, 0.0], atol=1e-3)
+    np.testing.assert_allclose(got[:, 1], 5.0, atol=0.05)  # the dead channel outputs its bias
+    assert np.abs(got - expected).max() < 0.1
+
+
+def test_stem_weights_are_7_bit(tmp_path):
+    import onnx
+    from onnx import numpy_helper
+
+    from exporters.onnx_int8 import calibrate, quantize
+
+    _conv_with_a_dead_channel(tmp_path / "f.onnx")
+    x = np.random.default_rng(1).uniform(-2, 2, (8, 3, 8, 8)).astype(np.float32)
+    quantize(tmp_path / "f.onnx", tmp_path / "q.onnx", calibrate(tmp_path / "f.onnx", x, batch=4))
+    w = numpy_helper.to_array({t.name: t for t in onnx.load(str(tmp_path / "q.onnx")).graph.initializer}["w_quantized"])
+    assert np.abs(w.astype(int)).max() <= 64  # no u8 x s8 int16 saturation on AVX2 CPUs
+
+
+def _calibrate_on_black(tmp_path: Path) -> Path:
+    """A --calib folder of one black image: int8 ranges that fit nothing, so int8 loses images."""
+    import cv2
+
+    folder = tmp_path / "black"
+    folder.mkdir()
+    cv2.imwrite(str(folder / "black.png"), np.zeros((64, 64, 3), np.uint8))
+    return folder
+
+
+def test_over_budget_export_fails_with_figures_and_writes_nothing(trained_run, tmp_path, monkeypatch):
+    from exporters.onnx_int8 import OnnxInt8Exporter
+
+    monkeypatch.setattr(OnnxInt8Exporter, "build_with_accuracy_control", lambda *a, **k: None)  # speed
+    out = tmp_path / "exports" / "int8"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # quantization must not warn either
+        with pytest.raises(EdgetuneError) as err:
+            export(trained_run, "onnx-int8", out, calibration=_calibrate_on_black(tmp_path), max_drop=0.0)
+    message = str(err.value)
+    assert "accuracy budget" in message and "Nothing was written" in message and "--allow-drop" in message
+    assert "->" in message and "agreement" in message  # the figures
+    assert not out.exists() and not list(out.parent.iterdir())  # not even a partial folder
+
+
+def test_allow_drop_writes_anyway_and_records_the_miss(trained_run, tmp_path, monkeypatch, caplog):
+    from exporters.onnx_int8 import OnnxInt8Exporter
+
+    monkeypatch.setattr(OnnxInt8Exporter, "build_with_accuracy_control", lambda *a, **k: None)
+    out = tmp_path / "int8"
+    result = export(trained_run, "onnx-int8", out, calibration=_calibrate_on_black(tmp_path), max_drop=0.0,
+                    allow_drop=True)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["export_parity"]["over_budget"] and result.parity["over_budget"]
+    assert "--allow-drop" in manifest["accuracy_warning"]
+    assert "OUTSIDE ITS ACCURACY BUDGET" in caplog.text
+
+
+def test_cli_budget_failure_is_one_line_exit_2(trained_run, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from exporters.onnx_int8 import OnnxInt8Exporter
+    from toolkit.cli import cli
+
+    monkeypatch.setattr(OnnxInt8Exporter, "build_with_accuracy_control", lambda *a, **k: None)
+    out = tmp_path / "int8"
+    result = CliRunner().invoke(cli, ["export", str(trained_run), "--format", "onnx-int8", "--out", str(out),
+                                      "--calib", str(_calibrate_on_black(tmp_path)), "--max-drop", "0"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "accuracy budget" in result.output and not out.exists()
