@@ -217,6 +217,46 @@ def predict(model: Path, inputs: tuple[Path, ...], as_json: bool, top_k: int, de
             click.echo(f"{r['path']}: {top}")
 
 
+# -- watch (robot side) -----------------------------------------------------------------------
+@cli.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--source", required=True, help="Camera index (0), /dev/videoN, video file, rtsp://... URL, or folder.")
+@click.option("--json/--live", "as_json", default=None, help="JSON lines on stdout, or one live status line "
+              "[default: JSON when stdout is not a terminal].")
+@click.option("--every", type=int, default=1, show_default=True, help="Classify every N-th frame delivered.")
+@click.option("--max-frames", type=int, default=None, help="Stop after this many classified frames.")
+@click.option("--save-video", type=click.Path(path_type=Path), help="Write the frames with the label drawn (.mp4/.avi).")
+@click.option("--all-frames", is_flag=True, help="Video files: classify every frame instead of playing in real time.")
+@click.option("--unknown-threshold", type=float, default=None, help="Override the bundle's unknown threshold.")
+@click.option("--top-k", type=int, default=3, show_default=True)
+@device_option()
+def watch(model: Path, source: str, as_json: bool | None, every: int, max_frames: int | None, save_video: Path | None,
+          all_frames: bool, unknown_threshold: float | None, top_k: int, device: str) -> None:
+    """Run MODEL on a live source: newest frame only (stale frames dropped and counted)."""
+    from toolkit.classify import load
+    from toolkit.sources import open_source
+    from toolkit.watch import JsonLinesSink, RichLineSink, VideoSink, watch as run_watch
+
+    classifier = load(model, device=device, top_k=top_k, unknown_threshold=unknown_threshold)
+    src = open_source(source, realtime=not all_frames)
+    sinks = []
+    try:
+        if save_video is not None:
+            sinks.append(VideoSink(save_video, getattr(src, "fps", 30.0) / every))
+        use_json = as_json if as_json is not None else not sys.stdout.isatty()
+        sinks.append(JsonLinesSink() if use_json else RichLineSink(src, _console()))
+    except BaseException:
+        src.close()
+        raise
+    summary = run_watch(classifier, src, sinks, every=every, max_frames=max_frames)
+    s = summary.to_json()
+    _console().print(f"{s['processed']} frames classified in {s['seconds']:.1f} s ({s['fps']:.1f} fps, median "
+                     f"{s['latency_ms_median']:.1f} ms), {s['dropped']} stale frames dropped"
+                     + (" - interrupted" if summary.interrupted else ""))
+    if summary.interrupted:
+        sys.exit(130)
+
+
 # -- augment / demo / backbones -------------------------------------------------------------
 @cli.command()
 @click.argument("data", type=click.Path(path_type=Path))
