@@ -153,8 +153,9 @@ def openvino_with_head(model_path: Path, out_xml: Path, tensors: dict[str, np.nd
 
 
 def feature_runner(model_path: Path, runtime: str, *, device: str = "CPU", feature_dim: int,
-                   batch: int | None = None) -> Callable[[np.ndarray], np.ndarray]:
-    """float32 NCHW 0-255 -> (N, D) features from the bundle's own backbone on its own runtime."""
+                   batch: int | None = None, with_logits: bool = False) -> Callable[[np.ndarray], np.ndarray]:
+    """float32 NCHW 0-255 -> (N, D) features from the bundle's own backbone on its own runtime;
+    with_logits: (N, D + C), the model's own logits after the features, from the same pass."""
     if runtime == "onnxruntime":
         import onnxruntime as ort
 
@@ -162,13 +163,19 @@ def feature_runner(model_path: Path, runtime: str, *, device: str = "CPU", featu
         opts.log_severity_level = 3
         session = ort.InferenceSession(onnx_features_model(model_path), opts, providers=[device])
         name = session.get_inputs()[0].name
-        return lambda x: session.run([FEATURES], {name: x})[0]
+        outputs = [FEATURES, "logits"] if with_logits else [FEATURES]
+        return lambda x: np.concatenate(session.run(outputs, {name: x}), axis=1)
     if runtime == "openvino":
         from devices.openvino_compile import compile_model
 
         model = openvino_features_model(model_path, feature_dim)
         compiled = compile_model(model, device, batch=batch, exact=True)  # f32: verification compares in f32
-        out = compiled.output(FEATURES)
+        outputs = [compiled.output(FEATURES)] + ([compiled.output("logits")] if with_logits else [])
         request = compiled.create_infer_request()
-        return lambda x: request.infer({0: x})[out].copy()
+
+        def run(x: np.ndarray) -> np.ndarray:
+            result = request.infer({0: x})
+            return np.concatenate([result[o] for o in outputs], axis=1)
+
+        return run
     raise EdgetuneError(f"No feature extraction for runtime '{runtime}'.")

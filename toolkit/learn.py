@@ -193,13 +193,14 @@ def learn(bundle: Path, data: Path, out: Path, *, device: str = "auto", forget: 
     dev = _pick_device(device, runtime)
     static = manifest["input"].get("batch")
     runner = feature_runner(bundle / manifest["model"], runtime, device=dev.id.partition(":")[2], feature_dim=dim,
-                            batch=static)
+                            batch=static, with_logits=True)  # the old model's logits: the "before" column
     progress("decode", 0, 2)
     fit_x, fit_y = _dataset_views(splits.train, size, "DATA")
     held_x, held_y = _dataset_views(splits.val, size, "held-out")
     progress("features", 1, 2)
-    fit_f = run_batched(runner, fit_x, batch=static)
-    held_f = run_batched(runner, held_x, batch=static) if len(held_x) else np.zeros((0, dim), np.float32)
+    fit_f = run_batched(runner, fit_x, batch=static)[:, :dim]
+    held = run_batched(runner, held_x, batch=static) if len(held_x) else np.zeros((0, dim + len(old_labels)), np.float32)
+    held_f, before_logits = held[:, :dim], held[:, dim:]
     remap = np.array([index.get(c, -1) for c in data_classes])
     fit_y, held_y = remap[fit_y], remap[held_y]
 
@@ -220,10 +221,7 @@ def learn(bundle: Path, data: Path, out: Path, *, device: str = "auto", forget: 
     before_labels = list(manifest["labels"])
     table = []
     after_pred = head_logits(params, held_f).argmax(1) if len(held_f) else np.zeros(0, int)
-    before_pred = None
-    if len(held_f):
-        before_logits = _bundle_head_logits(bundle, manifest, held_x, static)
-        before_pred = np.array([index.get(before_labels[i], -1) for i in before_logits.argmax(1)])
+    before_pred = np.array([index.get(before_labels[i], -1) for i in before_logits.argmax(1)], dtype=int)
     for c, name in enumerate(labels):
         m = held_y == c
         row = {"class": name, "n": int(m.sum()), "new": name not in old_labels or name in replace,
@@ -284,12 +282,3 @@ def learn(bundle: Path, data: Path, out: Path, *, device: str = "auto", forget: 
         bundle_io.write_manifest(stage, new_manifest)
     counts = {labels[c]: int(n) for c, n in enumerate(np.bincount(mem_l, minlength=n_classes))}
     return LearnResult(out, labels, head_name, note, table, verification, time.perf_counter() - t0, counts)
-
-
-def _bundle_head_logits(bundle: Path, manifest: dict[str, Any], views: np.ndarray, static: int | None) -> np.ndarray:
-    """The old bundle's own logits (its model file, CPU) for the before column."""
-    from toolkit.runtime import onnx_runner, openvino_runner, run_batched
-
-    model = bundle / manifest["model"]
-    run = onnx_runner(model) if manifest["runtime"] == "onnxruntime" else openvino_runner(model, batch=static)
-    return run_batched(run, views, batch=static)
