@@ -50,7 +50,7 @@ def grey_alpha_png(grey: np.ndarray, alpha: np.ndarray) -> bytes:
             + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
 
 
-def motion_photo(img: np.ndarray, seed: int, trailer: int = 20000) -> bytes:
+def motion_photo(img: np.ndarray, seed: int, trailer: int = 300_000) -> bytes:
     """A JPEG followed by random bytes, like the MP4 a phone appends to a 'motion photo'."""
     rng = np.random.default_rng(seed)
     tail = rng.integers(0, 256, trailer, dtype=np.uint8).tobytes()

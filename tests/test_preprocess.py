@@ -187,7 +187,8 @@ def test_frames_accept_opencv_shapes():
 def test_motion_photos_decode(tmp_path, seed):
     img = photo(240, 320, seed)
     path = tmp_path / "PXL_motion.jpg"
-    path.write_bytes(motion_photo(img, seed, trailer=5000 + 997 * seed))
+    # A few hundred kB of video after the JPEG: the old "last FFD9 after last FFDA" rule rejected 10 of these 20.
+    path.write_bytes(motion_photo(img, seed, trailer=300_000 + 997 * seed))
     plain = tmp_path / "plain.jpg"
     plain.write_bytes(cv2.imencode(".jpg", img)[1].tobytes())
     assert np.array_equal(read_image(path), read_image(plain))
@@ -262,3 +263,30 @@ def test_backbone_cache_key_includes_the_weights_version(monkeypatch):
     before = features.backbone_cache_key(spec, "ov-x")
     monkeypatch.setattr(features, "weights_version", lambda s: "9.9.9")
     assert features.backbone_cache_key(spec, "ov-x") != before and "9.9.9" in features.backbone_cache_key(spec, "ov-x")
+
+
+def test_run_dir_and_bundle_predictors_give_identical_results_to_concurrent_callers(trained_run, exported):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from toolkit.runtime import load_predictor
+
+    rng = np.random.default_rng(0)
+    for model in (trained_run, exported("openvino").out_dir):
+        predictor = load_predictor(model)
+        size = predictor.input_size
+        batches = [rng.integers(0, 256, (3, size, size, 3), dtype=np.uint8) for _ in range(6)]
+        want = [predictor.predict(b) for b in batches]
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            got = list(pool.map(lambda i: predictor.predict(batches[i % 6]), range(24)))
+        for i, probs in enumerate(got):
+            np.testing.assert_allclose(probs, want[i % 6], rtol=0, atol=1e-6, err_msg=f"{model} call {i}")
+
+
+def test_bundle_manifest_states_the_preprocessing(exported):
+    from toolkit.runtime import read_manifest
+
+    bundle = exported("onnx").out_dir
+    pre = read_manifest(bundle)["preprocessing"]
+    size = read_manifest(bundle)["input"]["size"]
+    assert {k: v for k, v in pre.items() if k in describe(size)} == describe(size)
+    assert pre["normalization"]["inside_model"] is True

@@ -18,7 +18,7 @@ from typing import Callable, Iterable
 import numpy as np
 
 from toolkit.errors import DataError, EdgetuneError
-from toolkit.images import ImageReadError
+from toolkit.images import ImageReadError, read_image  # noqa: F401 - read_image: public re-export
 from toolkit.preprocess import load_image, shrink
 
 logger = logging.getLogger(__name__)
