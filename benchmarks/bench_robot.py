@@ -148,12 +148,13 @@ def bench_classify(bundle: Path, rows: list[Row]) -> None:
                     "640x480 BGR frame: preprocessing (resize + crop) included; medians of 200 interleaved"))
 
 
-def bench_calibration(work: Path, antsbees: Path, skip_caltech: bool, rows: list[Row]) -> None:
+def bench_calibration(antsbees: Path, rows: list[Row]) -> None:
     c = evaluate(antsbees, SHARED / "hymenoptera")["calibration"]
     rows.append(Row("ECE ants/bees val (before -> after temperature)", f"{c['ece_before']:.4f} -> {c['ece_after']:.4f}",
                     "<= 0.05", c["ece_after"] <= 0.05, f"T={c['temperature']:.3f}, {c['source']}"))
-    if skip_caltech:
-        return
+
+
+def bench_caltech(work: Path, rows: list[Row]) -> None:
     cal = SHARED / "caltech50"
     bundle = train_and_export(cal, work / "caltech50")
     c = evaluate(bundle, cal)["calibration"]
@@ -245,19 +246,29 @@ def main() -> None:
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     rows: list[Row] = []
-    antsbees = bench_learn(args.work, rows)
-    bench_classify(antsbees, rows)
-    bench_watch(args.work, antsbees, rows)
-    bench_calibration(args.work, antsbees, args.skip_caltech, rows)
     title = "Robot side (issue 8)"
-    print_table(title, rows)
-    if not args.no_write:
+
+    def publish() -> None:  # after every stage: a stopped run still records what it measured
+        if args.no_write:
+            return
         from benchmarks._common import markdown_table
 
-        md = (f"`{command_line()}`\n\n{machine_description()}; CPU flags: {cpu_flags()}; load average at the end "
+        md = (f"`{command_line()}`\n\n{machine_description()}; CPU flags: {cpu_flags()}; load average "
               f"{load_average()} (other work on the machine inflates wall times).\n\n{markdown_table(rows)}\n")
         update_benchmarks_md(title, md)
 
+    antsbees = bench_learn(args.work, rows)
+    publish()
+    bench_classify(antsbees, rows)
+    publish()
+    bench_calibration(antsbees, rows)
+    publish()
+    bench_watch(args.work, antsbees, rows)
+    publish()
+    if not args.skip_caltech:
+        bench_caltech(args.work, rows)
+        publish()
+    print_table(title, rows)
 
 if __name__ == "__main__":
     main()
