@@ -311,8 +311,9 @@ def backbones(as_json: bool) -> None:
 def _register_subcommands() -> None:
     from devices.commands import devices_command
     from exporters.commands import benchmark_command, export_command
+    from toolkit.robotics.commands import import_bag_command
 
-    for command in (devices_command, export_command, benchmark_command):
+    for command in (devices_command, export_command, benchmark_command, import_bag_command):
         cli.add_command(command)
 
 
