@@ -142,6 +142,14 @@ def compressed_kind(msg) -> str:
     )
 
 
+def check_decodable(msg, msgtype: str) -> None:
+    """Raise UnknownEncodingError now, before any work, if this topic's images cannot be read."""
+    if is_compressed(msgtype):
+        compressed_kind(msg)
+    else:
+        raw_encoding(msg.encoding)
+
+
 def to_file(msg, msgtype: str) -> tuple[bytes, str]:
     """(file bytes, extension) holding the message's image; lossless for raw encodings."""
     if is_compressed(msgtype):

@@ -22,7 +22,7 @@ from typing import Callable, Iterator
 from toolkit import atomic
 from toolkit.errors import EdgetuneError
 from toolkit.robotics.bags import Bag, BagMessage
-from toolkit.robotics.image_msgs import BadMessageError, to_file
+from toolkit.robotics.image_msgs import BadMessageError, check_decodable, to_file
 from toolkit.robotics.labels import RangeLabeller, check_label_name, read_ranges
 
 logger = logging.getLogger(__name__)
@@ -108,8 +108,14 @@ def import_bag(bag_path: Path, topic: str | None, out: Path, options: ImportOpti
     with Bag(bag_path) as bag:
         topic = topic or _only_image_topic(bag)
         summary_topic = bag.image_topic(topic)
-        labeller = (RangeLabeller(ranges, bag.start_ns, options.time_base) if ranges
-                    else (lambda _t: options.label))
+        first = next(bag.messages(topic), None)
+        if first is not None:
+            check_decodable(first.decode(), first.msgtype)
+        if ranges:
+            labeller = RangeLabeller(ranges, bag.start_ns, options.time_base)
+            labeller.check_overlaps(bag.start_ns, bag.end_ns, str(bag.path))
+        else:
+            labeller = lambda _t: options.label  # noqa: E731
         summary = ImportSummary(out=out, topic=topic)
         with atomic.staged_dir(out) as stage:
             rows = _write_images(bag, topic, stage, labeller, options, summary, summary_topic.count, progress)

@@ -93,6 +93,14 @@ class RangeLabeller:
         self._labels = [r.label for r in ranges]
         self.labels = sorted(set(self._labels))
 
+    def check_overlaps(self, start_ns: int, end_ns: int, where: str) -> None:
+        """Fail early (before any image is written) when no range meets the bag's time span."""
+        if not any(s <= end_ns and e > start_ns for s, e in zip(self._starts, self._ends)):
+            raise LabelsError(
+                f"No --labels range meets {where}, which spans {start_ns / 1e9:.3f}-{end_ns / 1e9:.3f} s bag time "
+                f"(0-{(end_ns - start_ns) / 1e9:.3f} s from its start); ranges were read as "
+                f"{'bag time' if self.time_base == 'bag' else 'seconds from the start'} (see --time-base).")
+
     def __call__(self, timestamp_ns: int) -> str | None:
         i = bisect.bisect_right(self._starts, timestamp_ns) - 1
         if i >= 0 and timestamp_ns < self._ends[i]:

@@ -22,9 +22,10 @@ START_NS = 1_700_000_000 * 10**9  # a plausible wall-clock bag start (Nov 2023)
 
 @dataclass
 class TopicSpec:
-    """Frames of one topic: `images` are what the encoding stores (H,W[,C]) in its own channel order."""
+    """Frames of one topic: `images` are what the encoding stores (H,W[,C]) in its own channel order
+    (for jpeg/png: BGR images to encode, or the encoded bytes)."""
 
-    images: Iterable[np.ndarray]
+    images: Iterable[np.ndarray | bytes]
     encoding: str = "bgr8"  # raw encoding, or "jpeg" / "png" for CompressedImage
     padding: int = 0  # extra bytes at the end of each row (`step` > width * bytes per pixel)
     fps: float = 10.0
@@ -49,11 +50,14 @@ def _header(ts, stamp_ns: int, frame_id: str, seq: int, ros1: bool):
 def image_message(ts, image: np.ndarray, spec: TopicSpec, stamp_ns: int, seq: int, ros1: bool):
     header = _header(ts, stamp_ns, spec.frame_id, seq, ros1)
     if spec.encoding in ("jpeg", "png"):
-        ok, buf = cv2.imencode(".jpg" if spec.encoding == "jpeg" else ".png", image)
-        assert ok
-        return ts.types["sensor_msgs/msg/CompressedImage"](header=header, format=spec.encoding, data=buf.reshape(-1))
-    enc = RAW_ENCODINGS[spec.encoding]
-    pixels = np.ascontiguousarray(image, dtype=np.dtype(enc.dtype).newbyteorder(">" if spec.bigendian else "<"))
+        if isinstance(image, bytes):  # already encoded (or deliberately broken, in tests)
+            data = np.frombuffer(image, np.uint8)
+        else:
+            data = cv2.imencode(".jpg" if spec.encoding == "jpeg" else ".png", image)[1].reshape(-1)
+        return ts.types["sensor_msgs/msg/CompressedImage"](header=header, format=spec.encoding, data=data)
+    # Encodings edgetune does not know (e.g. 32FC1) are written as the array's own bytes, for tests.
+    dtype = RAW_ENCODINGS[spec.encoding].dtype if spec.encoding in RAW_ENCODINGS else image.dtype
+    pixels = np.ascontiguousarray(image, dtype=np.dtype(dtype).newbyteorder(">" if spec.bigendian else "<"))
     h, w = pixels.shape[:2]
     rows = pixels.view(np.uint8).reshape(h, -1)
     if spec.padding:
