@@ -23,10 +23,12 @@ import click
 @click.option("--max-images", type=click.IntRange(min=1), default=None, help="Stop after this many images.")
 @click.option("--layout", type=click.Choice(["folders", "csv"]), default="folders", show_default=True,
               help="folders: OUT/<label>/ + provenance.csv; csv: OUT/images/ + labels.csv.")
+@click.option("--png-level", type=click.IntRange(0, 9), default=0, show_default=True,
+              help="Deflate level of raw frames' lossless PNGs: 0 writes fastest (files as big as in the bag), 1-9 smaller.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out folder (only once the import succeeded).")
 def import_bag_command(bag: Path, topic: str | None, out: Path | None, list_topics: bool, labels_csv: Path | None,
                        time_base: str, label: str | None, every: int, min_interval: float, max_images: int | None,
-                       layout: str, overwrite: bool) -> None:
+                       layout: str, png_level: int, overwrite: bool) -> None:
     """Turn the images of one topic of a ROS 1 / ROS 2 bag into a dataset `edgetune train` reads.
 
     BAG is a ROS 1 .bag, a ROS 2 .db3 or .mcap file, or a ROS 2 bag folder. Images are labelled by
@@ -47,7 +49,8 @@ def import_bag_command(bag: Path, topic: str | None, out: Path | None, list_topi
     from toolkit.robotics.import_bag import ImportOptions, import_bag
 
     options = ImportOptions(labels_csv=labels_csv, label=label, time_base=time_base, every=every,
-                            min_interval=min_interval, max_images=max_images, layout=layout, overwrite=overwrite)
+                            min_interval=min_interval, max_images=max_images, layout=layout, overwrite=overwrite,
+                            png_level=png_level)
     with _RichProgress() as progress:
         s = import_bag(bag, topic, out, options, progress=progress)
     console = _console()

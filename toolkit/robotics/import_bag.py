@@ -22,7 +22,7 @@ from typing import Callable, Iterator
 from toolkit import atomic
 from toolkit.errors import EdgetuneError
 from toolkit.robotics.bags import Bag, BagMessage
-from toolkit.robotics.image_msgs import BadMessageError, check_decodable, to_file
+from toolkit.robotics.image_msgs import DEFAULT_PNG_LEVEL, BadMessageError, check_decodable, to_file
 from toolkit.robotics.labels import RangeLabeller, check_label_name, read_ranges
 
 logger = logging.getLogger(__name__)
@@ -43,6 +43,7 @@ class ImportOptions:
     max_images: int | None = None
     layout: str = "folders"
     overwrite: bool = False
+    png_level: int = DEFAULT_PNG_LEVEL  # deflate level of raw frames' PNGs: 0 fastest, 9 smallest
     workers: int = 0  # encoder threads; 0 = one per core
 
     def check(self) -> None:
@@ -54,6 +55,8 @@ class ImportOptions:
             raise EdgetuneError(f"--min-interval must be 0 or more seconds, got {self.min_interval}.")
         if self.max_images is not None and self.max_images < 1:
             raise EdgetuneError(f"--max-images must be 1 or more, got {self.max_images}.")
+        if not 0 <= self.png_level <= 9:
+            raise EdgetuneError(f"--png-level must be 0 (fastest) to 9 (smallest), got {self.png_level}.")
         if self.layout not in LAYOUTS:
             raise EdgetuneError(f"Unknown layout '{self.layout}': one of {', '.join(LAYOUTS)}.")
         if self.label is not None:
@@ -192,7 +195,7 @@ def _write_images(bag: Bag, topic: str, stage: Path, labeller, options: ImportOp
 
     def encode(message: BagMessage, label: str | None) -> tuple[str, dict]:
         msg = message.decode()
-        data, ext = to_file(msg, message.msgtype)
+        data, ext = to_file(msg, message.msgtype, png_level=options.png_level)
         folder = "images" if options.layout == "csv" else (label or "")
         rel = f"{folder}/{stem}_{message.index:06d}_{message.timestamp_ns}{ext}".lstrip("/")
         with open(stage / rel, "wb") as f:
