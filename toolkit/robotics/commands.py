@@ -64,3 +64,39 @@ def import_bag_command(bag: Path, topic: str | None, out: Path | None, list_topi
     if len(labelled) >= 2:
         train_on = s.index_file if layout == "csv" else s.out
         console.print(f"next: edgetune train {train_on}")
+
+
+def record_option(f):
+    """--record out.mcap, shared by watch and predict."""
+    return click.option("--record", type=click.Path(path_type=Path), default=None,
+                        help="Write frames and predictions to this new MCAP file (open it in Foxglove).")(f)
+
+
+def foxglove_options(f):
+    """--foxglove / --foxglove-port / --foxglove-host for watch."""
+    f = click.option("--foxglove-host", default="127.0.0.1", show_default=True,
+                     help="Address the live server listens on (0.0.0.0: reachable from other machines).")(f)
+    f = click.option("--foxglove-port", type=click.IntRange(0, 65535), default=8765, show_default=True,
+                     help="Port of the live Foxglove server.")(f)
+    return click.option("--foxglove", is_flag=True,
+                        help="Serve frames and predictions live to Foxglove (ws://HOST:PORT).")(f)
+
+
+def bag_source_options(f):
+    """--topic / --rate for `--source bag:PATH` (the same keys the spec's ?query takes)."""
+    f = click.option("--rate", type=click.FloatRange(min=0), default=None,
+                     help="bag sources: replay speed (1 = as recorded, 0 = as fast as the model goes) [1].")(f)
+    return click.option("--topic", default=None, help="bag sources: the image topic to replay.")(f)
+
+
+def open_foxglove_sink(record: Path | None, foxglove: bool = False, port: int = 8765, host: str = "127.0.0.1"):
+    """The sink for --record and/or --foxglove (None when neither is asked for)."""
+    if record is None and not foxglove:
+        return None
+    from toolkit.robotics.foxglove_sink import FoxgloveSink
+
+    sink = FoxgloveSink(record=record, port=port if foxglove else None, host=host)
+    if foxglove:
+        click.echo(f"Foxglove: open connection ws://{host}:{sink.port} (channels /edgetune/image, "
+                   f"/edgetune/annotations, /edgetune/prediction)", err=True)
+    return sink
