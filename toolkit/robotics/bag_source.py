@@ -65,7 +65,7 @@ class BagSource:
         try:
             self.topic = topic or self._only_image_topic()
             self._bag.image_topic(self.topic)
-            first = next(self._bag.messages(self.topic), None)
+            first = self._bag.first_message(self.topic)
             if first is None:
                 raise EdgetuneError(f"Topic {self.topic} in {self.path} has no messages.")
             check_decodable(first.decode(), first.msgtype)

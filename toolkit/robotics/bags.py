@@ -157,6 +157,13 @@ class Bag:
             yield BagMessage(int(timestamp), index, summary.msgtype, raw, self)
             index += 1
 
+    def first_message(self, topic: str) -> BagMessage | None:
+        stream = self.messages(topic)
+        try:
+            return next(stream, None)
+        finally:
+            stream.close()  # releases the reader's cursor before the real pass starts
+
     def _deserialize(self, raw: bytes, msgtype: str) -> Any:
         try:
             return self._reader.deserialize(raw, msgtype)

@@ -111,7 +111,7 @@ def import_bag(bag_path: Path, topic: str | None, out: Path, options: ImportOpti
     with Bag(bag_path) as bag:
         topic = topic or _only_image_topic(bag)
         summary_topic = bag.image_topic(topic)
-        first = next(bag.messages(topic), None)
+        first = bag.first_message(topic)
         if first is not None:
             check_decodable(first.decode(), first.msgtype)
         if ranges:
