@@ -105,10 +105,14 @@ class Bag:
                 logger.debug("closing %s: %s", self.path, e)
 
     def _error(self, err: BaseException) -> BagError:
+        reason = _reason(err)
+        if "profile" in reason.lower():  # an MCAP of Foxglove/protobuf messages, e.g. an edgetune recording
+            return BagError(f"Cannot read bag {self.path}: {reason}. Only ROS 2 MCAP recordings are bags "
+                            f"(this one is for viewing in Foxglove).")
         hint = {".bag": "a ROS 1 bag cut short can be repaired with `rosbag reindex`",
                 ".mcap": "an MCAP cut short can be repaired with `mcap recover`"}.get(
                     self.path.suffix, "a ROS 2 bag cut short can be repaired with `ros2 bag reindex`")
-        return BagError(f"Cannot read bag {self.path}: {_reason(err)}. Is it complete? ({hint})")
+        return BagError(f"Cannot read bag {self.path}: {reason}. Is it complete? ({hint})")
 
     # -- what is inside --------------------------------------------------------------------------
     @property
