@@ -221,3 +221,11 @@ def test_broken_message_is_skipped_and_counted(tmp_path):
     assert result.exit_code == 0, result.output
     assert "1 broken" in result.output
     assert [f.read_bytes() for f in _images(tmp_path / "o")] == [jpegs[0], jpegs[2]]
+
+
+def test_an_edgetune_recording_is_not_mistaken_for_a_bag(tmp_path):
+    from toolkit.robotics.foxglove_sink import FoxgloveSink
+
+    recording = tmp_path / "predictions.mcap"
+    FoxgloveSink(record=recording).close()
+    _one_line_error(_run(recording, "--list"), "Only ROS 2 MCAP recordings are bags")
