@@ -149,7 +149,21 @@ def test_import_then_train(tmp_path):
     result = CliRunner().invoke(cli, ["train", str(data), "--out", str(run), "--backbone", "efficientnet_lite0",
                                       "--views", "1", "--epochs", "3"])
     assert result.exit_code == 0, result.output
-    assert (run / "config.json").exists()
+
+    recording = tmp_path / "predictions.mcap"
+    result = CliRunner().invoke(cli, ["predict", str(run), str(data / "red"), "--record", str(recording), "--top-k", "2"])
+    assert result.exit_code == 0, result.output
+    from mcap.reader import make_reader
+
+    with open(recording, "rb") as f:
+        messages = [(c.topic, m) for _, c, m in make_reader(f).iter_messages()]
+    import json
+
+    predictions = [json.loads(m.data) for topic, m in messages if topic == "/edgetune/prediction"]
+    images = [m for topic, m in messages if topic == "/edgetune/image"]
+    assert len(predictions) == len(images) == 8
+    assert {p["label"] for p in predictions} <= set(colours) and all(len(p["topk"]) == 2 for p in predictions)
+    assert sorted(m.log_time for m in images) == sorted(f.stat().st_mtime_ns for f in (data / "red").iterdir())
 
 
 def test_list_names_topics_types_and_counts(tmp_path):

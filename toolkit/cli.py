@@ -14,6 +14,7 @@ import click
 from devices.commands import device_option
 from toolkit import __version__
 from toolkit.errors import EdgetuneError
+from toolkit.robotics.commands import record_option
 
 
 class UserError(click.ClickException):
@@ -195,12 +196,26 @@ def evaluate(model: Path, data: Path, as_json: bool, device: str) -> None:
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per image.")
 @click.option("--top-k", type=int, default=1, show_default=True)
+@record_option
 @device_option()
-def predict(model: Path, inputs: tuple[Path, ...], as_json: bool, top_k: int, device: str) -> None:
+def predict(model: Path, inputs: tuple[Path, ...], as_json: bool, top_k: int, device: str, record: Path | None) -> None:
     """Classify images and folders of images with MODEL (a run directory or an exported bundle)."""
+    import time
+
     from toolkit.predict import predict_paths
 
+    if record is not None:
+        from toolkit.robotics.foxglove_sink import check_record_path
+
+        check_record_path(record)  # before the work, not after it
+    t0 = time.perf_counter()
     predictor_results = predict_paths(model, inputs, top_k=top_k, device=device)
+    if record is not None:
+        from toolkit.robotics.foxglove_sink import record_file_predictions
+
+        per_image = (time.perf_counter() - t0) / max(1, len(predictor_results))
+        n = record_file_predictions(record, predictor_results, seconds_per_image=per_image)
+        click.echo(f"recorded {n} images and predictions to {record}", err=True)
     for r in predictor_results:
         if as_json:
             click.echo(json.dumps(r))

@@ -191,3 +191,30 @@ def _start_server(host: str, port: int, context):
         return foxglove.start_server(name="edgetune", host=host, port=port, context=context)
     except Exception as e:  # the SDK raises its own error type for a port in use
         raise EdgetuneError(f"Cannot start the Foxglove server on {host}:{port} ({e}): pick another --foxglove-port.") from None
+
+
+def record_file_predictions(record: Path, results: list[dict[str, Any]], *, seconds_per_image: float) -> int:
+    """`predict --record`: each classified file as a frame (stamped with its modification time) and
+    its prediction, in input order. Returns the number of frames written."""
+    from types import SimpleNamespace
+
+    from toolkit.images import ImageReadError, read_image
+    from toolkit.sources import Frame
+
+    written = 0
+    with FoxgloveSink(record=record) as sink:
+        for index, r in enumerate(results):
+            if "error" in r:
+                continue
+            path = Path(r["path"])
+            try:
+                image = cv2.cvtColor(read_image(path), cv2.COLOR_RGB2BGR)
+            except ImageReadError as e:  # changed since it was classified
+                logger.warning("Not recorded: %s", e)
+                continue
+            top = [(t["label"], t["probability"]) for t in r["top"]]
+            result = SimpleNamespace(label=r["label"], confidence=r["probability"], topk=top,
+                                     unknown=bool(r.get("unknown", False)), latency_ms=seconds_per_image * 1e3)
+            sink.write(Frame(image=image, timestamp_ns=path.stat().st_mtime_ns, index=index), result)
+            written += 1
+    return written
