@@ -89,3 +89,23 @@ def test_bad_specs_are_one_line_errors(bag, spec, fragment):
     with pytest.raises(EdgetuneError) as err:
         open_bag_source(spec.format(path=path), {})
     assert fragment in str(err.value) and "\n" not in str(err.value)
+
+
+def test_recording_a_jpeg_bag_keeps_the_robots_own_bytes(bag, tmp_path):
+    import cv2
+    from mcap.reader import make_reader
+
+    from toolkit.robotics.foxglove_sink import FoxgloveSink
+
+    path, frames = bag
+    with BagSource(path, topic="/cam/jpeg", rate=0) as source, FoxgloveSink(record=tmp_path / "r.mcap") as sink:
+        for frame in source.frames():
+            sink.write(frame, _Result())
+    with open(tmp_path / "r.mcap", "rb") as f:
+        payloads = [m.data for _, c, m in make_reader(f).iter_messages() if c.topic == "/edgetune/image"]
+    originals = [cv2.imencode(".jpg", frame)[1].tobytes() for frame in frames]
+    assert len(payloads) == 12 and all(original in payload for original, payload in zip(originals, payloads))
+
+
+class _Result:
+    label, confidence, topk, unknown, latency_ms = "a", 1.0, [("a", 1.0)], False, 1.0

@@ -8,20 +8,35 @@ robot would have seen. `rate` 0 plays every frame as fast as the model goes (for
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 from urllib.parse import parse_qs
 
 from toolkit.errors import EdgetuneError
 from toolkit.robotics.bags import Bag, BagMessage
-from toolkit.robotics.image_msgs import BadMessageError, check_decodable, to_bgr
+from toolkit.robotics.image_msgs import BadMessageError, check_decodable, jpeg_bytes, to_bgr
 
 logger = logging.getLogger(__name__)
 
 SCHEME = "bag"
+
+
+@functools.cache
+def bag_frame_type() -> type:
+    """toolkit.sources.Frame plus the message's own JPEG bytes (None for raw images): a recording
+    then stores exactly what the robot recorded, without spending a re-encode per frame."""
+    from toolkit.sources import Frame
+
+    @dataclass(frozen=True)
+    class BagFrame(Frame):
+        jpeg: bytes | None = None
+
+    return BagFrame
 
 
 def parse_spec(spec: str, options: dict[str, Any] | None = None) -> tuple[Path, dict[str, Any]]:
@@ -83,19 +98,20 @@ class BagSource:
         return images[0]
 
     def frames(self) -> Iterator[Any]:
-        from toolkit.sources import Frame
-
+        BagFrame = bag_frame_type()
         self._iterating = True
         try:
             for message in self._paced(self._bag.messages(self.topic)):
+                msg = message.decode()
                 try:
-                    image = to_bgr(message.decode(), message.msgtype)
+                    image = to_bgr(msg, message.msgtype)
                 except BadMessageError as e:
                     self.broken += 1
                     logger.warning("Skipped message %d of %s at %d: %s", message.index, self.topic,
                                    message.timestamp_ns, e)
                     continue
-                yield Frame(image=image, timestamp_ns=message.timestamp_ns, index=message.index)
+                yield BagFrame(image=image, timestamp_ns=message.timestamp_ns, index=message.index,
+                               jpeg=jpeg_bytes(msg, message.msgtype))
         finally:
             self._iterating = False
             self._bag.close()

@@ -156,11 +156,8 @@ class FoxgloveSink:
 
         t = int(frame.timestamp_ns)
         stamp = Timestamp(sec=t // 10**9, nsec=t % 10**9)
-        ok, jpeg = cv2.imencode(".jpg", frame.image, self._jpeg)
-        if not ok:
-            raise EdgetuneError(f"Cannot JPEG-encode frame {frame.index} of shape {frame.image.shape}")
-        self._image.log(CompressedImage(timestamp=stamp, frame_id=self._frame_id, data=jpeg.tobytes(), format="jpeg"),
-                        log_time=t)
+        self._image.log(CompressedImage(timestamp=stamp, frame_id=self._frame_id, data=self._jpeg_of(frame),
+                                        format="jpeg"), log_time=t)
         text = f"{'unknown' if result.unknown else result.label} {result.confidence:.2f}"
         colour = Color(r=1.0, g=0.6, b=0.0, a=1.0) if result.unknown else Color(r=0.2, g=1.0, b=0.2, a=1.0)
         size = max(12.0, frame.image.shape[0] / 20)
@@ -168,6 +165,15 @@ class FoxgloveSink:
             timestamp=stamp, position=Point2(x=size / 2, y=size * 1.5), text=text, font_size=size,
             text_color=colour, background_color=Color(r=0.0, g=0.0, b=0.0, a=0.6))]), log_time=t)
         self._prediction.log(prediction_message(frame, result), log_time=t)
+
+    def _jpeg_of(self, frame) -> bytes:
+        encoded = getattr(frame, "jpeg", None)  # frames that arrived as JPEG (bag sources) keep their bytes
+        if encoded is not None:
+            return encoded
+        ok, jpeg = cv2.imencode(".jpg", frame.image, self._jpeg)
+        if not ok:
+            raise EdgetuneError(f"Cannot JPEG-encode frame {frame.index} of shape {frame.image.shape}")
+        return jpeg.tobytes()
 
     def _shutdown_outputs(self, *, finished: bool) -> None:
         if self._server is not None:

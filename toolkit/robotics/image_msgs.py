@@ -183,6 +183,13 @@ def _check_compressed(data: bytes, kind: str) -> None:
         raise BadMessageError(f"{kind} data does not decode")
 
 
+def jpeg_bytes(msg, msgtype: str) -> bytes | None:
+    """The JPEG file inside a CompressedImage, None for anything else."""
+    if is_compressed(msgtype) and compressed_kind(msg) == "jpeg":
+        return np.asarray(msg.data, dtype=np.uint8).tobytes()
+    return None
+
+
 def to_bgr(msg, msgtype: str) -> np.ndarray:
     """HxWx3 uint8 BGR for a model: 16-bit scaled to 8, alpha dropped, bayer/YUV converted."""
     if is_compressed(msgtype):
