@@ -78,7 +78,7 @@ class BagSource:
         self._bag = Bag(self.path)
         self._bag.open()  # fail now, with a one-line error, not at the first frame
         try:
-            self.topic = topic or self._only_image_topic()
+            self.topic = topic or self._bag.only_image_topic(f"Give the topic: bag:{self.path}?topic=...")
             self._bag.image_topic(self.topic)
             first = self._bag.first_message(self.topic)
             if first is None:
@@ -89,13 +89,6 @@ class BagSource:
             raise
         self._stop = threading.Event()  # close() from another thread ends a replay, even mid-wait
         self._iterating = False
-
-    def _only_image_topic(self) -> str:
-        images = [t.name for t in self._bag.topics() if t.is_image]
-        if len(images) != 1:
-            raise EdgetuneError(f"Give the topic: bag:{self.path}?topic=... ({self.path} has image topics "
-                                f"{', '.join(images) or 'none'}).")
-        return images[0]
 
     def frames(self) -> Iterator[Any]:
         BagFrame = bag_frame_type()

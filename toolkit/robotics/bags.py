@@ -143,6 +143,15 @@ class Bag:
                            f"sensor_msgs/Image or CompressedImage.{hint}")
         return summary
 
+    def only_image_topic(self, how_to_choose: str) -> str:
+        """The bag's one image topic; with none or several, an error that lists them and says
+        `how_to_choose` (e.g. "Give --topic")."""
+        images = [t.name for t in self.topics() if t.is_image]
+        if len(images) == 1:
+            logger.info("Using the only image topic of %s: %s", self.path, images[0])
+            return images[0]
+        raise BagError(f"{how_to_choose}: {self.path} has image topics {', '.join(images) or '(none)'}.")
+
     # -- reading --------------------------------------------------------------------------------
     def messages(self, topic: str) -> Iterator[BagMessage]:
         """The messages of one image topic in bag-time order, undecoded until asked."""

@@ -109,7 +109,7 @@ def import_bag(bag_path: Path, topic: str | None, out: Path, options: ImportOpti
     _check_out(out, options.overwrite)
     ranges = read_ranges(options.labels_csv) if options.labels_csv else None  # fail before reading
     with Bag(bag_path) as bag:
-        topic = topic or _only_image_topic(bag)
+        topic = topic or bag.only_image_topic("Give --topic")
         summary_topic = bag.image_topic(topic)
         first = bag.first_message(topic)
         if first is not None:
@@ -130,15 +130,6 @@ def import_bag(bag_path: Path, topic: str | None, out: Path, options: ImportOpti
     if summary.bad:
         logger.warning("Skipped %d broken messages on %s: %s", len(summary.bad), topic, "; ".join(summary.bad[:5]))
     return summary
-
-
-def _only_image_topic(bag: Bag) -> str:
-    images = [t.name for t in bag.topics() if t.is_image]
-    if len(images) == 1:
-        logger.info("Using the bag's only image topic %s", images[0])
-        return images[0]
-    listed = ", ".join(images) if images else "none"
-    raise EdgetuneError(f"Give --topic: {bag.path} has image topics {listed}.")
 
 
 def _nothing_written(bag_path: Path, topic: str, s: ImportSummary, ranged: bool) -> str:
