@@ -227,10 +227,23 @@ def watch_rows(args, scratch: Path) -> list[Row]:
 
 
 def _classifier(bundle: Path):
-    from toolkit.classify import load
+    """One frame -> one prediction the way watch classifies: BGR->RGB, the bundle's preprocessing,
+    a batch-1 predictor call, top-k, latency."""
+    from types import SimpleNamespace
 
-    classifier = load(bundle)
-    return lambda frame: classifier.classify(frame.image)
+    from toolkit.runtime import load_predictor
+
+    predictor = load_predictor(bundle)
+
+    def classify(frame):
+        t0 = time.perf_counter()
+        probs = predictor.predict(predictor.preprocess(cv2.cvtColor(frame.image, cv2.COLOR_BGR2RGB))[None])[0]
+        top = np.argsort(-probs)[:3]
+        return SimpleNamespace(label=predictor.labels[top[0]], confidence=float(probs[top[0]]),
+                               topk=[(predictor.labels[i], float(probs[i])) for i in top], unknown=False,
+                               latency_ms=(time.perf_counter() - t0) * 1e3)
+
+    return classify
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ robot would have seen. `rate` 0 plays every frame as fast as the model goes (for
 
 from __future__ import annotations
 
-import functools
 import logging
 import threading
 import time
@@ -16,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 from urllib.parse import parse_qs
+
+import numpy as np
 
 from toolkit.errors import EdgetuneError
 from toolkit.robotics.bags import Bag, BagMessage
@@ -26,17 +27,16 @@ logger = logging.getLogger(__name__)
 SCHEME = "bag"
 
 
-@functools.cache
-def bag_frame_type() -> type:
-    """toolkit.sources.Frame plus the message's own JPEG bytes (None for raw images): a recording
-    then stores exactly what the robot recorded, without spending a re-encode per frame."""
-    from toolkit.sources import Frame
+@dataclass(frozen=True)
+class BagFrame:
+    """A frame as toolkit.sources.Frame has it (image HxWx3 uint8 BGR, timestamp_ns, index), plus
+    the message's own JPEG bytes (None for raw images): a recording then stores exactly what the
+    robot recorded, without spending a re-encode per frame."""
 
-    @dataclass(frozen=True)
-    class BagFrame(Frame):
-        jpeg: bytes | None = None
-
-    return BagFrame
+    image: np.ndarray
+    timestamp_ns: int  # bag time
+    index: int  # position in the topic
+    jpeg: bytes | None = None
 
 
 def parse_spec(spec: str, options: dict[str, Any] | None = None) -> tuple[Path, dict[str, Any]]:
@@ -91,7 +91,6 @@ class BagSource:
         self._iterating = False
 
     def frames(self) -> Iterator[Any]:
-        BagFrame = bag_frame_type()
         self._iterating = True
         try:
             for message in self._paced(self._bag.messages(self.topic)):

@@ -205,7 +205,6 @@ def record_file_predictions(record: Path, results: list[dict[str, Any]], *, seco
     from types import SimpleNamespace
 
     from toolkit.images import ImageReadError, read_image
-    from toolkit.sources import Frame
 
     written = 0
     with FoxgloveSink(record=record) as sink:
@@ -221,6 +220,7 @@ def record_file_predictions(record: Path, results: list[dict[str, Any]], *, seco
             top = [(t["label"], t["probability"]) for t in r["top"]]
             result = SimpleNamespace(label=r["label"], confidence=r["probability"], topk=top,
                                      unknown=bool(r.get("unknown", False)), latency_ms=seconds_per_image * 1e3)
-            sink.write(Frame(image=image, timestamp_ns=path.stat().st_mtime_ns, index=index), result)
+            frame = SimpleNamespace(image=image, timestamp_ns=path.stat().st_mtime_ns, index=index)
+            sink.write(frame, result)
             written += 1
     return written
