@@ -17,7 +17,7 @@ from typing import Any, Callable, ClassVar
 
 import numpy as np
 
-from toolkit.augment import eval_resize_shorter
+from toolkit.preprocess import eval_resize_shorter
 from toolkit.errors import EdgetuneError
 from toolkit.runs import RunDir
 from toolkit.runtime import run_batched
@@ -149,10 +149,10 @@ class Exporter(abc.ABC):
 
 
 def _views(images: list[np.ndarray], size: int) -> np.ndarray:
-    from toolkit.augment import eval_view
+    from toolkit.preprocess import resize_and_crop
     from toolkit.runtime import to_nchw_float
 
-    return to_nchw_float(np.stack([eval_view(img, size) for img in images]))
+    return to_nchw_float(np.stack([resize_and_crop(img, size) for img in images]))
 
 
 def _splits(run: RunDir):
@@ -183,7 +183,9 @@ def val_set(run: RunDir) -> tuple[np.ndarray, np.ndarray]:
 def calibration_set(run: RunDir, calibration: Path | None, limit: int) -> np.ndarray:
     """float32 NCHW eval views of up to `limit` images, spread evenly over the source."""
     from toolkit.data import list_images
-    from toolkit.images import ImageReadError, read_image
+    from toolkit.images import ImageReadError
+    from toolkit.preprocess import model_input
+    from toolkit.runtime import to_nchw_float
 
     size = run.spec.input_size
     if calibration is None:
@@ -196,13 +198,13 @@ def calibration_set(run: RunDir, calibration: Path | None, limit: int) -> np.nda
         paths, where = list_images(calibration), f"--calib {calibration}"
     if len(paths) > limit:
         paths = [paths[i] for i in np.linspace(0, len(paths) - 1, limit).round().astype(int)]
-    images, bad = [], []
+    views, bad = [], []
     for p in paths:
         try:
-            images.append(read_image(p, min_side=eval_resize_shorter(size)))
+            views.append(model_input(p, size))
         except ImageReadError as e:
             bad.append(f"{p.name} ({e.reason})")
-    if not images:
+    if not views:
         detail = f": {', '.join(bad[:3])}" if bad else ""
         raise EdgetuneError(
             f"No readable calibration images in {where} ({len(paths)} files{detail}). "
@@ -210,7 +212,7 @@ def calibration_set(run: RunDir, calibration: Path | None, limit: int) -> np.nda
         )
     if bad:
         logger.warning("Skipped %d unreadable calibration images: %s", len(bad), ", ".join(bad[:5]))
-    return _views(images, size)
+    return to_nchw_float(np.stack(views))
 
 
 def _check_unchanged_by_embedding(runner, inputs: np.ndarray, exported: np.ndarray, ctx: ExportContext) -> None:

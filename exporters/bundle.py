@@ -15,6 +15,7 @@ from typing import Any
 from toolkit import __version__, atomic
 from toolkit.convert import save_ir
 from toolkit.runtime import MANIFEST
+from toolkit.train import preprocessing_record
 
 # Training metrics worth carrying into the export (the rest stays in the run).
 _METRIC_KEYS = ("val_accuracy", "val_loss", "best_epoch", "epochs_run", "n_train", "n_val", "per_class_accuracy")
@@ -33,7 +34,8 @@ def make_manifest(run, exporter, model_file: str, *, parity: dict[str, Any], sta
         "input": {"name": "image", "size": spec.input_size, "layout": "NCHW", "dtype": "float32",
                   "range": "0-255", "color": "RGB", "batch": static_batch},
         "outputs": ["logits", "probabilities"],
-        "preprocessing": cfg.get("preprocessing"),
+        # Always the current rule (what predict and the Predictor apply), not the run's old record.
+        "preprocessing": preprocessing_record(spec),
         "backbone": cfg.get("backbone", spec.to_json()),
         "head": cfg["train"]["head"],
         "source_run": str(Path(run.path).resolve()),

@@ -147,9 +147,9 @@ def test_gif_fallback_when_imdecode_lacks_gif(tmp_path, monkeypatch):
     assert read_image(path).shape == (8, 10, 3)
 
 
-def test_reduced_decode_keeps_min_side(tmp_path):
+def test_large_jpeg_decodes_at_full_size(tmp_path):
+    # No reduced-resolution decode: the pixels must not depend on who asks for the image.
     path = _write(tmp_path / "big.jpg", _jpeg_bytes(400, 640))
-    assert min(read_image(path, min_side=90).shape[:2]) == 100  # decoded at 1/4, still >= 90
     assert read_image(path).shape[:2] == (400, 640)
 
 
@@ -165,11 +165,11 @@ def test_decode_images_skips_bad_files_with_one_warning(tmp_path, make_image_fol
     assert len(ds) == 10
     seen = []
     with caplog.at_level(logging.WARNING, logger="toolkit.data"):
-        images, clean, skipped = decode_images(ds, min_side=32, max_side=40, progress=seen.append)
+        images, clean, skipped = decode_images(ds, min_side=32, progress=seen.append)
     assert len(images) == len(clean) == len(ds) - 2
     assert {s.path.name for s in skipped} == {"empty.jpg", "notes.jpg"}
     assert seen == list(range(1, len(ds) + 1))
-    assert all(min(i.shape[:2]) <= 32 and max(i.shape[:2]) <= 40 and i.dtype == np.uint8 for i in images)
+    assert all(min(i.shape[:2]) == 32 and i.dtype == np.uint8 for i in images)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1
     assert f"Skipped 2 of {len(ds)} images" in warnings[0]

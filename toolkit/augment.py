@@ -21,28 +21,8 @@ import numpy as np
 
 from toolkit.errors import EdgetuneError, unknown_choice
 
-# ImageNet convention: validation crops 87.5% of the resized shorter side (224 of 256).
-EVAL_CROP_FRACTION = 0.875
-
-
-def eval_view(img: np.ndarray, size: int) -> np.ndarray:
-    """Deterministic view for validation, inference and exported-model preprocessing.
-
-    Resize the shorter side to round(size / 0.875) (INTER_AREA down, INTER_LINEAR up), then crop
-    the centre size x size. Exporters record this as resize_shorter=<n>, center_crop=<size>.
-    """
-    h, w = img.shape[:2]
-    target = eval_resize_shorter(size)
-    scale = target / min(h, w)
-    new_w, new_h = max(target, round(w * scale)), max(target, round(h * scale))  # shorter side == target
-    interp = cv2.INTER_AREA if scale < 1.0 else cv2.INTER_LINEAR
-    resized = cv2.resize(img, (new_w, new_h), interpolation=interp) if (new_w, new_h) != (w, h) else img
-    top, left = (new_h - size) // 2, (new_w - size) // 2
-    return np.ascontiguousarray(resized[top : top + size, left : left + size])
-
-
-def eval_resize_shorter(size: int) -> int:
-    return round(size / EVAL_CROP_FRACTION)
+# The deterministic view (validation, inference, the "none" preset) is the one preprocessing.
+from toolkit.preprocess import eval_resize_shorter, eval_view  # noqa: F401
 
 
 # ------------------------------------------------------------------------------------ transforms

@@ -43,10 +43,12 @@ def cli(verbose: int) -> None:
 
 
 def _setup_logging(verbose: int) -> None:
+    from rich.console import Console
     from rich.logging import RichHandler
 
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
-    handler = RichHandler(show_time=False, show_path=False, markup=False)
+    # Warnings go to stderr: stdout carries results (`--json` output must stay parseable).
+    handler = RichHandler(console=Console(stderr=True), show_time=False, show_path=False, markup=False)
     logging.basicConfig(level=level, format="%(message)s", handlers=[handler], force=True)
     # NNCF and OpenVINO log their own progress at INFO; keep ours readable unless asked.
     for noisy in ("nncf", "openvino", "matplotlib", "PIL"):
@@ -173,20 +175,24 @@ def _print_train_summary(console, run_dir: Path, m: dict[str, Any]) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
 @device_option()
 def evaluate(model: Path, data: Path, as_json: bool, device: str) -> None:
-    """Measure MODEL (a run directory or an exported bundle) on the labelled images in DATA."""
-    from toolkit.data import load_eval_set
+    """Measure MODEL (a run directory or an exported bundle) on the labelled images in DATA.
+
+    Images that trained MODEL are never scored: on the run's own data its recorded val split is
+    what remains; any training image found in DATA is left out and counted.
+    """
     from toolkit.evaluate import evaluate as run_evaluation
     from toolkit.runtime import load_predictor
 
     predictor = load_predictor(model, device=device)
-    dataset = load_eval_set(data, predictor.labels)
     with _RichProgress() as progress:
-        metrics = run_evaluation(predictor, dataset, progress=progress)
+        metrics = run_evaluation(predictor, data, progress=progress)
     if as_json:
         click.echo(json.dumps(metrics, indent=2))
         return
     console = _console()
     console.print(f"[bold]accuracy {metrics['accuracy']:.4f}[/] on {metrics['n']} images ({predictor.describe()})")
+    if metrics.get("training_images_excluded"):
+        console.print(f"[yellow]left out {metrics['training_images_excluded']} images of {data} that trained the model[/]")
     for name, pc in metrics["per_class"].items():
         console.print(f"  {name:>20}: precision {pc['precision']:.3f}  recall {pc['recall']:.3f}  n={pc['support']}")
 
@@ -224,6 +230,46 @@ def predict(model: Path, inputs: tuple[Path, ...], as_json: bool, top_k: int, de
         else:
             top = ", ".join(f"{p['label']} {p['probability']:.3f}" for p in r["top"])
             click.echo(f"{r['path']}: {top}")
+
+
+# -- watch (robot side) -----------------------------------------------------------------------
+@cli.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--source", required=True, help="Camera index (0), /dev/videoN, video file, rtsp://... URL, or folder.")
+@click.option("--json/--live", "as_json", default=None, help="JSON lines on stdout, or one live status line "
+              "[default: JSON when stdout is not a terminal].")
+@click.option("--every", type=int, default=1, show_default=True, help="Classify every N-th frame delivered.")
+@click.option("--max-frames", type=int, default=None, help="Stop after this many classified frames.")
+@click.option("--save-video", type=click.Path(path_type=Path), help="Write the frames with the label drawn (.mp4/.avi).")
+@click.option("--all-frames", is_flag=True, help="Video files: classify every frame instead of playing in real time.")
+@click.option("--unknown-threshold", type=float, default=None, help="Override the bundle's unknown threshold.")
+@click.option("--top-k", type=int, default=3, show_default=True)
+@device_option()
+def watch(model: Path, source: str, as_json: bool | None, every: int, max_frames: int | None, save_video: Path | None,
+          all_frames: bool, unknown_threshold: float | None, top_k: int, device: str) -> None:
+    """Run MODEL on a live source: newest frame only (stale frames dropped and counted)."""
+    from toolkit.classify import load
+    from toolkit.sources import open_source
+    from toolkit.watch import JsonLinesSink, RichLineSink, VideoSink, watch as run_watch
+
+    classifier = load(model, device=device, top_k=top_k, unknown_threshold=unknown_threshold)
+    src = open_source(source, realtime=not all_frames)
+    sinks = []
+    try:
+        if save_video is not None:
+            sinks.append(VideoSink(save_video, getattr(src, "fps", 30.0) / every))
+        use_json = as_json if as_json is not None else not sys.stdout.isatty()
+        sinks.append(JsonLinesSink() if use_json else RichLineSink(src, _console()))
+    except BaseException:
+        src.close()
+        raise
+    summary = run_watch(classifier, src, sinks, every=every, max_frames=max_frames)
+    s = summary.to_json()
+    _console().print(f"{s['processed']} frames classified in {s['seconds']:.1f} s ({s['fps']:.1f} fps, median "
+                     f"{s['latency_ms_median']:.1f} ms), {s['dropped']} stale frames dropped"
+                     + (" - interrupted" if summary.interrupted else ""))
+    if summary.interrupted:
+        sys.exit(130)
 
 
 # -- augment / demo / backbones -------------------------------------------------------------
@@ -275,7 +321,6 @@ def demo(out: Path, per_class: int, seed: int) -> None:
     import tempfile
     import time
 
-    from toolkit.data import load_eval_set
     from toolkit.evaluate import evaluate as run_evaluation
     from toolkit.runtime import load_predictor
     from toolkit.synthetic import make_tabletop_dataset
@@ -294,7 +339,7 @@ def demo(out: Path, per_class: int, seed: int) -> None:
             metrics = run_training(data, out, TrainConfig(seed=seed), progress=progress)
         (out / DEMO_MARKER).touch()
         _print_train_summary(console, out, metrics)
-        result = run_evaluation(load_predictor(out), load_eval_set(data / "val", metrics["classes"]))
+        result = run_evaluation(load_predictor(out), data / "val")
         console.print(f"re-evaluated from the run directory: accuracy {result['accuracy']:.4f} on {result['n']} images")
         for name, pc in result["per_class"].items():
             console.print(f"  {name:>12}: recall {pc['recall']:.3f}")

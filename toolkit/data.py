@@ -7,6 +7,7 @@ and turns unreadable files into one counted warning instead of a crash mid-train
 from __future__ import annotations
 
 import csv
+import hashlib
 import logging
 import zlib
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -17,7 +18,8 @@ from typing import Callable, Iterable
 import numpy as np
 
 from toolkit.errors import DataError, EdgetuneError
-from toolkit.images import ImageReadError, read_image, shrink
+from toolkit.images import ImageReadError
+from toolkit.preprocess import load_image, shrink
 
 logger = logging.getLogger(__name__)
 
@@ -276,6 +278,15 @@ def _discover_csv(csv_path: Path, *, val_fraction: float, seed: int, classes: li
 
 def load_eval_set(path: Path, classes: list[str]) -> Dataset:
     """The images to evaluate a trained run on, labelled in the run's class order."""
+    return read_eval_layout(path, classes)[0]
+
+
+def read_eval_layout(path: Path, classes: list[str]) -> tuple[Dataset, bool]:
+    """(images to evaluate, whether the layout itself marks them as validation images).
+
+    DATA/train + DATA/val and CSVs with a split column say which images are val (True); plain
+    class folders and CSVs without a split do not (False): they may hold training images.
+    """
     path = Path(path)
     if not path.exists():
         raise DataError(f"Evaluation data {path} does not exist: pass DATA/val or a CSV file")
@@ -283,20 +294,67 @@ def load_eval_set(path: Path, classes: list[str]) -> Dataset:
         if path.suffix.lower() != ".csv":
             raise DataError(f"{path} is a file but not a CSV: pass a folder of class folders or a CSV")
         rows = _read_csv_rows(path)
-        if any(split in VAL_DIR_NAMES for *_, split in rows):
+        explicit = any(split in VAL_DIR_NAMES for *_, split in rows)
+        if explicit:
             rows = [r for r in rows if r[3] in VAL_DIR_NAMES]  # a split column: evaluate on val rows
-        return _csv_dataset(path, rows, classes)
+        return _csv_dataset(path, rows, classes), explicit
+    explicit = False
     if _find_child(path, ["train"]) is not None:
         val_dir = _find_child(path, VAL_DIR_NAMES)
         if val_dir is not None:
-            path = val_dir
-    return _read_class_folders(path, classes, "Evaluation")
+            path, explicit = val_dir, True
+    return _read_class_folders(path, classes, "Evaluation"), explicit
+
+
+# ------------------------------------------------------------------------------ the run's split
+
+SPLIT_FILE = "split.json"  # in a run dir: which files trained it and which validated it
+
+
+def file_digest(path: Path) -> str:
+    """sha1 of the file's bytes: recognises a training image copied into another folder."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha1").hexdigest()
+
+
+def _digests(paths: list[Path], workers: int = 4) -> list[str | None]:
+    def one(p: Path) -> str | None:
+        try:
+            return file_digest(p)
+        except OSError:
+            return None  # unreadable: decoding will skip and report it
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(one, paths))
+
+
+def split_record(splits: Splits) -> dict:
+    """What a run stores in split.json: every train and val file, by path and content."""
+    def files(ds: Dataset | None) -> list[dict[str, str | None]]:
+        if ds is None:
+            return []
+        paths = [s.path.resolve() for s in ds.samples]
+        return [{"path": str(p), "sha1": d} for p, d in zip(paths, _digests(paths))]
+
+    return {"source": splits.source, "train": files(splits.train), "val": files(splits.val)}
+
+
+def exclude_training_images(dataset: Dataset, record: dict) -> tuple[Dataset, list[Sample]]:
+    """`dataset` without the images that trained the run (same path or same bytes), and those."""
+    train_paths = {f["path"] for f in record.get("train", [])}
+    train_digests = {f["sha1"] for f in record.get("train", []) if f.get("sha1")}
+    candidates = [s for s in dataset.samples if str(s.path.resolve()) not in train_paths]
+    digests = _digests([s.path for s in candidates]) if train_digests else [None] * len(candidates)
+    kept = [s for s, d in zip(candidates, digests) if d is None or d not in train_digests]
+    kept_ids = {id(s) for s in kept}
+    return replace(dataset, samples=kept), [s for s in dataset.samples if id(s) not in kept_ids]
 
 
 # ---------------------------------------------------------------------------------------- decoding
 
-def _load(path: Path, min_side: int | None, max_side: int | None) -> np.ndarray:
-    return shrink(read_image(path, min_side=min_side), min_side=min_side, max_side=max_side)
+def _load(path: Path, min_side: int | None) -> np.ndarray:
+    img = load_image(path)
+    return shrink(img, min_side) if min_side else img
 
 
 def _display(path: Path, root: Path) -> str:
@@ -309,19 +367,21 @@ def _display(path: Path, root: Path) -> str:
 def decode_images(
     dataset: Dataset,
     *,
-    max_side: int | None = None,
     min_side: int | None = None,
     workers: int = 2,
     progress: Callable[[int], None] | None = None,
 ) -> tuple[list[np.ndarray], Dataset, list[Skipped]]:
     """Decode every image (threads: OpenCV releases the GIL), shrunk to keep memory small.
 
+    `min_side`: downscale so the shorter side is at most that, by the preprocessing's own resize
+    rule (toolkit.preprocess.shrink); with eval_resize_shorter(size) the model views are unchanged.
+
     Returns the images in dataset order, the dataset without the unreadable samples, and those.
     """
     results: list[np.ndarray | None] = [None] * len(dataset)
     reasons: dict[int, str] = {}
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        futures = {pool.submit(_load, s.path, min_side, max_side): i for i, s in enumerate(dataset.samples)}
+        futures = {pool.submit(_load, s.path, min_side): i for i, s in enumerate(dataset.samples)}
         for done, future in enumerate(as_completed(futures), start=1):
             i = futures[future]
             try:

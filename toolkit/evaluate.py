@@ -2,14 +2,24 @@
 
 accuracy, NLL loss, per-class precision/recall/F1, the confusion matrix and the expected
 calibration error (15 equal-width confidence bins), with unreadable images skipped and counted.
+
+A number must never include an image the model trained on: the run's split.json lists its
+training files (path and sha1), and every evaluation drops those (reported as a count). When
+the run's record cannot be found, only a layout that marks its own val images is evaluated.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+
+from toolkit.errors import EdgetuneError
+
+logger = logging.getLogger(__name__)
 
 ECE_BINS = 15
 
@@ -57,15 +67,61 @@ def classification_metrics(probs: np.ndarray, labels: np.ndarray, classes: list[
     }
 
 
+def training_record(predictor) -> tuple[dict | None, Path | None]:
+    """(split.json of the run behind `predictor`, the run dir): a run dir's own, or a bundle's source run's."""
+    from toolkit.data import SPLIT_FILE
+
+    info = predictor.info or {}
+    run = info.get("run_dir") or info.get("source_run")
+    if not run:
+        return None, None
+    path = Path(run) / SPLIT_FILE
+    try:
+        return json.loads(path.read_text()), Path(run)
+    except (OSError, json.JSONDecodeError):
+        return None, Path(run)
+
+
+def evaluation_set(predictor, data: Path):
+    """The images of `data` that may be scored for `predictor`, and what was left out.
+
+    Returns (Dataset, {"training_images_excluded": n, "training_images_checked": bool}).
+    """
+    from toolkit.data import exclude_training_images, read_eval_layout
+
+    dataset, explicit_val = read_eval_layout(Path(data), predictor.labels)
+    record, run = training_record(predictor)
+    if record is None:
+        if not explicit_val:
+            where = f"{run} has no split.json (trained by an older edgetune)" if run else \
+                "the model's training run is not reachable"
+            raise EdgetuneError(
+                f"Cannot tell which images in {data} trained this model ({where}): evaluate on a folder "
+                "with train/ and val/, or a CSV with a split column, or retrain the run.")
+        logger.warning("No record of the training images (%s): scoring the val images of %s unchecked",
+                       run or "no source run", data)
+        return dataset, {"training_images_excluded": 0, "training_images_checked": False}
+    kept, excluded = exclude_training_images(dataset, record)
+    if excluded:
+        logger.warning("Left out %d of %d images in %s that trained the model (same file or same bytes)",
+                       len(excluded), len(dataset), data)
+    if not kept.samples:
+        raise EdgetuneError(f"All {len(dataset)} images in {data} trained this model: evaluate on images it never saw "
+                            "(its val split, or new ones).")
+    return kept, {"training_images_excluded": len(excluded), "training_images_checked": True}
+
+
 def evaluate(predictor, dataset, *, batch_size: int = 32, workers: int = 2,
              progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
-    """Metrics of `predictor` on `dataset` (a toolkit.data.Dataset, or a path for load_eval_set)."""
-    from toolkit.augment import eval_resize_shorter
-    from toolkit.data import Dataset, decode_images, load_eval_set
+    """Metrics of `predictor` on `dataset`: a toolkit.data.Dataset (scored as given), or a path
+    (read by `evaluation_set`, so the model's own training images are left out and counted)."""
+    from toolkit.data import Dataset, decode_images
+    from toolkit.preprocess import eval_resize_shorter
 
     progress = progress or (lambda *_: None)
+    notes: dict[str, Any] = {}
     if not isinstance(dataset, Dataset):
-        dataset = load_eval_set(Path(dataset), predictor.labels)
+        dataset, notes = evaluation_set(predictor, Path(dataset))
     size = predictor.input_size
     total = len(dataset)
     images, kept, skipped = decode_images(dataset, min_side=eval_resize_shorter(size), workers=workers,
@@ -81,4 +137,5 @@ def evaluate(predictor, dataset, *, batch_size: int = 32, workers: int = 2,
     result["images_skipped"] = len(skipped)
     result["skipped"] = [{"path": str(s.path), "reason": s.reason} for s in skipped]
     result["model"] = predictor.describe()
+    result.update(notes)
     return result

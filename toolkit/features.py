@@ -20,7 +20,7 @@ import numpy as np
 
 from toolkit import __version__
 from toolkit.backbones import BackboneSpec, create_backbone, get_spec
-from toolkit.runtime import pad_batch, to_nchw_float
+from toolkit.runtime import pad_batch, per_thread_infer, to_nchw_float
 
 logger = logging.getLogger(__name__)
 
@@ -117,13 +117,14 @@ class OpenVINOEngine(FeatureEngine):
         if needs_static_shapes(device):
             self.static_batch = batch
         self.compiled = compile_model(model, device, batch=self.static_batch)
+        self._infer = per_thread_infer(self.compiled)  # a run-dir Predictor may be called from many threads
         compute = self.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
         self.compute = {"bf16": "bf16", "f16": "fp16"}.get(compute, self.compute)
         if precision == "int8":
             self.compute = "int8"
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
-        return self.compiled(np.ascontiguousarray(batch))[0]
+        return self._infer(np.ascontiguousarray(batch))
 
     def extract_many(self, batches, out: np.ndarray) -> None:
         # One infer request per stream keeps every core busy while Python builds the next batch.
@@ -206,12 +207,28 @@ def create_engine(
     return ENGINES[runtime](spec, device)
 
 
+def weights_version(spec: BackboneSpec) -> str:
+    """The installed version of the weights package: a new release must not reuse a backbone
+    converted from the old weights, so it is part of every cache key."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(spec.weights)
+    except PackageNotFoundError:
+        return "unversioned"
+
+
+def backbone_cache_key(spec: BackboneSpec, converter: str) -> str:
+    """Name of a converted backbone in the cache: what it was converted from and with."""
+    return f"{spec.name}-w{weights_version(spec)}-{__version__}-{converter}"
+
+
 def _openvino_backbone(spec: BackboneSpec, precision: str, calibration):
     """The backbone as an openvino.Model, converted once per version and cached on disk."""
     import openvino as ov
 
     core = ov.Core()
-    key = f"{spec.name}-{__version__}-ov{ov.__version__.split('-')[0]}"
+    key = backbone_cache_key(spec, f"ov{ov.__version__.split('-')[0]}")
     path = cache_dir() / "openvino" / f"{key}.xml"
     if path.exists():
         model = core.read_model(str(path))
@@ -247,7 +264,7 @@ def _quantize_backbone(model, calibration):
 def _cached_onnx_backbone(spec: BackboneSpec) -> Path:
     import torch
 
-    key = hashlib.sha1(f"{spec.name}-{__version__}-{torch.__version__}".encode()).hexdigest()[:12]
+    key = hashlib.sha1(backbone_cache_key(spec, f"torch{torch.__version__}").encode()).hexdigest()[:12]
     path = cache_dir() / "onnx" / f"{spec.name}-{key}.onnx"
     if not path.exists():
         from toolkit.convert import to_onnx, with_normalization

@@ -7,6 +7,7 @@ alpha, CMYK, float TIFF and GIF all come out as RGB; zero-byte, truncated and no
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import cv2
@@ -34,28 +35,99 @@ _PNG = b"\x89PNG\r\n\x1a\n"
 _GIF = (b"GIF87a", b"GIF89a")
 
 
+# A marker inside entropy-coded data: 0xFF followed by anything but a stuffed 0x00, a restart
+# marker (D0-D7) or another fill 0xFF.
+_MARKER_IN_SCAN = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
+
+
 def _jpeg_truncated(data: bytes) -> bool:
-    # Entropy-coded data stuffs every 0xFF with 0x00, so a real EOI (FFD9) must follow the last
-    # start-of-scan (FFDA); trailing padding or vendor trailers after the EOI are allowed.
-    eoi = data.rfind(b"\xff\xd9")
-    return eoi == -1 or eoi < data.rfind(b"\xff\xda")
+    """True when the JPEG's own image data stops before its end-of-image marker.
 
-
-def _jpeg_size(data: bytes) -> tuple[int, int] | None:
-    """(height, width) from the first SOF marker, or None; lets a big JPEG decode reduced."""
-    i = 2
-    while i + 9 < len(data):
+    Walks the marker segments from the start (skipping each by its length, so an EXIF thumbnail's
+    markers are never mistaken for the image's) and follows the scans to the first real EOI.
+    Whatever follows that EOI is not the image's business: phone "motion photos" append an MP4,
+    other cameras vendor trailers, so trailing bytes never make a file truncated.
+    """
+    i, n = 2, len(data)
+    while i + 2 <= n:
         if data[i] != 0xFF:
-            return None
+            return False  # not a marker where one must be: leave the verdict to the decoder
         marker = data[i + 1]
-        if marker == 0xFF:  # fill byte
+        if marker == 0xFF:  # fill byte before a marker
             i += 1
             continue
-        seg_len = int.from_bytes(data[i + 2 : i + 4], "big")
-        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
-            return int.from_bytes(data[i + 5 : i + 7], "big"), int.from_bytes(data[i + 7 : i + 9], "big")
-        i += 2 + seg_len
-    return None
+        if marker == 0xD9:
+            return False
+        if 0xD0 <= marker <= 0xD7 or marker == 0x01:  # stand-alone markers, no length
+            i += 2
+            continue
+        seg_end = i + 2 + int.from_bytes(data[i + 2 : i + 4], "big")
+        if i + 4 > n or seg_end > n:
+            return True
+        if marker != 0xDA:
+            i = seg_end
+            continue
+        found = _MARKER_IN_SCAN.search(data, seg_end)  # end of this scan's entropy-coded data
+        if found is None:
+            return True
+        i = found.start()
+    return True
+
+
+def _tiff_orientation(tiff: bytes) -> int:
+    """EXIF/TIFF tag 0x0112 (Orientation) from IFD0 of a TIFF structure, 1 when absent or broken."""
+    if len(tiff) < 8 or tiff[:2] not in (b"II", b"MM"):
+        return 1
+    order = "little" if tiff[:2] == b"II" else "big"
+    u16 = lambda o: int.from_bytes(tiff[o : o + 2], order)  # noqa: E731
+    ifd = int.from_bytes(tiff[4:8], order)
+    if ifd + 2 > len(tiff):
+        return 1
+    for k in range(u16(ifd)):
+        entry = ifd + 2 + 12 * k
+        if entry + 12 > len(tiff):
+            break
+        if u16(entry) == 0x0112:
+            value = u16(entry + 8)
+            return value if 1 <= value <= 8 else 1
+    return 1
+
+
+def _exif_orientation(data: bytes) -> int:
+    """Orientation stored in a PNG (eXIf chunk), WebP (EXIF chunk) or TIFF file; 1 if none.
+
+    (JPEG's is applied by OpenCV's IMREAD_COLOR itself.)
+    """
+    if data.startswith(_PNG):
+        i = 8
+        while i + 8 <= len(data):
+            length, kind = int.from_bytes(data[i : i + 4], "big"), data[i + 4 : i + 8]
+            if kind == b"eXIf":
+                return _tiff_orientation(data[i + 8 : i + 8 + length])
+            if kind in (b"IDAT", b"IEND"):  # eXIf must come before the image data
+                return 1
+            i += 12 + length
+        return 1
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        i = 12
+        while i + 8 <= len(data):
+            kind, length = data[i : i + 4], int.from_bytes(data[i + 4 : i + 8], "little")
+            if kind == b"EXIF":
+                payload = data[i + 8 : i + 8 + length]
+                return _tiff_orientation(payload[6:] if payload.startswith(b"Exif\x00\x00") else payload)
+            i += 8 + length + (length & 1)
+        return 1
+    if data[:4] in (b"II*\x00", b"MM\x00*"):
+        return _tiff_orientation(data)
+    return 1
+
+
+def apply_orientation(img: np.ndarray, orientation: int) -> np.ndarray:
+    """Turn a stored image upright by its EXIF orientation (1-8), exactly as OpenCV does for JPEG."""
+    if orientation in (5, 6, 7, 8):
+        img = cv2.transpose(img)
+    flip = {2: 1, 3: -1, 4: 0, 6: 1, 7: -1, 8: 0}.get(orientation)
+    return img if flip is None else cv2.flip(img, flip)
 
 
 def _describe_undecodable(data: bytes) -> str:
@@ -89,24 +161,36 @@ def _to_uint8(img: np.ndarray) -> np.ndarray:
     raise ValueError(f"unsupported pixel type {img.dtype}")
 
 
-def _to_rgb(img: np.ndarray) -> np.ndarray:
+def to_rgb(img: np.ndarray, *, rgb: bool = False) -> np.ndarray:
+    """Any decoded image array -> HxWx3 uint8 RGB (see toolkit.preprocess for the exact rules).
+
+    `img` is in OpenCV's channel order (BGR / BGRA) unless `rgb=True` (RGB / RGBA). Grey becomes
+    three equal channels, 16-bit keeps its high byte, alpha is flattened onto white in integers.
+    """
+    img = np.asarray(img)
+    if img.ndim not in (2, 3) or img.size == 0:
+        raise ValueError(f"expected an HxW or HxWxC image, got shape {img.shape}")
     img = _to_uint8(img)
     if img.ndim == 2 or img.shape[2] == 1:
-        return cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)
-    if img.shape[2] == 4:
-        alpha = img[:, :, 3:4].astype(np.float32) * (1.0 / 255.0)
-        bgr = img[:, :, :3].astype(np.float32) * alpha + ALPHA_BACKGROUND * (1.0 - alpha)
-        return cv2.cvtColor((bgr + 0.5).astype(np.uint8), cv2.COLOR_BGR2RGB)
+        return cv2.cvtColor(np.ascontiguousarray(img.reshape(img.shape[:2])), cv2.COLOR_GRAY2RGB)
     if img.shape[2] == 2:  # grey + alpha
-        return _to_rgb(cv2.merge([img[:, :, 0]] * 3 + [img[:, :, 1]]))
-    return cv2.cvtColor(img[:, :, :3], cv2.COLOR_BGR2RGB)
+        return to_rgb(cv2.merge([img[:, :, 0]] * 3 + [img[:, :, 1]]), rgb=True)
+    if img.shape[2] not in (3, 4):
+        raise ValueError(f"{img.shape[2]} channels (expected 1, 2, 3 or 4)")
+    colour = img[:, :, :3] if rgb else img[:, :, 2::-1]
+    if img.shape[2] == 4:
+        # Integer blend, so any implementation gets the same bytes: (c*a + bg*(255-a) + 127) // 255.
+        alpha = img[:, :, 3:4].astype(np.uint32)
+        blended = (colour.astype(np.uint32) * alpha + ALPHA_BACKGROUND * (255 - alpha) + 127) // 255
+        return blended.astype(np.uint8)
+    return np.ascontiguousarray(colour)
 
 
-def read_image(path: Path, *, min_side: int | None = None) -> np.ndarray:
-    """Decode one image file to HxWx3 uint8 RGB, or raise ImageReadError saying why not.
+def read_image(path: Path) -> np.ndarray:
+    """Decode one image file at full resolution to HxWx3 uint8 RGB, or raise ImageReadError.
 
-    `min_side` lets large JPEGs decode at 1/2, 1/4 or 1/8 scale while the shorter side stays at
-    least `min_side` (several times faster for phone photos); callers still resize exactly.
+    Always the whole image, never OpenCV's reduced-size JPEG decode: that gives different pixels
+    than decoding a camera frame or following manifest.json, so a model would see two inputs.
     """
     path = Path(path)
     try:
@@ -117,20 +201,12 @@ def read_image(path: Path, *, min_side: int | None = None) -> np.ndarray:
         raise ImageReadError(path, "zero-byte file")
     buf = np.frombuffer(data, np.uint8)
     if data.startswith(_JPEG):
-        # Older OpenCV decodes truncated JPEGs with grey fill instead of failing.
+        # libjpeg fills a truncated JPEG with grey instead of failing: check the structure first.
         if _jpeg_truncated(data):
-            raise ImageReadError(path, "truncated JPEG (no end-of-image marker)")
+            raise ImageReadError(path, "truncated JPEG (image data ends before its end-of-image marker)")
         # JPEG has no alpha or >8-bit depth to inspect; IMREAD_COLOR also converts CMYK and
         # applies the EXIF orientation, as photo viewers do.
-        flag = cv2.IMREAD_COLOR
-        size = _jpeg_size(data) if min_side else None
-        if size:
-            for factor, reduced in ((8, cv2.IMREAD_REDUCED_COLOR_8), (4, cv2.IMREAD_REDUCED_COLOR_4),
-                                    (2, cv2.IMREAD_REDUCED_COLOR_2)):
-                if min(size) // factor >= min_side:
-                    flag = reduced
-                    break
-        img = cv2.imdecode(buf, flag)
+        img = cv2.imdecode(buf, cv2.IMREAD_COLOR)
     else:
         if data.startswith(_PNG) and data.rfind(b"IEND") == -1:
             raise ImageReadError(path, "truncated PNG (no IEND chunk)")
@@ -138,23 +214,12 @@ def read_image(path: Path, *, min_side: int | None = None) -> np.ndarray:
         img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
         if img is None and data.startswith(_GIF):
             img = _decode_gif_fallback(buf)
+        if img is not None and img.size:
+            # UNCHANGED skips the EXIF orientation OpenCV applies to colour reads: apply it here.
+            img = apply_orientation(img, _exif_orientation(data))
     if img is None or img.size == 0:
         raise ImageReadError(path, _describe_undecodable(data))
     try:
-        return _to_rgb(img)
+        return to_rgb(img)
     except (ValueError, cv2.error) as e:
         raise ImageReadError(path, f"unsupported image format ({e})") from None
-
-
-def shrink(img: np.ndarray, *, min_side: int | None = None, max_side: int | None = None) -> np.ndarray:
-    """Downscale (never upscale) so the shorter side is <= min_side and the longer <= max_side."""
-    h, w = img.shape[:2]
-    scale = 1.0
-    if min_side:
-        scale = min(scale, min_side / min(h, w))
-    if max_side:
-        scale = min(scale, max_side / max(h, w))
-    if scale >= 1.0:
-        return img
-    size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    return cv2.resize(img, size, interpolation=cv2.INTER_AREA)

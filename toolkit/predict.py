@@ -9,7 +9,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from toolkit.data import list_images
-from toolkit.images import ImageReadError, read_image
+from toolkit.images import ImageReadError
 from toolkit.errors import EdgetuneError
 
 logger = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ def predict_paths(model: Path, inputs: Iterable[Path], *, top_k: int = 1, device
         views, readable = [], []
         for f in files[start : start + batch_size]:
             try:
-                views.append(predictor.preprocess(read_image(f)))
+                views.append(predictor.preprocess(f))
                 readable.append(len(chunk))
                 chunk.append({"path": str(f)})
             except ImageReadError as e:

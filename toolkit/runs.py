@@ -5,6 +5,7 @@
     model.safetensors  best weights: head.* (and backbone.* when the tail was unfrozen)
     metrics.json       val_accuracy, val_loss, best_epoch, train_seconds, images_skipped, ...
     history.csv        one row per epoch
+    split.json         every training and validation file (path, sha1): evaluate never scores training images
     report.png         learning curves + confusion matrix
     state/             resume state: features cache, last checkpoint, progress
 

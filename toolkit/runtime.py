@@ -5,7 +5,7 @@ ONNX Runtime or OpenVINO, without importing torch: this is the path a robot take
 runs its frozen backbone on the OpenVINO feature engine plus the head as numpy, or, when the
 backbone tail was fine-tuned, the whole classifier converted to OpenVINO.
 
-Every predictor takes uint8 NHWC RGB views (toolkit.augment.eval_view output) and returns
+Every predictor takes uint8 NHWC RGB views (toolkit.preprocess.model_input output) and returns
 probabilities; `logits` gives the raw scores.
 """
 
@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
-from toolkit.augment import eval_view
 from toolkit.errors import EdgetuneError
+from toolkit.preprocess import model_input
 
 logger = logging.getLogger(__name__)
 
@@ -57,8 +58,26 @@ def run_batched(run: Callable[[np.ndarray], np.ndarray], inputs: np.ndarray, *, 
     return np.concatenate(out)
 
 
+def per_thread_infer(compiled) -> Callable[[np.ndarray], np.ndarray]:
+    """Run an OpenVINO compiled model from any number of threads: each calling thread gets its own
+    infer request (one request's buffers would be shared, so two concurrent calls race)."""
+    local = threading.local()
+
+    def infer(x: np.ndarray) -> np.ndarray:
+        request = getattr(local, "request", None)
+        if request is None:
+            request = local.request = compiled.create_infer_request()
+        return request.infer({0: x})[0].copy()
+
+    return infer
+
+
 class Predictor:
-    """A classifier ready to run: `labels`, `input_size`, `preprocess`, `predict`, `logits`."""
+    """A classifier ready to run: `labels`, `input_size`, `preprocess`, `predict`, `logits`.
+
+    Thread-safe: any number of threads may call one Predictor (OpenVINO models keep one infer
+    request per calling thread; ONNX Runtime sessions are safe to share).
+    """
 
     def __init__(self, labels: list[str], input_size: int, run_logits: Callable[[np.ndarray], np.ndarray],
                  description: str, *, static_batch: int | None = None, info: dict[str, Any] | None = None) -> None:
@@ -69,9 +88,12 @@ class Predictor:
         self.static_batch = static_batch
         self.info = info or {}
 
-    def preprocess(self, img: np.ndarray) -> np.ndarray:
-        """uint8 HxWx3 RGB image of any size -> the model's uint8 view (resize shorter, centre crop)."""
-        return eval_view(img, self.input_size)
+    def preprocess(self, image, *, rgb: bool = True) -> np.ndarray:
+        """An image file, or an RGB array of any size (BGR with rgb=False) -> the model's uint8 view.
+
+        The one preprocessing (toolkit.preprocess.model_input) that training and export used.
+        """
+        return model_input(image, self.input_size, rgb=rgb)
 
     def logits(self, views: np.ndarray) -> np.ndarray:
         views = np.asarray(views)
@@ -179,9 +201,7 @@ def openvino_runner(model: Path, *, device: str = "CPU", batch: int | None = Non
         import openvino.properties.hint as hints
 
         core.set_property("CPU", {hints.inference_precision(): ov.Type.f32})
-    compiled = compile_model(Path(model), device, batch=batch, latency=latency, core=core)
-    request = compiled.create_infer_request()
-    return lambda x: request.infer({0: x})[0].copy()
+    return per_thread_infer(compile_model(Path(model), device, batch=batch, latency=latency, core=core))
 
 
 # ------------------------------------------------------------------------------------ run dirs
@@ -212,7 +232,8 @@ def _run_predictor(path: Path, device: str) -> Predictor:
         engine = create_engine(spec.name, runtime, name)
     head = numpy_head({k[len("head."):]: v for k, v in state.items() if k.startswith("head.")}, cfg["train"]["head"])
     desc = f"run {path} ({engine.name} + numpy {cfg['train']['head']} head)"
-    return Predictor(labels, spec.input_size, lambda v: head(engine.extract(np.ascontiguousarray(v))), desc)
+    return Predictor(labels, spec.input_size, lambda v: head(engine.extract(np.ascontiguousarray(v))), desc,
+                     info={"run_dir": str(path)})
 
 
 def _finetuned_predictor(run, runtime: str, name: str, device_id: str) -> Predictor:
@@ -229,12 +250,12 @@ def _finetuned_predictor(run, runtime: str, name: str, device_id: str) -> Predic
             with torch.inference_mode():
                 return classifier(torch.from_numpy(to_nchw_float(v)).to(name)).float().cpu().numpy()
 
-        return Predictor(run.labels, spec.input_size, run_torch, desc)
+        return Predictor(run.labels, spec.input_size, run_torch, desc, info={"run_dir": str(run.path)})
     if runtime != "openvino":
         raise EdgetuneError(f"A run with a fine-tuned backbone runs on OpenVINO or torch here, not {device_id}: "
                             "export it (`edgetune export RUN --format onnx`) for ONNX Runtime.")
     from devices.openvino_compile import compile_model
     from toolkit.convert import to_openvino
 
-    compiled = compile_model(to_openvino(classifier, spec.input_size), name)
-    return Predictor(run.labels, spec.input_size, lambda v: compiled(to_nchw_float(v))[0], desc)
+    infer = per_thread_infer(compile_model(to_openvino(classifier, spec.input_size), name))
+    return Predictor(run.labels, spec.input_size, lambda v: infer(to_nchw_float(v)), desc, info={"run_dir": str(run.path)})

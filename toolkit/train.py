@@ -94,6 +94,7 @@ class Prepared:
     val_labels: np.ndarray
     skipped: list[dict[str, str]]
     data_key: str  # fingerprint of the files, for the features cache
+    split: dict[str, Any] = field(default_factory=dict)  # split.json: which files trained, which validated
 
 
 def train(
@@ -120,6 +121,11 @@ def train(
         shutil.rmtree(run.path / "state", ignore_errors=True)
         run.write_labels(prep.classes)
         run.write_config(_config_record(config, data, plan, spec))
+    from toolkit import atomic
+    from toolkit.data import SPLIT_FILE
+
+    # Before training, so evaluate can always tell the run's training images from new ones.
+    atomic.write_json(run.path / SPLIT_FILE, prep.split)
     from toolkit.learners import FeatureHeadLearner, UnfrozenLearner
 
     learner_cls = UnfrozenLearner if config.unfreeze else FeatureHeadLearner
@@ -146,8 +152,8 @@ def _resolve(run: RunDir, data, config, resume: bool):
 
 
 def _prepare_data(data: Path, config: TrainConfig, size: int, progress: Progress) -> Prepared:
-    from toolkit.augment import eval_resize_shorter
-    from toolkit.data import decode_images, discover
+    from toolkit.data import decode_images, discover, split_record
+    from toolkit.preprocess import eval_resize_shorter
 
     splits = discover(data, val_fraction=config.val_fraction, seed=config.seed)
     if splits.val is None or len(splits.val) == 0:
@@ -175,6 +181,7 @@ def _prepare_data(data: Path, config: TrainConfig, size: int, progress: Progress
         val_labels=val_ds.labels(),
         skipped=[{"path": str(s.path), "reason": s.reason} for s in skipped_t + skipped_v],
         data_key=key.hexdigest()[:16],
+        split=split_record(splits),
     )
 
 
@@ -203,12 +210,10 @@ def _config_record(config: TrainConfig, data: Path, plan, spec) -> dict[str, Any
 
 def preprocessing_record(spec) -> dict[str, Any]:
     """How an image becomes the model input: recorded in runs and in every export."""
-    from toolkit.augment import eval_resize_shorter
+    from toolkit.preprocess import describe
 
     return {
-        "color": "RGB",
-        "resize_shorter": eval_resize_shorter(spec.input_size),
-        "center_crop": spec.input_size,
+        **describe(spec.input_size),
         "input_range": "0-255 float32, NCHW",
         "normalization": {"mean": list(spec.mean), "std": list(spec.std), "inside_model": True},
     }
