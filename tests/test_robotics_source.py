@@ -67,7 +67,7 @@ def test_spec_and_registered_scheme(bag):
     path, _ = bag
     assert parse_spec(f"bag:{path}?topic=/cam&rate=0") == (path, {"topic": "/cam", "rate": "0"})
     assert parse_spec(f"bag:{path}?topic=/cam", {"rate": 2.0, "topic": None}) == (path, {"topic": "/cam", "rate": 2.0})
-    open_source = pytest.importorskip("toolkit.sources", reason="the source registry is issue-8's").open_source
+    from toolkit.sources import open_source
 
     with open_source(f"bag:{path}?topic=/cam&rate=0") as source:
         frame = next(iter(source.frames()))
@@ -109,3 +109,33 @@ def test_recording_a_jpeg_bag_keeps_the_robots_own_bytes(bag, tmp_path):
 
 class _Result:
     label, confidence, topk, unknown, latency_ms = "a", 1.0, [("a", 1.0)], False, 1.0
+
+
+def test_watch_replays_a_bag_records_mcap_and_serves_foxglove(bag, exported, tmp_path):
+    import json
+
+    from click.testing import CliRunner
+    from mcap.reader import make_reader
+
+    from toolkit.cli import cli
+
+    path, _ = bag
+    bundle = exported("onnx").out_dir
+    recording = tmp_path / "watch.mcap"
+    result = CliRunner().invoke(cli, ["watch", str(bundle), "--source", f"bag:{path}", "--topic", "/cam/jpeg",
+                                      "--rate", "0", "--json", "--record", str(recording),
+                                      "--foxglove", "--foxglove-port", "0"])
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert [r["frame"] for r in lines] == list(range(12))
+    assert [r["timestamp_ns"] for r in lines] == [START_NS + i * 50_000_000 for i in range(12)]  # bag time
+    assert "Foxglove: open connection ws://127.0.0.1:" in result.output
+    with open(recording, "rb") as f:
+        predictions = [json.loads(m.data) for _, c, m in make_reader(f).iter_messages() if c.topic == "/edgetune/prediction"]
+    assert [p["label"] for p in predictions] == [r["label"] for r in lines]
+    assert [p["confidence"] for p in predictions] == pytest.approx([r["confidence"] for r in lines], abs=1e-5)
+
+    r = CliRunner().invoke(cli, ["watch", str(bundle), "--source", str(path), "--topic", "/cam"])
+    assert r.exit_code == 2 and "apply to bag sources" in r.output
+    r = CliRunner().invoke(cli, ["watch", str(bundle), "--source", f"bag:{path}?topic=/cam", "--record", str(recording)])
+    assert r.exit_code == 2 and "already exists" in r.output

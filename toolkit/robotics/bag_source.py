@@ -16,11 +16,10 @@ from pathlib import Path
 from typing import Any, Iterator
 from urllib.parse import parse_qs
 
-import numpy as np
-
 from toolkit.errors import EdgetuneError
 from toolkit.robotics.bags import Bag, BagMessage
 from toolkit.robotics.image_msgs import BadMessageError, check_decodable, jpeg_bytes, to_bgr
+from toolkit.sources import Frame, Source
 
 logger = logging.getLogger(__name__)
 
@@ -28,14 +27,10 @@ SCHEME = "bag"
 
 
 @dataclass(frozen=True)
-class BagFrame:
-    """A frame as toolkit.sources.Frame has it (image HxWx3 uint8 BGR, timestamp_ns, index), plus
-    the message's own JPEG bytes (None for raw images): a recording then stores exactly what the
-    robot recorded, without spending a re-encode per frame."""
+class BagFrame(Frame):
+    """A Frame plus the message's own JPEG bytes (None for raw images): a recording then stores
+    exactly what the robot recorded, without spending a re-encode per frame."""
 
-    image: np.ndarray
-    timestamp_ns: int  # bag time
-    index: int  # position in the topic
     jpeg: bytes | None = None
 
 
@@ -47,7 +42,11 @@ def parse_spec(spec: str, options: dict[str, Any] | None = None) -> tuple[Path, 
     rest = spec[len(SCHEME) + 1:] if spec.startswith(f"{SCHEME}:") else spec
     path, _, query = rest.partition("?")
     merged: dict[str, Any] = {k: v[-1] for k, v in parse_qs(query, keep_blank_values=True).items()}
-    merged.update({k: v for k, v in (options or {}).items() if v is not None})
+    options = dict(options or {})
+    # watch --all-frames (realtime=False) means every frame, as fast as the model goes.
+    if options.pop("realtime", True) is False and options.get("rate") is None and "rate" not in merged:
+        merged["rate"] = 0
+    merged.update({k: v for k, v in options.items() if v is not None})
     unknown = set(merged) - {"topic", "rate"}
     if unknown:
         raise EdgetuneError(f"Unknown bag source option(s) {', '.join(sorted(unknown))} in '{spec}': use topic and rate, "
@@ -67,7 +66,7 @@ def _rate(value: Any) -> float:
     return rate
 
 
-class BagSource:
+class BagSource(Source):
     """Frames of one image topic of a bag, paced by bag time (see module docs)."""
 
     def __init__(self, path: Path, *, topic: str | None = None, rate: float = 1.0) -> None:
@@ -87,6 +86,7 @@ class BagSource:
         except BaseException:
             self._bag.close()
             raise
+        self.description = f"bag {self.path} {self.topic}"
         self._stop = threading.Event()  # close() from another thread ends a replay, even mid-wait
         self._iterating = False
 

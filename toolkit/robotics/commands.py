@@ -89,6 +89,16 @@ def bag_source_options(f):
     return click.option("--topic", default=None, help="bag sources: the image topic to replay.")(f)
 
 
+def bag_options_for(source: str, topic: str | None, rate: float | None) -> dict:
+    """--topic/--rate as open_source options; an error when given for a source that is not a bag."""
+    from toolkit.errors import EdgetuneError
+
+    options = {k: v for k, v in (("topic", topic), ("rate", rate)) if v is not None}
+    if options and not source.lower().startswith("bag:"):
+        raise EdgetuneError(f"--{'/--'.join(options)} apply to bag sources (--source bag:PATH), not to {source}.")
+    return options
+
+
 def open_foxglove_sink(record: Path | None, foxglove: bool = False, port: int = 8765, host: str = "127.0.0.1"):
     """The sink for --record and/or --foxglove (None when neither is asked for)."""
     if record is None and not foxglove:
