@@ -195,23 +195,18 @@ def _cpu_seconds() -> float:
 
 
 def watch_ms_per_frame(bundle: Path, bag: Path, record: Path | None) -> tuple[float, float]:
-    """(wall, CPU) milliseconds per frame of watch's loop: bag source at full speed -> classify -> sinks."""
+    """(wall, CPU) milliseconds per frame of toolkit.watch.watch: bag source at full speed -> classify -> sinks."""
+    from toolkit.classify import load
     from toolkit.robotics.bag_source import BagSource
     from toolkit.robotics.foxglove_sink import FoxgloveSink
+    from toolkit.watch import watch
 
-    classify = _classifier(bundle)
-    sink = FoxgloveSink(record=record) if record else None
-    n = 0
+    classifier = load(bundle)
+    source = BagSource(bag, topic=TOPIC, rate=0)
+    sinks = [FoxgloveSink(record=record)] if record else []
     t0, c0 = time.perf_counter(), _cpu_seconds()
-    with BagSource(bag, topic=TOPIC, rate=0) as source:
-        for frame in source.frames():
-            result = classify(frame)
-            if sink:
-                sink.write(frame, result)
-            n += 1
-    if sink:
-        sink.close()  # the recording is finished (and its cost paid) inside the timed span
-    return (time.perf_counter() - t0) / n * 1e3, (_cpu_seconds() - c0) / n * 1e3
+    summary = watch(classifier, source, sinks)  # closes the sinks: the recording is finished inside the span
+    return (time.perf_counter() - t0) / summary.processed * 1e3, (_cpu_seconds() - c0) / summary.processed * 1e3
 
 
 def watch_rows(args, scratch: Path) -> list[Row]:
@@ -237,26 +232,6 @@ def watch_rows(args, scratch: Path) -> list[Row]:
                         f"{cpu_a:.2f} / {cpu_b:.2f} ms ({cpu:+.1%})", f"<= +{TARGET_OVERHEAD:.0%}",
                         cpu <= TARGET_OVERHEAD, "CPU time of all threads: what the recording costs whatever the load"))
     return rows
-
-
-def _classifier(bundle: Path):
-    """One frame -> one prediction the way watch classifies: BGR->RGB, the bundle's preprocessing,
-    a batch-1 predictor call, top-k, latency."""
-    from types import SimpleNamespace
-
-    from toolkit.runtime import load_predictor
-
-    predictor = load_predictor(bundle)
-
-    def classify(frame):
-        t0 = time.perf_counter()
-        probs = predictor.predict(predictor.preprocess(cv2.cvtColor(frame.image, cv2.COLOR_BGR2RGB))[None])[0]
-        top = np.argsort(-probs)[:3]
-        return SimpleNamespace(label=predictor.labels[top[0]], confidence=float(probs[top[0]]),
-                               topk=[(predictor.labels[i], float(probs[i])) for i in top], unknown=False,
-                               latency_ms=(time.perf_counter() - t0) * 1e3)
-
-    return classify
 
 
 if __name__ == "__main__":
