@@ -184,3 +184,54 @@ def test_watch_stops_cleanly_on_interrupt(bundle, tmp_path):
     src = open_source(str(write_video(tmp_path / "v.avi", 10)), realtime=False)
     summary = watch(toolkit.load(bundle), src, [Interrupting()])
     assert summary.interrupted and summary.processed == 2 and Interrupting.closed
+
+
+# Robot-side commands with torch unimportable (the `pip install edgetune` robot install).
+_BLOCK_TORCH = """
+import sys
+class _NoTorch:  # as on a robot: `import torch` fails, and torch is not in sys.modules
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] == "torch":
+            raise ModuleNotFoundError(f"No module named '{name}'", name=name)
+sys.meta_path.insert(0, _NoTorch())
+"""
+_BLOCKED = _BLOCK_TORCH + """
+import runpy
+sys.argv = ["edgetune", *sys.argv[1:]]
+runpy.run_module("toolkit.cli", run_name="__main__")
+"""
+
+
+def _no_torch(*args: str):
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    return subprocess.run([sys.executable, "-c", _BLOCKED, *args], cwd=root, capture_output=True, text=True,
+                           timeout=300)
+
+
+def test_robot_commands_without_torch(bundle, tmp_path, make_image_folder):
+    import subprocess
+    import sys
+
+    images = make_image_folder(tmp_path, classes=("ants", "bees"), n=2, size=(120, 160))
+    video = write_video(tmp_path / "v.avi", 6)
+    out = _no_torch("predict", str(bundle), str(images), "--json")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert len([json.loads(x) for x in out.stdout.splitlines()]) == 4
+    out = _no_torch("watch", str(bundle), "--source", str(video), "--json", "--all-frames")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert sum(x.startswith("{") for x in out.stdout.splitlines()) == 6
+    out = _no_torch("evaluate", str(bundle), str(images), "--unknown", str(images / "ants"), "--json")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout)["calibration"]["open_set"]["n_unknown"] == 2
+    api = subprocess.run([sys.executable, "-c", _BLOCK_TORCH +
+                          "import toolkit, numpy as np\n"
+                          "r = toolkit.load(sys.argv[1]).classify(np.zeros((90, 120, 3), np.uint8))\n"
+                          "print(r.label)", str(bundle)], cwd=Path(__file__).resolve().parents[1],
+                         capture_output=True, text=True, timeout=300)
+    assert api.returncode == 0 and api.stdout.strip() in ("ants", "bees"), api.stderr[-2000:]
+    out = _no_torch("train", str(images), "--out", str(tmp_path / "run"))
+    assert out.returncode == 2 and "pip install 'edgetune[train]'" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1

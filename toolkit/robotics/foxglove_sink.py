@@ -219,7 +219,7 @@ def record_file_predictions(record: Path, results: list[dict[str, Any]], *, seco
                 continue
             top = [(t["label"], t["probability"]) for t in r["top"]]
             result = SimpleNamespace(label=r["label"], confidence=r["probability"], topk=top,
-                                     unknown=bool(r.get("unknown", False)), latency_ms=seconds_per_image * 1e3)
+                                     unknown=bool(r["unknown"]), latency_ms=seconds_per_image * 1e3)
             frame = SimpleNamespace(image=image, timestamp_ns=path.stat().st_mtime_ns, index=index)
             sink.write(frame, result)
             written += 1

@@ -1,0 +1,109 @@
+"""Head fitting and cross-validation on small synthetic features (fast, torch-free where it says so)."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from toolkit.head_fit import (HEADS, cross_validate, cv_folds, fit_head, head_logits, model_tensors,
+                              torch_free_heads)
+from toolkit.heads import numpy_head
+
+
+def blobs(n_per_class=12, n_classes=3, d=16, views=1, seed=0, spread=1.0):
+    """ReLU6-like nonnegative class clusters, with `views` jittered copies per image."""
+    rng = np.random.default_rng(seed)
+    centres = rng.uniform(0, 3, (n_classes, d))
+    y = np.repeat(np.arange(n_classes), n_per_class)
+    base = centres[y] + rng.normal(0, spread, (len(y), d))
+    x = np.stack([base + rng.normal(0, 0.2, base.shape) for _ in range(views)], axis=1)
+    return np.clip(x, 0, 6).astype(np.float32).squeeze(1) if views == 1 else np.clip(x, 0, 6).astype(np.float32), y
+
+
+@pytest.mark.parametrize("name", ["prototypes", "imprint", "logreg"])
+def test_torch_free_heads_fit_and_predict(name):
+    x, y = blobs()
+    xt, yt = blobs(seed=0)  # same centres: the head must separate them
+    p = fit_head(name, x, y, 3)
+    assert p.kind == "linear" and p.name == name
+    assert (head_logits(p, xt).argmax(1) == yt).mean() > 0.9
+
+
+def test_tensors_use_the_exported_state_dict_names():
+    x, y = blobs()
+    p = fit_head("logreg", x, y, 3, C=0.1)
+    assert set(p.tensors) == {"feature_mean", "feature_inv_std", "layers.1.weight", "layers.1.bias"}
+    assert p.tensors["layers.1.weight"].shape == (3, 16)
+    # The runtime's numpy head (what exports are checked against) gives the same logits.
+    np.testing.assert_allclose(numpy_head(p.tensors, p.kind)(x), head_logits(p, x), rtol=1e-5, atol=1e-5)
+    assert all(k.startswith("head.") for k in model_tensors(p))
+
+
+def test_binary_logreg_is_a_two_row_softmax():
+    x, y = blobs(n_classes=2)
+    p = fit_head("logreg", x, y, 2)
+    assert p.tensors["layers.1.weight"].shape == (2, 16)
+    assert (head_logits(p, x).argmax(1) == y).mean() > 0.9
+
+
+def test_torch_heads_say_so():
+    assert set(torch_free_heads()) >= {"logreg", "prototypes", "imprint"}
+    assert not HEADS["linear"].torch_free and not HEADS["mlp"].torch_free
+
+
+def test_head_fit_imports_without_torch():
+    code = ("import sys\n"
+            "class Block:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name.split('.')[0] == 'torch': raise ImportError('torch blocked')\n"
+            "sys.meta_path.insert(0, Block())\n"
+            "import numpy as np\n"
+            "from toolkit.head_fit import fit_head, head_logits\n"
+            "x = np.random.default_rng(0).random((20, 8)).astype('float32'); y = np.arange(20) % 2\n"
+            "for n in ('logreg', 'prototypes', 'imprint'): head_logits(fit_head(n, x, y, 2), x)\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_mlp_head_has_the_mlp_layout():
+    x, y = blobs()
+    p = fit_head("mlp", x, y, 3, hidden=8, epochs=3)
+    assert p.kind == "mlp" and p.tensors["layers.4.weight"].shape == (3, 8) and p.hidden == 8
+    np.testing.assert_allclose(numpy_head(p.tensors, "mlp")(x), head_logits(p, x), rtol=1e-4, atol=1e-4)
+
+
+def test_views_of_one_image_stay_in_one_fold():
+    x, y = blobs(views=3)
+    r = cross_validate(["prototypes", "logreg"], x, y, 3, folds=4)
+    assert r.folds == 4
+    # Every image is scored exactly once, out of fold, on its clean view.
+    best = r.best
+    assert best.oof_logits.shape == (36, 3) and np.all(best.oof_logits.any(1))
+    assert {c.name for c in r.candidates} == {"prototypes", "logreg"}
+    assert len([c for c in r.candidates if c.name == "logreg"]) > 1  # the C path is swept inside CV
+    row = r.table()[0]
+    assert set(row) == {"head", "options", "accuracy", "std", "fit_seconds"}
+
+
+def test_cv_folds_shrink_to_the_smallest_class_and_refuse_singletons():
+    y = np.array([0, 0, 0, 1, 1, 1, 1, 1])
+    assert len(cv_folds(y, 5, 0)) == 3
+    from toolkit.errors import EdgetuneError
+
+    with pytest.raises(EdgetuneError):
+        cv_folds(np.array([0, 1, 1, 1]), 5, 0)
+
+
+def test_cv_picks_the_head_that_generalises():
+    # Far more dimensions than images, classes differing in a few channels: an unregularised
+    # head overfits, and CV (not val) must see that.
+    x, y = blobs(n_per_class=10, n_classes=2, d=200, spread=2.0, seed=3)
+    r = cross_validate(["prototypes", "logreg"], x, y, 2, folds=5)
+    assert r.best.accuracy >= max(c.accuracy for c in r.candidates) - 1e-9
+
+
+def test_balanced_weights_keep_a_small_class_alive():
+    x, y = blobs(n_per_class=40, n_classes=2, spread=1.5, seed=5)
+    keep = np.r_[np.flatnonzero(y == 0), np.flatnonzero(y == 1)[:3]]
+    p = fit_head("logreg", x[keep], y[keep], 2, C=0.1)
+    assert (head_logits(p, x[y == 1]).argmax(1) == 1).mean() > 0.7

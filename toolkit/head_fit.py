@@ -1,0 +1,405 @@
+"""Fitting classifier heads on cached backbone features, and choosing between them honestly.
+
+Torch-free by design (numpy / scikit-learn / scipy only at import time): the robot refits heads
+with this same code. Heads that need torch (the SGD head with dropout / label smoothing / mixup,
+and the MLP) register here too, with torch_free=False, and import torch only when they run.
+
+Every head reduces to the layers the exporters already ship, with the state-dict names of
+`toolkit.heads.create_head` (without the "head." prefix that model.safetensors adds; use
+`model_tensors`):
+
+    feature_mean, feature_inv_std      x = (features - feature_mean) * feature_inv_std
+    layers.1.weight, layers.1.bias     linear:  logits = x @ W.T + b
+    layers.4.weight, layers.4.bias     mlp:     logits = relu(x @ W1.T + b1) @ W2.T + b2
+
+`cross_validate` scores candidates by stratified k-fold on the TRAINING features only: features
+of shape (N, V, D) hold V views per image (view 0 clean, the rest augmented); the views of one
+image always stay in the same fold, the head trains on all views of its training folds and is
+scored on the clean view of the held-out images, as it will be deployed.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from toolkit.heads import MIN_FEATURE_STD
+
+LOGREG_C = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0)  # L2 strength path (sklearn C = 1 / lambda)
+IMPRINT_REG = (1.0, 0.1, 0.01)  # pull of the fine-tuned weights towards the imprinted prototypes
+SGD_EPOCH_CHECKPOINTS = (5, 10, 20, 30, 40)  # epochs CV may pick for the torch heads
+COSINE_SCALE = 10.0  # softmax scale of the cosine heads: confident but not saturated
+
+
+@dataclass
+class HeadParams:
+    kind: str  # "linear" | "mlp": the exported graph's layout
+    tensors: dict[str, np.ndarray]
+    name: str  # the fitter that made it, e.g. "logreg"
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def hidden(self) -> int | None:
+        return int(self.tensors["layers.1.weight"].shape[0]) if self.kind == "mlp" else None
+
+
+@dataclass(frozen=True)
+class HeadFitter:
+    name: str
+    kind: str
+    torch_free: bool
+    # path(x, y, n_classes, seed, **options) -> [(options, HeadParams)], one per hyperparameter
+    # setting reached along one fit (C path with warm starts, epoch checkpoints): CV scores them all
+    # for the price of one fit.
+    path: Callable[..., list[tuple[dict[str, Any], HeadParams]]]
+    summary: str
+
+
+HEADS: dict[str, HeadFitter] = {}
+
+
+def register_head(fitter: HeadFitter) -> None:
+    HEADS[fitter.name] = fitter
+
+
+def torch_free_heads() -> list[str]:
+    return [n for n, f in HEADS.items() if f.torch_free]
+
+
+def _flatten(features: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(N, V, D) views -> (N*V, D) rows with repeated labels; (N, D) passes through."""
+    features = np.asarray(features, dtype=np.float32)
+    labels = np.asarray(labels, dtype=np.int64)
+    if features.ndim == 3:
+        n, v, d = features.shape
+        return features.reshape(n * v, d), np.repeat(labels, v)
+    return features, labels
+
+
+def _check(features: np.ndarray, labels: np.ndarray, n_classes: int) -> None:
+    from toolkit.errors import EdgetuneError
+
+    if features.ndim != 2 or len(features) != len(labels) or len(labels) == 0:
+        raise EdgetuneError(f"Head fitting needs (N, D) features and N labels, got {features.shape} and {labels.shape}.")
+    if labels.min() < 0 or labels.max() >= n_classes:
+        raise EdgetuneError(f"Labels must lie in 0..{n_classes - 1}.")
+
+
+def fit_head(name: str, features: np.ndarray, labels: np.ndarray, n_classes: int, *, seed: int = 0,
+             **options: Any) -> HeadParams:
+    """Fit head `name` on all given features ((N, D), or (N, V, D) views) with fixed options."""
+    if name not in HEADS:
+        from toolkit.errors import unknown_choice
+
+        raise unknown_choice("head", name, HEADS)
+    x, y = _flatten(features, labels)
+    _check(x, y, n_classes)
+    fitted = HEADS[name].path(x, y, n_classes, seed, final=True, **options)
+    return fitted[-1][1]
+
+
+def head_logits(params: HeadParams, features: np.ndarray) -> np.ndarray:
+    t = params.tensors
+    x = (np.asarray(features, dtype=np.float32) - t["feature_mean"]) * t["feature_inv_std"]
+    if params.kind == "linear":
+        return x @ t["layers.1.weight"].T + t["layers.1.bias"]
+    h = np.maximum(x @ t["layers.1.weight"].T + t["layers.1.bias"], 0.0)
+    return h @ t["layers.4.weight"].T + t["layers.4.bias"]
+
+
+def model_tensors(params: HeadParams) -> dict[str, np.ndarray]:
+    """The tensors as model.safetensors names them (head.*), ready for RunDir.write_model."""
+    return {f"head.{k}": np.ascontiguousarray(v, dtype=np.float32) for k, v in params.tensors.items()}
+
+
+# -- shared pieces ------------------------------------------------------------------------------
+
+
+def _standardizer(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    # Same floor as the torch head: a dead channel's 1/std would overflow an fp16 export.
+    return x.mean(0).astype(np.float32), (1.0 / np.maximum(x.std(0), MIN_FEATURE_STD)).astype(np.float32)
+
+
+def _balanced_weights(y: np.ndarray, n_classes: int) -> np.ndarray:
+    """Per-sample weights giving every class the same total: a class with 3 images is not
+    swamped by one with 300 (a no-op on balanced sets)."""
+    counts = np.bincount(y, minlength=n_classes).astype(np.float64)
+    w = len(y) / (np.count_nonzero(counts) * np.maximum(counts, 1))
+    return w[y]
+
+
+def _linear(mean, inv_std, weight, bias, name: str, options: dict[str, Any]) -> HeadParams:
+    return HeadParams("linear", {"feature_mean": mean, "feature_inv_std": inv_std,
+                                 "layers.1.weight": np.ascontiguousarray(weight, dtype=np.float32),
+                                 "layers.1.bias": np.ascontiguousarray(bias, dtype=np.float32)}, name, dict(options))
+
+
+# -- logistic regression (scikit-learn, L-BFGS) ---------------------------------------------------
+
+
+def _logreg_path(x, y, n_classes, seed, *, final=False, C=None, max_iter: int = 300, **_):
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+
+    mean, inv_std = _standardizer(x)
+    xs = (x - mean) * inv_std
+    present = np.unique(y)
+    cs = (C,) if C is not None else LOGREG_C
+    # Warm starts along an increasing C path: each fit starts where the stronger-L2 one ended.
+    model = LogisticRegression(max_iter=max_iter, warm_start=True, tol=1e-3)
+    out = []
+    for c in sorted(cs):
+        model.set_params(C=c)
+        if len(present) == 1:  # one class seen (a 1-class fold): a constant head
+            weight, bias = np.zeros((n_classes, x.shape[1])), np.full(n_classes, -10.0)
+            bias[present[0]] = 10.0
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ConvergenceWarning)
+                model.fit(xs, y, sample_weight=_balanced_weights(y, n_classes))
+            weight, bias = _expand(model.coef_, model.intercept_, model.classes_, n_classes)
+        out.append(({"C": c}, _linear(mean, inv_std, weight, bias, "logreg", {"C": c})))
+    return out
+
+
+def _expand(coef, intercept, classes, n_classes):
+    """sklearn's (1, D) binary or (k, D) multinomial weights -> a (n_classes, D) softmax layer.
+    Classes absent from the fit get a large negative bias, so they are never predicted."""
+    d = coef.shape[1]
+    if coef.shape[0] == 1:  # binary: sigmoid(w.x + b) == softmax([-w/2, w/2] . x + [-b/2, b/2])
+        coef = np.vstack([-coef / 2, coef / 2])
+        intercept = np.array([-intercept[0] / 2, intercept[0] / 2])
+    weight = np.zeros((n_classes, d))
+    bias = np.full(n_classes, -30.0)
+    weight[classes] = coef
+    bias[classes] = intercept
+    return weight, bias
+
+
+# -- prototypes and imprinting (cosine heads) ----------------------------------------------------
+
+
+def _cosine_frame(x: np.ndarray):
+    """Centre (and whiten per channel), then L2-normalise: SimpleShot's CL2N. The L2 norm is not a
+    linear layer, but the argmax of a bias-free linear layer is scale invariant, so a cosine head
+    exports exactly as (x - mean) * inv_std @ W.T with W divided by the typical norm."""
+    mean, inv_std = _standardizer(x)
+    xc = (x - mean) * inv_std
+    norms = np.linalg.norm(xc, axis=1, keepdims=True)
+    return mean, inv_std, xc / np.maximum(norms, 1e-6), float(np.median(norms))
+
+
+def _class_means(xn: np.ndarray, y: np.ndarray, n_classes: int) -> np.ndarray:
+    means = np.zeros((n_classes, xn.shape[1]), np.float64)
+    np.add.at(means, y, xn)
+    means /= np.maximum(np.bincount(y, minlength=n_classes), 1)[:, None]
+    return means / np.maximum(np.linalg.norm(means, axis=1, keepdims=True), 1e-6)
+
+
+def _cosine_head(mean, inv_std, w_unit, typical_norm, name, options, n_classes, present) -> HeadParams:
+    bias = np.zeros(n_classes)
+    bias[np.setdiff1d(np.arange(n_classes), present)] = -30.0
+    return _linear(mean, inv_std, w_unit * (COSINE_SCALE / typical_norm), bias, name, options)
+
+
+def _prototypes_path(x, y, n_classes, seed, *, final=False, **_):
+    mean, inv_std, xn, typical = _cosine_frame(x)
+    protos = _class_means(xn, y, n_classes)
+    return [({}, _cosine_head(mean, inv_std, protos, typical, "prototypes", {}, n_classes, np.unique(y)))]
+
+
+def _imprint_path(x, y, n_classes, seed, *, final=False, reg=None, **_):
+    """Weight imprinting, then light fine-tuning: the prototypes start a bias-free cosine softmax
+    that L-BFGS fine-tunes on all views, with an L2 pull back to the prototypes (strong pull = few
+    shots trust the prototypes; weak pull = enough images to move)."""
+    from scipy.optimize import minimize
+    from scipy.special import log_softmax
+
+    mean, inv_std, xn, typical = _cosine_frame(x)
+    w0 = _class_means(xn, y, n_classes)
+    present = np.unique(y)
+    sw = _balanced_weights(y, n_classes)
+    sw = sw / sw.sum()
+    onehot = np.eye(n_classes)[y]
+    out = []
+    w = w0.copy()
+    for lam in ((reg,) if reg is not None else IMPRINT_REG):  # decreasing pull: warm starts
+
+        def loss(flat, lam=lam):
+            wm = flat.reshape(w0.shape)
+            logp = log_softmax(COSINE_SCALE * xn @ wm.T, axis=1)
+            p = np.exp(logp)
+            diff = wm - w0
+            value = -(sw * (onehot * logp).sum(1)).sum() + 0.5 * lam * (diff * diff).sum()
+            grad = COSINE_SCALE * ((p - onehot) * sw[:, None]).T @ xn + lam * diff
+            return value, grad.ravel()
+
+        w = minimize(loss, w.ravel(), jac=True, method="L-BFGS-B", options={"maxiter": 100}).x.reshape(w0.shape)
+        out.append(({"reg": lam}, _cosine_head(mean, inv_std, w, typical, "imprint", {"reg": lam}, n_classes, present)))
+    return out
+
+
+# -- torch heads: the SGD head (dropout, label smoothing, mixup) and a small MLP ------------------
+
+
+def _torch_path(kind: str, name: str):
+    def path(x, y, n_classes, seed, *, final=False, epochs=None, hidden: int = 256, dropout: float = 0.5,
+             label_smoothing: float = 0.1, mixup: float = 0.2, lr: float = 1e-3, weight_decay: float = 0.05,
+             batch_size: int = 64, **_):
+        import torch
+
+        from toolkit.heads import create_head, decay_groups
+        from toolkit.learners import soft_cross_entropy
+
+        checkpoints = (epochs,) if epochs else SGD_EPOCH_CHECKPOINTS
+        mean, inv_std = _standardizer(x)
+        torch.manual_seed(seed)
+        head = create_head(kind, x.shape[1], n_classes, hidden=hidden, dropout=dropout,
+                           feature_mean=mean, feature_std=1.0 / inv_std)
+        opt = torch.optim.AdamW(decay_groups(head, weight_decay), lr=lr)
+        xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+        cw = torch.from_numpy(_balanced_weights(y, n_classes).astype(np.float32))
+        rng = np.random.default_rng([seed, 7919])
+        base = {"hidden": hidden} if kind == "mlp" else {}
+        out = []
+        for epoch in range(1, max(checkpoints) + 1):
+            head.train()
+            order = rng.permutation(len(y))
+            for start in range(0, len(order), batch_size):
+                idx = torch.from_numpy(order[start:start + batch_size])
+                xb, yb = xt[idx], yt[idx]
+                t = torch.full((len(idx), n_classes), label_smoothing / n_classes)
+                t[torch.arange(len(idx)), yb] += 1.0 - label_smoothing
+                if mixup > 0 and len(idx) > 1:
+                    lam = float(rng.beta(mixup, mixup))
+                    perm = torch.from_numpy(rng.permutation(len(idx)))
+                    xb, t = lam * xb + (1 - lam) * xb[perm], lam * t + (1 - lam) * t[perm]
+                loss = soft_cross_entropy(head(xb), t, cw[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            if epoch in checkpoints:
+                tensors = {k: v.detach().numpy().copy() for k, v in head.state_dict().items()}
+                opts = {**base, "epochs": epoch}
+                out.append((opts, HeadParams(kind, tensors, name, opts)))
+        return out
+
+    return path
+
+
+register_head(HeadFitter("prototypes", "linear", True, _prototypes_path,
+                         "nearest class mean on centred, L2-normalised features"))
+register_head(HeadFitter("imprint", "linear", True, _imprint_path,
+                         "prototype-imprinted cosine softmax, lightly fine-tuned (few shots)"))
+register_head(HeadFitter("logreg", "linear", True, _logreg_path, "L2 logistic regression (L-BFGS), C swept"))
+register_head(HeadFitter("linear", "linear", False, _torch_path("linear", "linear"),
+                         "SGD linear head: dropout, label smoothing, mixup; epochs by CV"))
+register_head(HeadFitter("mlp", "mlp", False, _torch_path("mlp", "mlp"), "linear-ReLU-linear, trained like the SGD head"))
+
+
+# -- cross-validation ------------------------------------------------------------------------------
+
+
+@dataclass
+class Candidate:
+    name: str
+    options: dict[str, Any]
+    fold_accuracy: list[float]
+    fit_seconds: float  # mean per fold of the head's whole path (shared by its settings)
+    oof_logits: np.ndarray  # (N, C) out-of-fold logits on the clean view
+
+    @property
+    def accuracy(self) -> float:
+        return float(np.mean(self.fold_accuracy))
+
+    @property
+    def std(self) -> float:
+        return float(np.std(self.fold_accuracy))
+
+    @property
+    def label(self) -> str:
+        opts = ", ".join(f"{k}={v}" for k, v in self.options.items())
+        return f"{self.name}({opts})" if opts else self.name
+
+    def to_json(self) -> dict[str, Any]:
+        return {"head": self.name, "options": self.options, "accuracy": round(self.accuracy, 5),
+                "std": round(self.std, 5), "fit_seconds": round(self.fit_seconds, 3)}
+
+
+@dataclass
+class CVResult:
+    folds: int
+    candidates: list[Candidate]
+    labels: np.ndarray
+
+    def ranked(self) -> list[Candidate]:
+        # Ties go to the earlier (simpler, cheaper) candidate: sort is stable.
+        return sorted(self.candidates, key=lambda c: -round(c.accuracy, 6))
+
+    @property
+    def best(self) -> Candidate:
+        return self.ranked()[0]
+
+    def best_per_head(self) -> list[Candidate]:
+        seen: dict[str, Candidate] = {}
+        for c in self.ranked():
+            seen.setdefault(c.name, c)
+        return list(seen.values())
+
+    def table(self) -> list[dict[str, Any]]:
+        return [c.to_json() for c in self.ranked()]
+
+
+def cv_folds(labels: np.ndarray, folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Stratified folds over images; fewer folds when the smallest class has fewer images."""
+    from sklearn.model_selection import StratifiedKFold
+
+    labels = np.asarray(labels)
+    k = min(folds, int(np.bincount(labels)[np.unique(labels)].min()))
+    if k < 2:
+        from toolkit.errors import EdgetuneError
+
+        raise EdgetuneError("Cross-validation needs at least 2 images in every class.")
+    return list(StratifiedKFold(n_splits=k, shuffle=True, random_state=seed).split(np.zeros(len(labels)), labels))
+
+
+def cross_validate(names, features: np.ndarray, labels: np.ndarray, n_classes: int, *, folds: int = 5,
+                   seed: int = 0, options: dict[str, dict[str, Any]] | None = None,
+                   augment: Callable[..., tuple[np.ndarray, np.ndarray]] | None = None) -> CVResult:
+    """Score every setting on each head's path by stratified k-fold over images.
+
+    features: (N, D), or (N, V, D) with V views per image (view 0 clean, scored). `options` gives
+    fixed per-head options (e.g. {"linear": {"dropout": 0.3}}). `augment(x, y, n_classes, seed)`,
+    if given, adds generated training rows inside each fold (never to the held-out images).
+    """
+    options = options or {}
+    feats = np.asarray(features, dtype=np.float32)
+    views = feats if feats.ndim == 3 else feats[:, None, :]
+    labels = np.asarray(labels, dtype=np.int64)
+    splits = cv_folds(labels, folds, seed)
+    acc: dict[tuple[str, str], list[float]] = {}
+    oof: dict[tuple[str, str], np.ndarray] = {}
+    opts_of: dict[tuple[str, str], dict[str, Any]] = {}
+    seconds: dict[str, list[float]] = {n: [] for n in names}
+    for f, (tr, te) in enumerate(splits):
+        x, y = _flatten(views[tr], labels[tr])
+        if augment is not None:
+            x, y = augment(x, y, n_classes, seed + f)
+        clean = views[te, 0]
+        for name in names:
+            t0 = time.perf_counter()
+            path = HEADS[name].path(x, y, n_classes, seed + f, **options.get(name, {}))
+            seconds[name].append(time.perf_counter() - t0)
+            for opts, params in path:
+                key = (name, repr(sorted(opts.items())))
+                logits = head_logits(params, clean)
+                oof.setdefault(key, np.zeros((len(labels), n_classes), np.float32))[te] = logits
+                acc.setdefault(key, []).append(float((logits.argmax(1) == labels[te]).mean()))
+                opts_of[key] = {**options.get(name, {}), **opts}
+    cands = [Candidate(k[0], opts_of[k], acc[k], float(np.mean(seconds[k[0]])), oof[k]) for k in acc]
+    return CVResult(len(splits), cands, labels)
