@@ -139,3 +139,16 @@ def test_watch_replays_a_bag_records_mcap_and_serves_foxglove(bag, exported, tmp
     assert r.exit_code == 2 and "apply to bag sources" in r.output
     r = CliRunner().invoke(cli, ["watch", str(bundle), "--source", f"bag:{path}?topic=/cam", "--record", str(recording)])
     assert r.exit_code == 2 and "already exists" in r.output
+
+
+def test_bag_import_replay_and_recording_work_without_torch(bag, exported, tmp_path):
+    from tests.test_robot import _no_torch
+
+    path, _ = bag
+    out = _no_torch("import-bag", str(path), "--topic", "/cam", "--out", str(tmp_path / "data"), "--label", "a")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert len(list((tmp_path / "data" / "a").iterdir())) == 12
+    out = _no_torch("watch", str(exported("onnx").out_dir), "--source", f"bag:{path}?topic=/cam", "--rate", "0",
+                    "--json", "--record", str(tmp_path / "r.mcap"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert sum(x.startswith("{") for x in out.stdout.splitlines()) == 12 and (tmp_path / "r.mcap").is_file()
