@@ -14,6 +14,7 @@ import click
 from devices.commands import device_option
 from toolkit import __version__
 from toolkit.errors import EdgetuneError
+from toolkit.robotics.commands import bag_source_options, foxglove_options, record_option
 
 
 # What `pip install 'edgetune[train]'` adds to the robot install (setup.cfg extras).
@@ -280,13 +281,27 @@ def evaluate(model: Path, data: Path, as_json: bool, unknown: Path | None, devic
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per image.")
 @click.option("--top-k", type=int, default=1, show_default=True)
 @click.option("--unknown-threshold", type=float, default=None, help="Override the bundle's unknown threshold.")
+@record_option
 @device_option()
 def predict(model: Path, inputs: tuple[Path, ...], as_json: bool, top_k: int, unknown_threshold: float | None,
-            device: str) -> None:
+            device: str, record: Path | None) -> None:
     """Classify images and folders of images with MODEL (a run directory or an exported bundle)."""
+    import time
+
     from toolkit.predict import predict_paths
 
+    if record is not None:
+        from toolkit.robotics.foxglove_sink import check_record_path
+
+        check_record_path(record)  # before the work, not after it
+    t0 = time.perf_counter()
     predictor_results = predict_paths(model, inputs, top_k=top_k, device=device, unknown_threshold=unknown_threshold)
+    if record is not None:
+        from toolkit.robotics.foxglove_sink import record_file_predictions
+
+        per_image = (time.perf_counter() - t0) / max(1, len(predictor_results))
+        n = record_file_predictions(record, predictor_results, seconds_per_image=per_image)
+        click.echo(f"recorded {n} images and predictions to {record}", err=True)
     for r in predictor_results:
         if as_json:
             click.echo(json.dumps(r))
@@ -300,7 +315,8 @@ def predict(model: Path, inputs: tuple[Path, ...], as_json: bool, top_k: int, un
 # -- watch (robot side) -----------------------------------------------------------------------
 @cli.command()
 @click.argument("model", type=click.Path(path_type=Path))
-@click.option("--source", required=True, help="Camera index (0), /dev/videoN, video file, rtsp://... URL, or folder.")
+@click.option("--source", required=True, help="Camera index (0), /dev/videoN, video file, rtsp://... URL, folder, "
+              "or bag:PATH (a ROS bag).")
 @click.option("--json/--live", "as_json", default=None, help="JSON lines on stdout, or one live status line "
               "[default: JSON when stdout is not a terminal].")
 @click.option("--every", type=int, default=1, show_default=True, help="Classify every N-th frame delivered.")
@@ -309,20 +325,30 @@ def predict(model: Path, inputs: tuple[Path, ...], as_json: bool, top_k: int, un
 @click.option("--all-frames", is_flag=True, help="Video files: classify every frame instead of playing in real time.")
 @click.option("--unknown-threshold", type=float, default=None, help="Override the bundle's unknown threshold.")
 @click.option("--top-k", type=int, default=3, show_default=True)
+@bag_source_options
+@record_option
+@foxglove_options
 @device_option()
 def watch(model: Path, source: str, as_json: bool | None, every: int, max_frames: int | None, save_video: Path | None,
-          all_frames: bool, unknown_threshold: float | None, top_k: int, device: str) -> None:
-    """Run MODEL on a live source: newest frame only (stale frames dropped and counted)."""
+          all_frames: bool, unknown_threshold: float | None, top_k: int, device: str, topic: str | None,
+          rate: float | None, record: Path | None, foxglove: bool, foxglove_port: int, foxglove_host: str) -> None:
+    """Run MODEL on a live source: newest frame only (stale frames dropped and counted).
+
+    A ROS bag replays as a source too: --source bag:run.mcap --topic /camera/image [--rate 1].
+    """
     from toolkit.classify import load
+    from toolkit.robotics.commands import bag_options_for, open_foxglove_sink
     from toolkit.sources import open_source
     from toolkit.watch import JsonLinesSink, RichLineSink, VideoSink, watch as run_watch
 
     classifier = load(model, device=device, top_k=top_k, unknown_threshold=unknown_threshold)
-    src = open_source(source, realtime=not all_frames)
+    src = open_source(source, realtime=not all_frames, **bag_options_for(source, topic, rate))
     sinks = []
     try:
         if save_video is not None:
             sinks.append(VideoSink(save_video, getattr(src, "fps", 30.0) / every))
+        if (foxglove_sink := open_foxglove_sink(record, foxglove, foxglove_port, foxglove_host)) is not None:
+            sinks.append(foxglove_sink)
         use_json = as_json if as_json is not None else not sys.stdout.isatty()
         sinks.append(JsonLinesSink() if use_json else RichLineSink(src, _console()))
     except BaseException:
@@ -471,8 +497,9 @@ def backbones(as_json: bool) -> None:
 def _register_subcommands() -> None:
     from devices.commands import devices_command
     from exporters.commands import benchmark_command, export_command
+    from toolkit.robotics.commands import import_bag_command
 
-    for command in (devices_command, export_command, benchmark_command):
+    for command in (devices_command, export_command, benchmark_command, import_bag_command):
         cli.add_command(command)
 
 

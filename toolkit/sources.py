@@ -266,3 +266,13 @@ class CaptureSource(Source):
         if self._thread is not None:
             self._thread.join(timeout=5.0)
         self._cap.release()
+
+
+def _open_bag(rest: str, options: dict) -> Source:
+    # ROS bags live in toolkit.robotics (rosbags is imported only when a bag is asked for).
+    from toolkit.robotics.bag_source import open_bag_source
+
+    return open_bag_source(rest, options)
+
+
+register_source("bag", _open_bag)
