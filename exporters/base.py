@@ -187,9 +187,12 @@ def _robot_extras(run: RunDir, model: Path, runtime: str, stage: Path, ctx: Expo
     except EdgetuneError as e:  # a graph without the standard head: the bundle still runs, `learn` cannot use it
         logger.warning("No feature memory in this bundle (%s)", e)
         return {}
-    cal = bundle.heldout_calibration(features, labels, len(run.labels), run.config["train"]["head"],
-                                     seed=run.config["train"].get("seed", 0))
-    return {"feature_memory": bundle.memory_manifest(features, labels, run.labels), "calibration": cal.to_json()}
+    calibration = run.config.get("calibration")  # fitted at training from head selection's CV
+    if calibration is None:  # a run without CV (--unfreeze, older runs): cross-validate the memory
+        head = run.config.get("head_selection", {}).get("selected", run.config["train"]["head"])
+        calibration = bundle.heldout_calibration(features, labels, len(run.labels), head,
+                                                 seed=run.config["train"].get("seed", 0)).to_json()
+    return {"feature_memory": bundle.memory_manifest(features, labels, run.labels), "calibration": calibration}
 
 
 def _model_digests(stage: Path, manifest: dict[str, Any]) -> dict[str, str]:

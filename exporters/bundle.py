@@ -14,6 +14,7 @@ from typing import Any
 
 from toolkit import __version__, atomic
 from toolkit.convert import save_ir
+from toolkit.errors import EdgetuneError
 from toolkit.runtime import MANIFEST
 from toolkit.train import preprocessing_record
 
@@ -169,7 +170,7 @@ def heldout_calibration(features, labels, n_classes: int, head: str, *, seed: in
         return Calibration(source=f"none: head '{head}' has no registered fitting to cross-validate")
     try:
         cv = cross_validate([head], features, labels, n_classes, folds=5, seed=seed)
-    except Exception as e:  # too few images per class to hold any out
+    except EdgetuneError as e:  # too few images per class to hold any out
         return Calibration(source=f"none: {e}")
     best = cv.best
     return fit_calibration(best.oof_logits, cv.labels,

@@ -173,6 +173,15 @@ def _fit_on_features(run: RunDir, config: TrainConfig, prep: Prepared, plan, pro
     record = run.config
     record["train"].update(head=params.kind, hidden=params.hidden or config.hidden)
     record["head_selection"] = selection.to_json()
+    if selection.cv is not None:
+        from toolkit.calibration import fit_calibration
+
+        # The winner's out-of-fold logits are held-out training images, never val: the temperature
+        # and unknown threshold come from them for free, so export need not cross-validate again.
+        best = selection.cv.best
+        record["calibration"] = fit_calibration(
+            best.oof_logits, selection.cv.labels,
+            source=f"{selection.cv.folds}-fold out-of-fold logits of {best.label} (head selection)").to_json()
     run.write_config(record)
     logits = head_logits(params, feats.val_feats)
     pred = logits.argmax(1)
