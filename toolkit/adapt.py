@@ -191,7 +191,7 @@ def _write_run(run, out: Path, tensors: dict[str, np.ndarray], record: dict[str,
         metrics = dict(run.metrics)
         metrics["adapted"] = record
         new.write_metrics(metrics)
-        for name in ("state", "backbone-int8.xml", "backbone-int8.bin"):
+        for name in ("state", "split.json", "backbone-int8.xml", "backbone-int8.bin"):
             src = run.path / name
             if src.is_dir():
                 shutil.copytree(src, tmp / name, ignore=shutil.ignore_patterns("checkpoint*"))
