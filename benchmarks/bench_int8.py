@@ -214,18 +214,20 @@ def main() -> None:
         print("## int8 calibration methods\n\n" + text)
         update_benchmarks_md("int8 calibration methods", text)
     if not args.skip_exports:
-        exports = [row for name, path in runs.items() for row in export_rows(name, path)]
-        text = "\n".join([
-            header.format(end=load_average()),
-            "",
-            "The default command, `edgetune export RUN --format F` (budget: <= 0.5 points, >= 98% agreement, "
-            "<= 5 points per class with >= 20 val images; accuracy-controlled fallback; exit 2 otherwise):",
-            "",
-            *table(("run", "train images", "format", "val accuracy", "drop", "agreement", "worst class drop",
-                    "export time", "quantizer / result"), exports),
-        ])
-        print("## int8 exports\n\n" + text)
-        update_benchmarks_md("int8 exports", text)
+        exports: list[tuple] = []
+        for name, path in runs.items():  # rewrite the section after each run: a long session keeps what it has
+            exports += export_rows(name, path)
+            text = "\n".join([
+                header.format(end=load_average()),
+                "",
+                "The default command, `edgetune export RUN --format F` (budget: <= 0.5 points, >= 98% agreement, "
+                "<= 5 points per class with >= 20 val images; accuracy-controlled fallback; exit 2 otherwise):",
+                "",
+                *table(("run", "train images", "format", "val accuracy", "drop", "agreement", "worst class drop",
+                        "export time", "quantizer / result"), exports),
+            ])
+            print("## int8 exports\n\n" + text, flush=True)
+            update_benchmarks_md("int8 exports", text)
 
 if __name__ == "__main__":
     main()

@@ -192,11 +192,14 @@ class OnnxInt8Exporter(Exporter):
             graph = onnx.load(str(preprocessed(classifier, Path(work), ctx)))
         name = graph.graph.input[0].name
 
+        sessions: dict[int, tuple] = {}  # one session per candidate model NNCF hands us (protobufs take no attributes)
+
         def run_model(candidate, x):
-            if not hasattr(candidate, "_session"):  # one session per candidate model NNCF hands us
-                candidate._session = ort.InferenceSession(candidate.SerializeToString(),
-                                                          providers=["CPUExecutionProvider"])
-            return candidate._session.run(None, {name: x})[0]
+            if id(candidate) not in sessions:
+                sessions.clear()  # NNCF validates one candidate at a time
+                sessions[id(candidate)] = (candidate, ort.InferenceSession(candidate.SerializeToString(),
+                                                                           providers=["CPUExecutionProvider"]))
+            return sessions[id(candidate)][1].run(None, {name: x})[0]
 
         validation, metric, max_drop = agreement_check(calib, run, b, ctx, run_model)
         logger.info("onnx-int8: NNCF accuracy-controlled quantization, max agreement loss %.2f%%", 100 * max_drop)

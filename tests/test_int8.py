@@ -168,3 +168,26 @@ def test_cli_budget_failure_is_one_line_exit_2(trained_run, tmp_path, monkeypatc
                                       "--calib", str(_calibrate_on_black(tmp_path)), "--max-drop", "0"])
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert "accuracy budget" in result.output and not out.exists()
+
+
+@pytest.fixture(scope="module")
+def int8_trained_run(hymenoptera, tmp_path_factory) -> Path:
+    from tests.conftest import copy_subset
+    from toolkit.train import TrainConfig, train
+
+    root = tmp_path_factory.mktemp("int8run")
+    copy_subset(hymenoptera, root / "data")
+    train(root / "data", root / "run", TrainConfig(epochs=3, views=1, workers=2, backbone_precision="int8"))
+    return root / "run"
+
+
+def test_int8_trained_run_ships_the_backbone_it_learned_on(int8_trained_run, tmp_path):
+    from toolkit.runtime import load_predictor
+
+    predictor = load_predictor(int8_trained_run, device="openvino:CPU")  # the saved backbone loads
+    assert "int8" in predictor.describe()
+    result = export(int8_trained_run, "openvino-int8", tmp_path / "ov8")
+    assert "own int8 backbone" in result.manifest["quantizer"]
+    assert result.parity["agreement"] >= 0.99 and result.parity["max_abs_diff"] < 1e-2  # same model as the run
+    fp32 = export(int8_trained_run, "onnx", tmp_path / "onnx")
+    assert fp32.manifest["backbone_mismatch"]["trained_on"] == "int8 backbone"
