@@ -262,7 +262,7 @@ def test_int8_calibration_sees_every_batch(tmp_path):
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    from exporters.onnx_int8 import quantize
+    from exporters.onnx_int8 import calibrate, quantize
 
     w = numpy_helper.from_array(np.ones((2, 1, 1, 1), np.float32), "w")
     graph = helper.make_graph(
@@ -273,7 +273,7 @@ def test_int8_calibration_sees_every_batch(tmp_path):
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(fp32))
     calib = np.ones((37, 1, 4, 4), np.float32)  # 5 batches of 8 (the last padded)
     calib[5] = 100.0  # the largest activation is in the first batch only (padding reuses images 0-2)
-    quantize(fp32, out, calib, batch=8)
+    quantize(fp32, out, calibrate(fp32, calib, batch=8))
     scales = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(out)).graph.initializer if "scale" in i.name}
     act = [float(v) for k, v in scales.items() if k.startswith(("c_", "y_")) and v.size == 1]
     assert act and all(abs(s * 255 - 100.0) < 1.0 for s in act), scales

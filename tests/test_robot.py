@@ -78,7 +78,11 @@ def test_unknown_threshold_override(bundle):
 
     frame = synthetic_image(0, 1)
     conf = toolkit.load(bundle).classify(frame).confidence
-    assert toolkit.load(bundle, unknown_threshold=min(1.0, conf + 1e-4)).classify(frame).unknown
+    # The override, not the bundle's threshold, decides: everything is known at 0, and at a
+    # threshold just above this frame's confidence the frame is unknown (when it is not saturated).
+    assert not toolkit.load(bundle, unknown_threshold=0.0).classify(frame).unknown
+    strict = toolkit.load(bundle, unknown_threshold=min(1.0, conf + 1e-4)).classify(frame)
+    assert strict.unknown == (conf < 1.0)
     assert not toolkit.load(bundle, unknown_threshold=conf - 1e-4).classify(frame).unknown
     with pytest.raises(EdgetuneError, match="between 0 and 1"):
         toolkit.load(bundle, unknown_threshold=1.5)
