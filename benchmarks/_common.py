@@ -162,6 +162,20 @@ def print_table(title: str, rows: Sequence[Row]) -> None:
     Console(width=max(120, Console().width)).print(table)
 
 
+def default_run(run: Path | None, prefix: str) -> Path:
+    """`--run` when given, else a fresh default `edgetune train` of ants/bees in a temp folder."""
+    if run is not None:
+        return run
+    import tempfile
+
+    from benchmarks.naive_loop import DEFAULT_DATA
+    from toolkit.train import TrainConfig, train
+
+    out = Path(tempfile.mkdtemp(prefix=prefix)) / "run"
+    train(DEFAULT_DATA, out, TrainConfig())
+    return out
+
+
 # ------------------------------------------------------------------------------- BENCHMARKS.md
 
 

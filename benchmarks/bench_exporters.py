@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -21,8 +20,7 @@ import numpy as np
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import command_line, load_average, machine_description, update_benchmarks_md  # noqa: E402
-from benchmarks.naive_loop import DEFAULT_DATA  # noqa: E402
+from benchmarks._common import command_line, default_run, load_average, machine_description, update_benchmarks_md  # noqa: E402
 
 MAX_DROP = 0.5  # the int8 budget, in accuracy points
 
@@ -50,13 +48,9 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)
     from exporters import export, list_formats
-    from toolkit.train import TrainConfig, train
 
     start_load = load_average()
-    run = args.run
-    if run is None:
-        run = Path(tempfile.mkdtemp(prefix="bench-exporters-")) / "run"
-        train(DEFAULT_DATA, run, TrainConfig())
+    run = default_run(args.run, "bench-exporters-")
     jobs = {fmt: {} for fmt in list_formats()}
     jobs["openvino --fp32"] = {"fmt": "openvino", "fp32": True}
     for fmt in ("onnx-int8", "openvino-int8"):

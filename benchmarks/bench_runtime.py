@@ -18,18 +18,15 @@ import logging
 import re
 import subprocess
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 
-import numpy as np
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import (Row, command_line, load_average, machine_description, markdown_table,  # noqa: E402
+from benchmarks._common import (Row, command_line, default_run, load_average, machine_description, markdown_table,  # noqa: E402
                                 median, print_table, update_benchmarks_md)
-from benchmarks.naive_loop import DEFAULT_DATA  # noqa: E402
 
 TOLERANCE = 0.10  # the target: p50 within 10% of benchmark_app -hint latency
 BUNDLES = {"openvino fp32": ("openvino", {"fp32": True}), "openvino-int8": ("openvino-int8", {}),
@@ -75,12 +72,7 @@ def main() -> None:
     from toolkit.benchmark import measure, onnx_latency, onnx_throughput
 
     start_load = load_average()
-    run = args.run
-    if run is None:
-        run = Path(tempfile.mkdtemp(prefix="bench-runtime-")) / "run"
-        from toolkit.train import TrainConfig, train
-
-        train(DEFAULT_DATA, run, TrainConfig())
+    run = default_run(args.run, "bench-runtime-")
     bundles = {}
     for label, (fmt, opts) in BUNDLES.items():
         out = run / "exports" / f"bench-{label.replace(' ', '-')}"
