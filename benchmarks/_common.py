@@ -51,16 +51,13 @@ def cpu_count() -> int:
         return os.cpu_count() or 1
 
 
-_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8")
-
-
 def cpu_flags() -> str:
-    """The instruction-set flags that decide OpenVINO's speed (bf16/int8 units), from /proc/cpuinfo."""
-    try:
-        present = set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:
-        return "unknown"
-    return " ".join(f for f in _FLAGS if f in present) or "none of " + "/".join(_FLAGS)
+    """The speed-relevant flags the CPU has, and the AVX-512/VNNI/AMX ones it lacks (devices.probe)."""
+    from devices.probe import WIDE_FLAGS, cpu_flags as present
+
+    have = present()
+    missing = [f for f in WIDE_FLAGS if f not in have]
+    return " ".join(have) + (f" (no {', '.join(missing)})" if missing else "")
 
 
 def today() -> str:

@@ -26,20 +26,9 @@ import numpy as np
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import command_line, load_average, machine_description, update_benchmarks_md  # noqa: E402
+from benchmarks._common import command_line, cpu_flags, load_average, machine_description, update_benchmarks_md  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
-
-
-def cpu_flags() -> str:
-    """The x86 flags int8 speed and exactness depend on (VNNI: no int16 saturation in u8 x s8)."""
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
-    except (OSError, StopIteration):
-        return "unknown"
-    wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8")
-    have = set(flags.split(":", 1)[1].split())
-    return " ".join(f for f in wanted if f in have) + "; no " + " ".join(f for f in wanted if f not in have)
 
 
 def downscaled(source: Path, dst: Path, side: int = 128) -> Path:

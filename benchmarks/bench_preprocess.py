@@ -25,7 +25,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._common import (  # noqa: E402
-    Row, command_line, load_average, machine_description, median, print_table, update_benchmarks_md)
+    Row, command_line, cpu_flags, load_average, machine_description, median, print_table, update_benchmarks_md)
 from toolkit.data import list_images  # noqa: E402
 from toolkit.images import ImageReadError, read_image, to_rgb  # noqa: E402
 from toolkit.preprocess import eval_resize_shorter, model_input, shrink  # noqa: E402
@@ -33,19 +33,6 @@ from toolkit.preprocess import eval_resize_shorter, model_input, shrink  # noqa:
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 SIZE = 240  # efficientnet_lite1, the default backbone
 SECTION = "Preprocessing"
-
-
-def cpu_flags() -> str:
-    """The SIMD flags that change OpenCV/OpenVINO speed, as /proc/cpuinfo lists them."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                have = set(line.split(":", 1)[1].split())
-                wanted = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
-                return " ".join(f for f in wanted if f in have)
-    except OSError:
-        pass
-    return "unknown"
 
 
 def _jpeg_size(data: bytes) -> tuple[int, int] | None:

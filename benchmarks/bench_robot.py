@@ -31,20 +31,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import (REPO, Row, command_line, load_average, machine_description, median,  # noqa: E402
+from benchmarks._common import (cpu_flags, REPO, Row, command_line, load_average, machine_description, median,  # noqa: E402
                                 print_table, run_child, update_benchmarks_md)
 
 SHARED = REPO.parent / "shared" / "datasets"
 NEW_CLASS = "scorpion"  # an arthropod: the hard case beside ants and bees
-
-
-def cpu_flags() -> str:
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")).split()
-    except (OSError, StopIteration):
-        return "n/a"
-    wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
-    return " ".join(f for f in wanted if f in flags)
 
 
 def link_tree(pairs, dst: Path) -> Path:

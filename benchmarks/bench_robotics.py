@@ -23,7 +23,7 @@ import numpy as np
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import (Row, command_line, load_average, machine_description, median, print_table,  # noqa: E402
+from benchmarks._common import (cpu_flags, Row, command_line, load_average, machine_description, median, print_table,  # noqa: E402
                                 run_child, update_benchmarks_md)
 from benchmarks.naive_loop import DEFAULT_DATA  # noqa: E402
 
@@ -34,16 +34,6 @@ TARGET_COMPRESSED = 300.0  # frames/s, 640x480 JPEG CompressedImage
 TARGET_RAW = 150.0  # frames/s, 640x480 rgb8 Image
 TARGET_OVERHEAD = 0.10  # MCAP recording on watch's per-frame time
 FLAT_TOLERANCE = 1.25  # peak RSS on a 4x bigger bag, at most this ratio
-
-
-def cpu_flags() -> str:
-    """The SIMD flags that decide OpenCV's and zlib's speed (what a reader must compare against)."""
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")).split()
-    except (OSError, StopIteration):
-        return "n/a"
-    wanted = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8")
-    return " ".join(f for f in wanted if f in flags) or "none of " + " ".join(wanted)
 
 
 def photos(n: int) -> list[np.ndarray]:

@@ -28,7 +28,7 @@ import numpy as np
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import (REPO, command_line, load_average, machine_description,  # noqa: E402
+from benchmarks._common import (cpu_flags, REPO, command_line, load_average, machine_description,  # noqa: E402
                                 update_benchmarks_md)
 
 SECTION = "Small data"
@@ -36,11 +36,6 @@ DATASETS = {"hymenoptera": REPO.parent / "shared" / "datasets" / "hymenoptera",
             "caltech50": REPO.parent / "shared" / "datasets" / "caltech50"}
 CACHE = Path("/tmp/edgetune-small-data")
 HEADS = ("prototypes", "imprint", "logreg", "linear", "mlp")
-
-
-def cpu_flags() -> str:
-    flags = set(Path("/proc/cpuinfo").read_text().split("flags")[1].split("\n")[0].split()) if Path("/proc/cpuinfo").exists() else set()
-    return " ".join(sorted(f for f in flags if f.startswith(("avx", "fma", "sse4", "amx", "vnni", "f16c"))))
 
 
 def default_run(name: str) -> tuple[dict, Path]:

@@ -27,7 +27,6 @@ log = logging.getLogger(__name__)
 
 HINTS = ("THROUGHPUT", "LATENCY")
 BATCHES = (1, 2, 4, 8, 16)
-_CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8")
 
 
 @dataclass(frozen=True)
@@ -44,23 +43,13 @@ def tuning_file() -> Path:
 
 def machine_key() -> str:
     """What makes timings on one machine valid on another: CPU model, the flags that matter, cores."""
-    model, flags = "unknown cpu", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name" and model == "unknown cpu":
-                model = value.strip()
-            elif key.strip() == "flags" and not flags:
-                flags = set(value.split())
-    except OSError:
-        import platform
+    from devices.probe import cpu_flags, cpu_name
 
-        model = platform.processor() or platform.machine()
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:
         cores = os.cpu_count() or 1
-    return f"{model} [{' '.join(f for f in _CPU_FLAGS if f in flags)}] x{cores}"
+    return f"{cpu_name()} [{' '.join(cpu_flags())}] x{cores}"
 
 
 def _load() -> dict[str, Any]:

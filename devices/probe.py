@@ -126,6 +126,27 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine() or "CPU"
 
 
+# Instruction-set flags that decide how fast (and how exactly) OpenCV, OpenVINO and ONNX Runtime run:
+# AVX-512/AMX bf16 units change fp32 compute, VNNI decides int16 saturation in u8 x s8 int8 kernels.
+SIMD_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c")
+WIDE_FLAGS = ("avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8")
+SPEED_FLAGS = SIMD_FLAGS + WIDE_FLAGS
+
+
+def cpu_flags() -> tuple[str, ...]:
+    """The SPEED_FLAGS this CPU lists in /proc/cpuinfo (empty where there is none)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as cpuinfo:
+            for line in cpuinfo:
+                key, _, value = line.partition(":")
+                if key.strip() == "flags":
+                    present = set(value.split())
+                    return tuple(f for f in SPEED_FLAGS if f in present)
+    except OSError:
+        pass
+    return ()
+
+
 _cache: dict[tuple[Runtime, ...], ProbeReport] = {}
 _cache_lock = threading.Lock()
 
