@@ -26,18 +26,12 @@ MAX_DROP = 0.5  # the issue's int8 budget, in accuracy points
 
 
 def latency_ms(xml: Path, runs: int, *, precise: bool, size: int) -> float:
+    from toolkit.benchmark import synthetic_input, time_calls
     from toolkit.runtime import openvino_runner
 
     run = openvino_runner(xml, latency=True, precise=precise)
-    x = np.random.default_rng(0).uniform(0, 255, (1, 3, size, size)).astype(np.float32)
-    for _ in range(20):
-        run(x)
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        run(x)
-        times.append(time.perf_counter() - t)
-    return float(np.median(times) * 1e3)
+    x = synthetic_input(size)
+    return float(np.median(time_calls(lambda: run(x), runs, warmup=20)))
 
 
 def main() -> None:

@@ -51,11 +51,11 @@ def benchmark_app(model: Path, size: int, *, hint: str, seconds: int) -> dict[st
 
 def old_latency(model: Path, size: int, runs: int) -> float:
     """What `edgetune benchmark` measured before: THROUGHPUT-compiled, dynamic batch, one request."""
-    from toolkit.benchmark import _input, time_calls
+    from toolkit.benchmark import synthetic_input, time_calls
     from toolkit.runtime import openvino_runner
 
     run = openvino_runner(model, latency=False)
-    x = _input(size)
+    x = synthetic_input(size)
     return median(time_calls(lambda: run(x), runs))
 
 

@@ -62,7 +62,7 @@ def time_calls(call: Callable[[], Any], runs: int, *, warmup: int = WARMUP) -> l
     return times
 
 
-def _input(size: int, batch: int = 1) -> np.ndarray:
+def synthetic_input(size: int, batch: int = 1) -> np.ndarray:
     # Bundles take float32 NCHW RGB 0-255 (normalisation is inside the graph).
     return np.random.default_rng(0).uniform(0, 255, (batch, 3, size, size)).astype(np.float32)
 
@@ -85,7 +85,7 @@ def openvino_latency(model: Path, size: int, *, device: str = "CPU", runs: int =
     core = ov.Core()
     compiled = compile_model(_read_batch1(core, model), device, batch=1, latency=True, core=core)
     request = compiled.create_infer_request()
-    x = _input(size)
+    x = synthetic_input(size)
     return time_calls(lambda: request.infer({0: x}), runs)
 
 
@@ -99,7 +99,7 @@ def openvino_throughput(model: Path, size: int, *, device: str = "CPU", seconds:
     core = ov.Core()
     compiled = compile_model(_read_batch1(core, model), device, batch=1, core=core)
     n = max(1, int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
-    return images_per_second(compiled, lambda b: _input(size, b), 1, seconds), n
+    return images_per_second(compiled, lambda b: synthetic_input(size, b), 1, seconds), n
 
 
 # --------------------------------------------------------------------------------- ONNX Runtime
@@ -117,7 +117,7 @@ def _session(model: Path, provider: str):
 def onnx_latency(model: Path, size: int, *, provider: str = "CPUExecutionProvider", runs: int = 100) -> list[float]:
     """Batch-1 latencies (ms) of session.run, the bare ONNX Runtime loop a robot would write."""
     session, inp, out = _session(model, provider)
-    x = _input(size)
+    x = synthetic_input(size)
     return time_calls(lambda: session.run([out], {inp: x}), runs)
 
 
@@ -126,7 +126,7 @@ def onnx_throughput(model: Path, size: int, *, provider: str = "CPUExecutionProv
     """Images/s of batched session.run calls (ONNX Runtime parallelises inside one call); (img/s, batch)."""
     session, inp, out = _session(model, provider)
     batch = static_batch or batch
-    x = _input(size, batch)
+    x = synthetic_input(size, batch)
     session.run([out], {inp: x})
     done, started = 0, time.perf_counter()
     while time.perf_counter() - started < seconds:
