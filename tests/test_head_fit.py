@@ -94,15 +94,28 @@ def test_cv_folds_shrink_to_the_smallest_class_and_refuse_singletons():
         cv_folds(np.array([0, 1, 1, 1]), 5, 0)
 
 
-def test_cv_picks_the_simplest_head_within_one_standard_error():
+def test_cv_picks_the_best_head_at_its_simplest_setting_within_one_standard_error():
     x, y = blobs(n_per_class=10, n_classes=2, d=200, spread=2.0, seed=3)
     r = cross_validate(["prototypes", "logreg"], x, y, 2, folds=5)
     top = r.ranked()[0]
     se = np.std(top.fold_accuracy, ddof=1) / np.sqrt(5)
-    assert r.best.accuracy >= top.accuracy - se - 1e-9
-    simpler = r.candidates[: r.candidates.index(r.best)]
+    assert r.best.name == top.name and r.best.accuracy >= top.accuracy - se - 1e-9
+    same_head = [c for c in r.candidates if c.name == top.name]
+    simpler = same_head[: same_head.index(r.best)]
     assert all(c.accuracy < top.accuracy - se for c in simpler)
     assert r.table()[0]["accuracy"] == round(r.best.accuracy, 5)
+
+
+def test_a_simpler_head_within_noise_does_not_beat_the_best_head():
+    # caltech50's case: a simpler head one SE below the best head must not be chosen.
+    from toolkit.head_fit import Candidate, CVResult
+
+    oof = np.zeros((4, 2), np.float32)
+    simple = Candidate("imprint", {"reg": 0.1}, [0.93, 0.95, 0.94, 0.95, 0.945], 0.1, oof)
+    strong = Candidate("logreg", {"C": 0.1}, [0.93, 0.96, 0.95, 0.95, 0.95], 0.1, oof)
+    best = Candidate("logreg", {"C": 1.0}, [0.93, 0.97, 0.95, 0.95, 0.95], 0.1, oof)
+    r = CVResult(5, [simple, strong, best], np.zeros(4, np.int64))
+    assert r.best is strong  # the stronger L2 of the best head, within its SE; never imprint
 
 
 def test_balanced_weights_keep_a_small_class_alive():

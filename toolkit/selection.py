@@ -20,7 +20,7 @@ from toolkit.head_fit import HEADS, CVResult, HeadParams, cross_validate, fit_he
 
 logger = logging.getLogger(__name__)
 
-# Simplest first: CV picks the simplest candidate within one standard error of the best.
+# Simplest first: ties in CV accuracy go to the earlier head.
 AUTO_HEADS = ("prototypes", "imprint", "logreg", "linear", "mlp")
 FEW_SHOT_RULE = "imprint"  # with 1 image per class nothing can be cross-validated
 # Up to 5 images per class a CV fold holds one image per class, so fold scores are 0/50/100% and
@@ -82,8 +82,8 @@ def select_head(requested: str, features: np.ndarray, labels: np.ndarray, n_clas
     t0 = time.perf_counter()
     x, y = _with_generated(features, labels, n_classes, seed, augment)
     params = fit_head(best.name, x, y, n_classes, seed=seed, **best.options)
-    reason = (f"simplest head within one standard error of the best {cv.folds}-fold CV accuracy on the training "
-              f"features ({best.accuracy:.4f} ± {best.std:.4f})")
+    reason = (f"best {cv.folds}-fold CV accuracy on the training features, at the simplest setting within one "
+              f"standard error ({best.accuracy:.4f} ± {best.std:.4f})")
     return Selection(params, requested, reason, cv, cv_seconds, time.perf_counter() - t0)
 
 
