@@ -176,6 +176,7 @@ def fmt(values) -> str:
 
 
 def main() -> None:
+    global CACHE
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--datasets", nargs="+", default=list(DATASETS))
     ap.add_argument("--shots", nargs="+", default=["1", "2", "5", "10", "20", "all"])
@@ -186,8 +187,10 @@ def main() -> None:
     ap.add_argument("--shift-datasets", nargs="*", default=["hymenoptera"])
     ap.add_argument("--features", nargs="*", default=[], metavar="NAME=NPZ",
                     help="reuse features (train, ytr, val, yva) cached by an earlier default run; skips the default train")
+    ap.add_argument("--cache", type=Path, default=CACHE, help="where default runs and shifted features are cached")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
+    CACHE = args.cache
     CACHE.mkdir(parents=True, exist_ok=True)
     md = [f"Command: `{command_line()}`  ", f"Machine: {machine_description()}; CPU flags: {cpu_flags()}; "
           f"load average at start {load_average()} (shared machine: timings are noisy).", ""]

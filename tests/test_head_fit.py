@@ -160,3 +160,19 @@ def test_selection_falls_back_to_a_rule_below_two_images():
     x, y = blobs(n_per_class=6, views=2)
     sel = select_head("auto", x, y, 3, candidates=("prototypes", "logreg"), folds=3)
     assert sel.cv.folds == 3 and sel.to_json()["runner_up"] is not None
+
+
+def test_torch_heads_snapshot_every_checkpoint_and_fit_all_folds_at_once():
+    from toolkit.head_fit import _torch_folds
+
+    x, y = blobs(n_per_class=40, n_classes=3, d=16, spread=0.5, views=2, seed=4)
+    flat, labels = x.reshape(-1, x.shape[-1]), np.repeat(y, 2)
+    rows = [np.flatnonzero(np.repeat(np.arange(len(y)) % 3 != f, 2)) for f in range(3)]
+    paths = _torch_folds("mlp", flat, labels, rows, 3, [0, 1, 2], views=2, hidden=32, dropout=0.1)
+    assert len(paths) == 3 and [o["epochs"] for o, _ in paths[0]] == [5, 10, 20, 40, 60]
+    weights = [p.tensors["layers.4.weight"] for _, p in paths[0]]
+    # Snapshots are copies: a view of the live parameter would make every checkpoint the last one.
+    assert not np.allclose(weights[0], weights[-1])
+    for f, path in enumerate(paths):
+        held_out = np.arange(len(y)) % 3 == f
+        assert (head_logits(path[-1][1], x[held_out, 0]).argmax(1) == y[held_out]).mean() > 0.9

@@ -30,7 +30,7 @@ from toolkit.heads import MIN_FEATURE_STD
 
 LOGREG_C = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0)  # L2 strength path (sklearn C = 1 / lambda)
 IMPRINT_REG = (1.0, 0.1, 0.01)  # pull of the fine-tuned weights towards the imprinted prototypes
-SGD_EPOCH_CHECKPOINTS = (5, 10, 20, 30)  # epochs CV may pick for the torch heads
+SGD_EPOCH_CHECKPOINTS = (5, 10, 20, 40, 60)  # passes over the images CV may pick for the torch heads
 COSINE_SCALE = 10.0  # softmax scale of the cosine heads: confident but not saturated
 
 
@@ -98,9 +98,10 @@ def fit_head(name: str, features: np.ndarray, labels: np.ndarray, n_classes: int
         from toolkit.errors import unknown_choice
 
         raise unknown_choice("head", name, HEADS)
+    views = features.shape[1] if np.ndim(features) == 3 else 1
     x, y = _flatten(features, labels)
     _check(x, y, n_classes)
-    fitted = HEADS[name].path(x, y, n_classes, seed, final=True, **options)
+    fitted = HEADS[name].path(x, y, n_classes, seed, final=True, views=views, **options)
     return fitted[-1][1]
 
 
@@ -254,13 +255,14 @@ def _imprint_path(x, y, n_classes, seed, *, final=False, reg=None, **_):
 
 
 def _torch_path(kind: str):
-    def path(x, y, n_classes, seed, *, final=False, epochs=None, **options):
-        return _torch_folds(kind, x, y, [np.arange(len(y))], n_classes, [seed], epochs=epochs, **options)[0]
+    def path(x, y, n_classes, seed, *, final=False, epochs=None, views=1, **options):
+        return _torch_folds(kind, x, y, [np.arange(len(y))], n_classes, [seed], epochs=epochs, views=views,
+                            **options)[0]
 
     return path
 
 
-def _torch_folds(kind: str, x, y, rows, n_classes: int, seeds, *, epochs=None, **options):
+def _torch_folds(kind: str, x, y, rows, n_classes: int, seeds, *, epochs=None, views: int = 1, **options):
     """One path per subset of rows of (x, y), all trained at once: the folds of a CV stack into one batched
     model (a leading fold axis on every tensor), so each optimizer step serves every fold. The
     per-step cost of these tiny heads is Python and dispatch, not arithmetic: 5 folds in one
@@ -272,22 +274,25 @@ def _torch_folds(kind: str, x, y, rows, n_classes: int, seeds, *, epochs=None, *
     # here on a loaded 2-core machine) and leaves the other core free.
     torch.set_num_threads(1)
     try:
-        return _train_torch(kind, x, y, rows, n_classes, seeds, (epochs,) if epochs else SGD_EPOCH_CHECKPOINTS, **options)
+        return _train_torch(kind, x, y, rows, n_classes, seeds, (epochs,) if epochs else SGD_EPOCH_CHECKPOINTS,
+                            views=views, **options)
     finally:
         torch.set_num_threads(threads)
 
 
-def _train_torch(kind, x, y, rows, n_classes, seeds, checkpoints, *, hidden: int = 256, dropout: float = 0.5,
-                 label_smoothing: float = 0.1, mixup: float = 0.2, lr: float = 1e-3, weight_decay: float = 0.05,
-                 batch_size: int = 64, **_):
+def _train_torch(kind, x, y, rows, n_classes, seeds, checkpoints, *, views: int = 1, hidden: int = 256,
+                 dropout: float = 0.5, label_smoothing: float = 0.1, mixup: float = 0.2, lr: float = 1e-3,
+                 weight_decay: float = 0.05, batch_size: int = 64, **_):
     """AdamW on all rows with dropout, label smoothing, mixup and balanced class weights, as
     toolkit.heads.create_head lays the head out; a snapshot at every checkpoint epoch, so CV picks
-    the epoch count from one run. Each fold standardises with its own rows' statistics; a fold
-    shorter than the longest fills its last batches with masked (zero-weight) rows."""
+    the epoch count from one run. Rows come in runs of `views` per image (the clean view and its
+    augmented views): an epoch is one pass over the images, each as one of its views drawn at
+    random, as on-the-fly augmentation would show them. Each fold standardises with its own
+    rows' statistics; a fold shorter than the longest fills its last batches with masked rows."""
     import torch
 
     folds, d = len(rows), x.shape[1]
-    sizes = [len(r) for r in rows]
+    sizes = [len(r) // views for r in rows]  # images per fold
     n_max = max(sizes)
     stats = [_standardizer(x[r]) for r in rows]
     xt = torch.from_numpy(np.asarray(x, np.float32))
@@ -310,7 +315,7 @@ def _train_torch(kind, x, y, rows, n_classes, seeds, checkpoints, *, hidden: int
     def linear_init(out, cols):  # nn.Linear's default: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
         # Stored (fold, in, out): bmm then needs no transposed copies, forward or backward.
         bound = 1.0 / np.sqrt(cols)
-        w = np.stack([r.uniform(-bound, bound, (out, cols)).T for r in rngs]).astype(np.float32)
+        w = np.ascontiguousarray(np.stack([r.uniform(-bound, bound, (out, cols)).T for r in rngs]), dtype=np.float32)
         b = np.stack([r.uniform(-bound, bound, out) for r in rngs]).astype(np.float32)
         return torch.from_numpy(w).requires_grad_(), torch.from_numpy(b).requires_grad_()
 
@@ -323,8 +328,8 @@ def _train_torch(kind, x, y, rows, n_classes, seeds, checkpoints, *, hidden: int
     for epoch in range(1, max(checkpoints) + 1):
         # Each fold walks its own permutation; a shorter fold's tail is masked out below.
         order = np.zeros((folds, n_max), np.int64)
-        for f, r in enumerate(rows):
-            order[f, :len(r)] = r[rngs[f].permutation(len(r))]
+        for f, (r, n) in enumerate(zip(rows, sizes)):
+            order[f, :n] = r[rngs[f].permutation(n) * views + rngs[f].integers(0, views, n)]
         for start in range(0, n_max, batch_size):
             idx = torch.from_numpy(order[:, start:start + batch_size])
             xb = (xt[idx] - mean_t) * inv_std_t
@@ -365,7 +370,7 @@ def _train_torch(kind, x, y, rows, n_classes, seeds, checkpoints, *, hidden: int
             for f, (mean, inv_std) in enumerate(stats):
                 tensors = {"feature_mean": mean, "feature_inv_std": inv_std}
                 for name, (w, b) in zip(names, layers):
-                    tensors[f"{name}.weight"] = np.ascontiguousarray(w[f].detach().numpy().T)
+                    tensors[f"{name}.weight"] = w[f].detach().numpy().T.copy()  # a snapshot, not a view
                     tensors[f"{name}.bias"] = b[f].detach().numpy().copy()
                 snapshots[f].append((opts, HeadParams(kind, tensors, kind, opts)))
     return snapshots
@@ -479,11 +484,13 @@ def cross_validate(names, features: np.ndarray, labels: np.ndarray, n_classes: i
         # Every fold's training rows index one shared (N*V, D) array: no per-fold copies.
         x_all, y_all = views.reshape(n * v, d), np.repeat(labels, v)
         rows = [(tr[:, None] * v + np.arange(v)).ravel() for tr, _ in splits]
+        group = v  # each fold's rows come in runs of one image's views
     else:
         parts = [augment(*_flatten(views[tr], labels[tr]), n_classes, s) for (tr, _), s in zip(splits, seeds)]
         x_all, y_all = np.concatenate([x for x, _ in parts]), np.concatenate([y for _, y in parts])
         ends = np.cumsum([len(y) for _, y in parts])
         rows = [np.arange(e - len(y), e) for e, (_, y) in zip(ends, parts)]
+        group = 1  # generated rows belong to no image
     acc: dict[tuple[str, str], list[float]] = {}
     oof: dict[tuple[str, str], np.ndarray] = {}
     opts_of: dict[tuple[str, str], dict[str, Any]] = {}
@@ -492,9 +499,9 @@ def cross_validate(names, features: np.ndarray, labels: np.ndarray, n_classes: i
         fitter, opts_in = HEADS[name], options.get(name, {})
         t0 = time.perf_counter()
         if fitter.folds_path is not None:
-            paths = fitter.folds_path(x_all, y_all, rows, n_classes, seeds, **opts_in)
+            paths = fitter.folds_path(x_all, y_all, rows, n_classes, seeds, views=group, **opts_in)
         else:
-            paths = [fitter.path(x_all[r], y_all[r], n_classes, s, **opts_in) for r, s in zip(rows, seeds)]
+            paths = [fitter.path(x_all[r], y_all[r], n_classes, s, views=group, **opts_in) for r, s in zip(rows, seeds)]
         seconds[name] = (time.perf_counter() - t0) / len(splits)
         for (_, te), path in zip(splits, paths):
             clean = views[te, 0]
