@@ -294,8 +294,9 @@ def _train_torch(kind, x, y, rows, n_classes, seeds, checkpoints, *, views: int 
     folds, d = len(rows), x.shape[1]
     sizes = [len(r) // views for r in rows]  # images per fold
     n_max = max(sizes)
-    stats = [_standardizer(x[r]) for r in rows]
-    xt = torch.from_numpy(np.asarray(x, np.float32))
+    stats = [_standardizer(x[r].astype(np.float32)) for r in rows]
+    # Kept in the cache's dtype (float16): batches are cast as they are drawn, never the whole set.
+    xt = torch.from_numpy(np.ascontiguousarray(x))
     yt = torch.from_numpy(np.asarray(y, np.int64))
     wt = torch.zeros((folds, len(y)))
     for f, r in enumerate(rows):
@@ -332,7 +333,7 @@ def _train_torch(kind, x, y, rows, n_classes, seeds, checkpoints, *, views: int 
             order[f, :n] = r[rngs[f].permutation(n) * views + rngs[f].integers(0, views, n)]
         for start in range(0, n_max, batch_size):
             idx = torch.from_numpy(order[:, start:start + batch_size])
-            xb = (xt[idx] - mean_t) * inv_std_t
+            xb = (xt[idx].float() - mean_t) * inv_std_t
             real = torch.from_numpy(np.minimum(np.maximum(np.array(sizes) - start, 0), idx.shape[1]))
             yb = yt[idx]
             wb = wt[fold_of, idx] * (torch.arange(idx.shape[1])[None, :] < real[:, None])
@@ -474,7 +475,8 @@ def cross_validate(names, features: np.ndarray, labels: np.ndarray, n_classes: i
     if given, adds generated training rows inside each fold (never to the held-out images).
     """
     options = options or {}
-    feats = np.asarray(features, dtype=np.float32)
+    # No float32 copy of the whole set (features are cached as float16): each fold casts its own rows.
+    feats = np.asarray(features)
     views = feats if feats.ndim == 3 else feats[:, None, :]
     labels = np.asarray(labels, dtype=np.int64)
     splits = cv_folds(labels, folds, seed)
@@ -501,7 +503,8 @@ def cross_validate(names, features: np.ndarray, labels: np.ndarray, n_classes: i
         if fitter.folds_path is not None:
             paths = fitter.folds_path(x_all, y_all, rows, n_classes, seeds, views=group, **opts_in)
         else:
-            paths = [fitter.path(x_all[r], y_all[r], n_classes, s, views=group, **opts_in) for r, s in zip(rows, seeds)]
+            paths = [fitter.path(x_all[r].astype(np.float32), y_all[r], n_classes, s, views=group, **opts_in)
+                     for r, s in zip(rows, seeds)]
         seconds[name] = (time.perf_counter() - t0) / len(splits)
         for (_, te), path in zip(splits, paths):
             clean = views[te, 0]
