@@ -8,7 +8,6 @@ memory, `learn`), without torch.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import time
@@ -297,10 +296,9 @@ class UnfrozenLearner(_Base):
         # The pretrained tail moves ten times slower than the fresh head.
         groups += [{**g, "lr": config.lr * 0.1} for g in decay_groups(backbone, config.weight_decay)]
         self.optimizer = torch.optim.AdamW(groups, lr=config.lr)
-        from toolkit.augment import build_augmentation, eval_view
+        from toolkit.augment import build_augmentation
 
         self.aug = build_augmentation(config.augment, size=self.spec.input_size, overrides=config.augment_overrides)
-        self.eval_view = eval_view
         self._stats["unfrozen_blocks"] = n
 
     def _images(self, which: str, indices):
@@ -339,15 +337,19 @@ class UnfrozenLearner(_Base):
             self.progress("batches", min(start + c.batch_size, len(order)), len(order))
         return float(np.mean(losses))
 
+    def _val_views(self, batch: int = 32):
+        from toolkit.augment import eval_view
+
+        size, n = self.spec.input_size, len(self.prep.val)
+        for i in range(0, n, batch):
+            yield np.stack([eval_view(im, size) for im in self._images("val", range(i, min(i + batch, n)))])
+
     def validate(self, return_predictions: bool = False):
         torch = self.torch
         self.model.eval()
         y = torch.from_numpy(self.prep.val_labels).to(self.device)
-        size, n = self.spec.input_size, len(self.prep.val)
         with torch.no_grad():
-            logits = torch.cat([self.model(self._batch(np.stack([self.eval_view(im, size) for im in
-                                                                 self._images("val", range(i, min(i + 32, n)))])))
-                                for i in range(0, n, 32)])
+            logits = torch.cat([self.model(self._batch(views)) for views in self._val_views()])
             loss = torch.nn.functional.cross_entropy(logits, y).item()
             pred = logits.argmax(1)
             acc = (pred == y).float().mean().item()
