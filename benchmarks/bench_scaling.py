@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -251,6 +252,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--label", default="current", help="results of another --code or machine go under another label")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes generating images")
     ap.add_argument("--labels", nargs="*", help="the labels to put in the table [--label]")
+    ap.add_argument("--note", default="", help="a paragraph for the top of the section (how the runs were made)")
     ap.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md")
     args = ap.parse_args(argv)
 
@@ -273,11 +275,13 @@ def main(argv: list[str] | None = None) -> None:
         store.write_text(json.dumps(everything, indent=1))  # after every size: a later failure keeps it
     labels = args.labels or [args.label]
     md, rows = report(everything, labels)
+    md = f"{args.note}\n\n{md}" if args.note else md
     print(md)
     if rows:
         print_table("Scaling", rows)
     if not args.no_write and any(everything.get(label) for label in labels):
-        update_benchmarks_md(SECTION, md + f"\nCommand: `{command_line()}`\n")
+        command = command_line().replace(shlex.quote(args.note), "'...'") if args.note else command_line()
+        update_benchmarks_md(SECTION, md + f"\nCommand: `{command}`\n")
 
 
 if __name__ == "__main__":
