@@ -50,14 +50,19 @@ def _render_class(args: tuple[Path, int, int, str, int, int, int]) -> None:
 
     import cv2
 
+    from toolkit import atomic
+
     folder, split, ci, cls, start, stop, size = args
     for i in range(start, stop):
+        path = folder / f"{i:05d}.jpg"
+        if path.exists():  # an interrupted generation is completed, not redone
+            continue
         # The generator's own seeding (toolkit.synthetic.make_tabletop_dataset): image i of a class
         # is the same whatever else is generated.
         rng = np.random.default_rng(np.random.SeedSequence([0, split, ci, i]))
         rgb = render_object(cls, rng, size)
         ok, buf = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
-        (folder / f"{i:05d}.jpg").write_bytes(buf.tobytes())
+        atomic.write_bytes(path, buf.tobytes())
 
 
 def _counts(size: int) -> dict[str, int]:
@@ -80,10 +85,9 @@ def make_pool(root: Path, size: int, image_size: int, workers: int) -> Path:
         for ci, cls in enumerate(DEMO_CLASSES):
             folder = pool / split / cls
             folder.mkdir(parents=True, exist_ok=True)
-            have = len(list(folder.glob("*.jpg")))
-            step = 500
-            jobs += [(folder, split_index, ci, cls, s, min(s + step, counts[split]), image_size)
-                     for s in range(have, counts[split], step)]
+            if len(list(folder.glob("*.jpg"))) < counts[split]:
+                jobs += [(folder, split_index, ci, cls, s, min(s + 500, counts[split]), image_size)
+                         for s in range(0, counts[split], 500)]
     if jobs:
         t0 = time.perf_counter()
         with ProcessPoolExecutor(workers) as ex:
