@@ -32,7 +32,7 @@ from toolkit.errors import EdgetuneError
 from toolkit.runs import RunDir, read_safetensors, write_safetensors
 
 if TYPE_CHECKING:
-    from toolkit.data import Dataset
+    from toolkit.data import Dataset, ImageStream
 
 logger = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ class Prepared:
     def val_labels(self) -> np.ndarray:
         return self.val.labels()
 
-    def stream(self, which: str, capacity: int = 8):
+    def stream(self, which: str, capacity: int = 8) -> ImageStream:
         """An ImageStream over the 'train' or 'val' images."""
         from toolkit.data import ImageStream
 
