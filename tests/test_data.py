@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from toolkit import images
-from toolkit.data import Dataset, Sample, balanced_indices, class_weights, decode_images, discover, load_eval_set
+from toolkit.data import (Dataset, ImageStream, Sample, balanced_indices, check_images, class_weights, decode_images,
+                          discover, load_eval_set)
 from toolkit.errors import DataError
 from toolkit.images import ImageReadError, read_image
 
@@ -189,6 +190,64 @@ def test_decode_images_errors_when_a_class_is_emptied(tmp_path, make_image_folde
                      ds.classes, root)
     with pytest.raises(DataError, match="dogs"):
         decode_images(broken)
+
+
+def test_check_images_finds_what_decoding_refuses_and_keeps_no_pixels(tmp_path, make_image_folder, caplog):
+    root = make_image_folder(tmp_path, n=4, size=(120, 90))
+    _write(root / "cats" / "empty.jpg", b"")
+    _write(root / "dogs" / "notes.jpg", b"shopping list")
+    _write(root / "dogs" / "cut.jpg", _jpeg_bytes(64, 64)[:-300])
+    splits = discover(root)
+    ds = Dataset(splits.train.samples + splits.val.samples, splits.train.classes, root)
+    with caplog.at_level(logging.WARNING, logger="toolkit.data"):
+        clean, skipped = check_images(ds)
+    _, decoded, refused = decode_images(ds)
+    assert clean.samples == decoded.samples
+    assert [(s.path, s.reason) for s in skipped] == [(s.path, s.reason) for s in refused]
+    assert {s.path.name for s in skipped} == {"empty.jpg", "notes.jpg", "cut.jpg"}
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 2 and all("Skipped 3 of" in w for w in warnings)  # check, then decode
+
+
+def test_image_stream_keeps_a_bounded_few_and_decodes_each_once(tmp_path, make_image_folder, monkeypatch):
+    import threading
+    import time
+
+    from toolkit import data
+
+    root = make_image_folder(tmp_path, n=10, size=(60, 80))
+    ds = discover(root).train
+    reference, _, _ = decode_images(ds, min_side=32)
+    stream = ImageStream(ds, min_side=32, capacity=2)
+    views = [stream.get(k // 3) for k in range(3 * len(ds))]  # 3 consecutive views per image
+    for k, img in enumerate(views):
+        np.testing.assert_array_equal(img, reference[k // 3])
+    assert stream.decodes == len(ds) and stream.peak == 2 < len(ds)
+
+    real_load, loads = data._load, []
+
+    def slow_load(path, min_side):
+        loads.append(path)
+        time.sleep(0.05)  # the other threads ask while this decode is still running
+        return real_load(path, min_side)
+
+    monkeypatch.setattr(data, "_load", slow_load)
+    stream, got = ImageStream(ds, min_side=32, capacity=1), []
+    threads = [threading.Thread(target=lambda: got.append(stream.get(0))) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(loads) == 1 and len(got) == 4 and all(img is got[0] for img in got)
+
+
+def test_image_stream_reports_a_file_that_broke_after_the_check(tmp_path, make_image_folder):
+    root = make_image_folder(tmp_path, n=3)
+    ds = discover(root).train
+    ds.samples[1].path.write_bytes(b"overwritten")
+    stream = ImageStream(ds, min_side=None)
+    assert stream.get(0) is not None and stream.get(1) is None
+    assert stream.failed == {1: "not an image (text file)"}
 
 
 # ------------------------------------------------------------------------------------- discovery

@@ -190,3 +190,47 @@ def test_cuda_path_end_to_end(tiny_dataset, tmp_path):
     metrics = train(tiny_dataset, out, TrainConfig(**{**FAST, "device": "cuda"}))
     assert "cuda" in metrics["devices"] and metrics["val_accuracy"] >= 0.9
     assert "torch:cuda" in load_predictor(out, device="cuda").describe()
+
+
+@pytest.mark.parametrize("found_by", ["check", "decode"])
+def test_images_are_streamed_and_bad_files_counted(found_by, make_image_folder, tmp_path, monkeypatch):
+    """Training decodes images as their views are built, a bounded few at a time (never all of
+    them), each once for all its views; unreadable files are skipped, counted and listed, whether
+    the up-front check finds them or only the full decode while streaming does."""
+    from toolkit import data, learners
+
+    root = make_image_folder(tmp_path, classes=("red", "green", "blue"), n=16, size=(96, 128), val_n=4)
+    (root / "train" / "red" / "notes.jpg").write_bytes(b"shopping list")
+    (root / "val" / "blue" / "empty.png").write_bytes(b"")
+    streams = []
+
+    class Recorded(data.ImageStream):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            streams.append(self)
+
+    def small_batches(*args, **kwargs):  # the cache's size follows the batch, which is tuned per machine
+        engine = engine_for(*args, **kwargs)
+        engine.batch = 4
+        return engine
+
+    engine_for = learners.engine_for
+    monkeypatch.setattr(learners, "engine_for", small_batches)
+    monkeypatch.setattr(data, "ImageStream", Recorded)
+    if found_by == "decode":
+        monkeypatch.setattr(data, "check_image", lambda path: None)
+    out = tmp_path / "run"
+    metrics = train(root, out, TrainConfig(**{**FAST, "views": 2, "head": "logreg"}))
+    assert metrics["images_skipped"] == 2 and metrics["n_train"] == 48 and metrics["n_val"] == 12
+    assert {Path(s["path"]).name for s in metrics["skipped"]} == {"notes.jpg", "empty.png"}
+    streamed = 49 if found_by == "decode" else 48  # the checked files
+    train_stream = next(s for s in streams if len(s) == streamed)
+    assert train_stream.peak <= train_stream.capacity < streamed and train_stream.decodes == streamed
+    train_feats, labels = learners.cached_train_features(RunDir.open(out))
+    assert train_feats.shape[:2] == (48, 3) and len(labels) == 48
+    split = json.loads((out / "split.json").read_text())
+    assert len(split["train"]) == 49  # the run's files, readable or not: evaluate must recognise them
+    if found_by == "decode":  # a resumed run reads the same drops back from the feature cache
+        (out / "model.safetensors").unlink()
+        resumed = train(None, out, resume=True)
+        assert resumed["images_skipped"] == 2 and resumed["n_train"] == 48

@@ -14,7 +14,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, BinaryIO, Iterator
 
 
 @functools.cache
@@ -39,13 +39,21 @@ def dir_mode() -> int:
 
 
 def write_bytes(path: Path, data: bytes) -> None:
+    with open_for_write(path) as f:
+        f.write(data)
+
+
+@contextlib.contextmanager
+def open_for_write(path: Path) -> Iterator[BinaryIO]:
+    """A binary file to write `path` through, in pieces (large arrays need no copy in memory);
+    it replaces `path` only when the block completes."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, file_mode())
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -1,7 +1,9 @@
-"""Datasets: find labelled images (class folders, train/val folders or a CSV) and decode them all.
+"""Datasets: find labelled images (class folders, train/val folders or a CSV) and read them.
 
-Single files are decoded by `toolkit.images`; `decode_images` runs that over a dataset in threads
-and turns unreadable files into one counted warning instead of a crash mid-training.
+Single files are decoded by `toolkit.images`. Training checks every file first (`check_images`,
+no pixels kept) and then streams the images (`ImageStream`: decoded on demand, a few at a time),
+so memory does not grow with the dataset; `decode_images` decodes and holds a set (evaluation).
+Unreadable files become one counted warning instead of a crash mid-training.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ import csv
 import hashlib
 import logging
 import zlib
+import threading
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -18,7 +22,7 @@ from typing import Callable, Iterable
 import numpy as np
 
 from toolkit.errors import DataError, EdgetuneError
-from toolkit.images import ImageReadError, read_image  # noqa: F401 - read_image: public re-export
+from toolkit.images import ImageReadError, check_image, read_image  # noqa: F401 - read_image: public re-export
 from toolkit.preprocess import load_image, shrink
 
 logger = logging.getLogger(__name__)
@@ -364,6 +368,35 @@ def _display(path: Path, root: Path) -> str:
         return str(path)
 
 
+def _scan(dataset: Dataset, read: Callable[[Path], object], workers: int,
+          progress: Callable[[int], None] | None) -> tuple[list, Dataset, list[Skipped]]:
+    """`read` every sample's file in threads (OpenCV releases the GIL); unreadable files become
+    one counted warning. Returns the results of the readable ones, the dataset of those, the rest."""
+    results: list = [None] * len(dataset)
+    reasons: dict[int, str] = {}
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        futures = {pool.submit(read, s.path): i for i, s in enumerate(dataset.samples)}
+        for done, future in enumerate(as_completed(futures), start=1):
+            i = futures.pop(future)  # drop the future at once: it holds its result
+            try:
+                results[i] = future.result()
+            except ImageReadError as e:
+                reasons[i] = e.reason
+            if progress is not None:
+                progress(done)
+    clean, skipped = without_unreadable(dataset, reasons)
+    return [r for i, r in enumerate(results) if i not in reasons], clean, skipped
+
+
+def warn_skipped(skipped: list[Skipped], total: int, root: Path) -> None:
+    """One warning that counts the unreadable files and names the first ten, with their reasons."""
+    if not skipped:
+        return
+    listed = ", ".join(f"{_display(s.path, root)} ({s.reason})" for s in skipped[:10])
+    more = f", and {len(skipped) - 10} more" if len(skipped) > 10 else ""
+    logger.warning("Skipped %d of %d images that could not be read: %s%s", len(skipped), total, listed, more)
+
+
 def decode_images(
     dataset: Dataset,
     *,
@@ -371,36 +404,98 @@ def decode_images(
     workers: int = 2,
     progress: Callable[[int], None] | None = None,
 ) -> tuple[list[np.ndarray], Dataset, list[Skipped]]:
-    """Decode every image (threads: OpenCV releases the GIL), shrunk to keep memory small.
+    """Decode every image, shrunk to keep memory small, and hold them all (for a few hundred
+    evaluation images; training streams its images through `ImageStream` instead).
 
     `min_side`: downscale so the shorter side is at most that, by the preprocessing's own resize
     rule (toolkit.preprocess.shrink); with eval_resize_shorter(size) the model views are unchanged.
 
     Returns the images in dataset order, the dataset without the unreadable samples, and those.
     """
-    results: list[np.ndarray | None] = [None] * len(dataset)
-    reasons: dict[int, str] = {}
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        futures = {pool.submit(_load, s.path, min_side): i for i, s in enumerate(dataset.samples)}
-        for done, future in enumerate(as_completed(futures), start=1):
-            i = futures[future]
-            try:
-                results[i] = future.result()
-            except ImageReadError as e:
-                reasons[i] = e.reason
-            if progress is not None:
-                progress(done)
-    skipped = [Skipped(dataset.samples[i].path, reasons[i]) for i in sorted(reasons)]
-    kept = [i for i in range(len(dataset)) if i not in reasons]
-    if skipped:
-        listed = ", ".join(f"{_display(s.path, dataset.root)} ({s.reason})" for s in skipped[:10])
-        more = f", and {len(skipped) - 10} more" if len(skipped) > 10 else ""
-        logger.warning(
-            "Skipped %d of %d images that could not be read: %s%s", len(skipped), len(dataset), listed, more
-        )
-    clean = replace(dataset, samples=[dataset.samples[i] for i in kept])
+    return _scan(dataset, lambda path: _load(path, min_side), workers, progress)
+
+
+def check_images(
+    dataset: Dataset, *, workers: int = 2, progress: Callable[[int], None] | None = None
+) -> tuple[Dataset, list[Skipped]]:
+    """Find the unreadable files before training, keeping no pixels (`toolkit.images.check_image`):
+    the dataset without them, and them, with the same counted warning as `decode_images`."""
+    _, clean, skipped = _scan(dataset, check_image, workers, progress)
+    return clean, skipped
+
+
+def without_unreadable(dataset: Dataset, failed: dict[int, str]) -> tuple[Dataset, list[Skipped]]:
+    """`dataset` without the samples at the indices in `failed` (index -> reason), and those, with
+    the counted warning and the emptied-class check of `check_images`."""
+    skipped = [Skipped(dataset.samples[i].path, r) for i, r in sorted(failed.items())]
+    warn_skipped(skipped, len(dataset), dataset.root)
+    clean = replace(dataset, samples=[s for i, s in enumerate(dataset.samples) if i not in failed])
     _check_not_emptied(dataset, clean)
-    return [results[i] for i in kept], clean, skipped
+    return clean, skipped
+
+
+class _Slot:
+    __slots__ = ("ready", "image", "reason", "error")
+
+    def __init__(self) -> None:
+        self.ready = threading.Event()
+        self.image: np.ndarray | None = None
+        self.reason: str | None = None
+        self.error: BaseException | None = None
+
+
+class ImageStream:
+    """A dataset's images decoded on demand (shrunk as `decode_images` does), the last `capacity`
+    kept: memory stays flat in the number of images. The views of one image are built one after
+    another, so a small cache decodes each image once even when two threads need it together.
+
+    `get(i)` is None for a file that cannot be read any more (it passed `check_images`, then
+    changed, or only the full decode found the fault); `failed` says which and why.
+    """
+
+    def __init__(self, dataset: Dataset, *, min_side: int | None, capacity: int = 8) -> None:
+        self.dataset, self.min_side, self.capacity = dataset, min_side, max(1, capacity)
+        self._lock = threading.Lock()
+        self._cache: OrderedDict[int, _Slot] = OrderedDict()
+        self.failed: dict[int, str] = {}
+        self.decodes = 0  # files decoded so far: == len(dataset) when no image was decoded twice
+        self.peak = 0  # most decoded images the cache held at once
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def get(self, i: int) -> np.ndarray | None:
+        with self._lock:
+            slot = self._cache.get(i)
+            owner = slot is None
+            if owner:
+                slot = self._cache[i] = _Slot()
+                while len(self._cache) > self.capacity:
+                    self._cache.popitem(last=False)  # a thread still using it keeps its own reference
+                self.peak = max(self.peak, len(self._cache))
+            else:
+                self._cache.move_to_end(i)
+        if owner:
+            try:
+                slot.image = _load(self.dataset.samples[i].path, self.min_side)
+            except ImageReadError as e:
+                slot.reason = e.reason
+            except BaseException as e:  # e.g. MemoryError: threads waiting on this slot raise it too
+                slot.error = e
+                with self._lock:
+                    self._cache.pop(i, None)
+                raise
+            finally:
+                slot.ready.set()
+            with self._lock:
+                self.decodes += 1
+                if slot.reason is not None:
+                    self.failed[i] = slot.reason
+        else:
+            slot.ready.wait()
+            if slot.error is not None:
+                raise slot.error
+        return slot.image
 
 
 def _check_not_emptied(before: Dataset, after: Dataset) -> None:

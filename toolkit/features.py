@@ -338,6 +338,11 @@ def _cached_onnx_backbone(spec: BackboneSpec) -> Path:
     return path
 
 
+def batches_ahead(workers: int) -> int:
+    """Batches `extract_features` builds ahead of the engine: bounded, so memory stays flat."""
+    return max(2, workers * 2)
+
+
 def extract_features(
     engine: FeatureEngine,
     make_view: Callable[[int], np.ndarray],
@@ -351,10 +356,11 @@ def extract_features(
 
     Views are built in worker threads a few batches ahead of the engine. Each view's randomness
     must come from `k` alone (not from thread timing) so the result is the same on every run.
-    Returns float16 (count, feature_dim): half the memory, and plenty for a linear head.
+    Returns float16 (count, feature_dim): half the memory, and plenty for a linear head. Each
+    batch is cast as it lands, so no float32 copy of all the features ever exists.
     """
     batch_size = batch_size or engine.batch
-    out = np.empty((count, engine.spec.feature_dim), np.float32)
+    out = np.empty((count, engine.spec.feature_dim), np.float16)
     starts = range(0, count, batch_size)
 
     def build(start: int) -> np.ndarray:
@@ -363,7 +369,7 @@ def extract_features(
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
 
         def batches():
-            ahead = max(2, workers * 2)  # bounded look-ahead keeps memory flat
+            ahead = batches_ahead(workers)
             pending = [pool.submit(build, s) for s in starts[:ahead]]
             for i, s in enumerate(starts):
                 batch = pending[i].result()
@@ -375,4 +381,4 @@ def extract_features(
                     progress(min(s + batch_size, count))
 
         engine.extract_many(batches(), out)
-    return out.astype(np.float16)
+    return out

@@ -193,17 +193,47 @@ def read_image(path: Path) -> np.ndarray:
     than decoding a camera frame or following manifest.json, so a model would see two inputs.
     """
     path = Path(path)
+    return _decode(path, _read_bytes(path))
+
+
+def check_image(path: Path) -> None:
+    """Raise ImageReadError for a file `read_image` would refuse, keeping no pixels.
+
+    JPEGs (most photo sets) get the same structure check, then libjpeg's 1/8-scale greyscale
+    decode: it still entropy-decodes every byte of the image data, where broken files fail, but
+    skips most of the inverse DCT and colour work. Other formats are decoded in full.
+    """
+    path = Path(path)
+    data = _read_bytes(path)
+    if not data.startswith(_JPEG):
+        _decode(path, data)
+        return
+    _check_jpeg(path, data)
+    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_REDUCED_GRAYSCALE_8)
+    if img is None or img.size == 0:
+        raise ImageReadError(path, _describe_undecodable(data))
+
+
+def _read_bytes(path: Path) -> bytes:
     try:
         data = path.read_bytes()  # Python I/O, not cv2.imread: unicode paths work on every OS
     except OSError as e:
         raise ImageReadError(path, f"cannot open file ({e.strerror or e})") from None
     if not data:
         raise ImageReadError(path, "zero-byte file")
+    return data
+
+
+def _check_jpeg(path: Path, data: bytes) -> None:
+    # libjpeg fills a truncated JPEG with grey instead of failing: check the structure first.
+    if _jpeg_truncated(data):
+        raise ImageReadError(path, "truncated JPEG (image data ends before its end-of-image marker)")
+
+
+def _decode(path: Path, data: bytes) -> np.ndarray:
     buf = np.frombuffer(data, np.uint8)
     if data.startswith(_JPEG):
-        # libjpeg fills a truncated JPEG with grey instead of failing: check the structure first.
-        if _jpeg_truncated(data):
-            raise ImageReadError(path, "truncated JPEG (image data ends before its end-of-image marker)")
+        _check_jpeg(path, data)
         # JPEG has no alpha or >8-bit depth to inspect; IMREAD_COLOR also converts CMYK and
         # applies the EXIF orientation, as photo viewers do.
         img = cv2.imdecode(buf, cv2.IMREAD_COLOR)

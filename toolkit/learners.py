@@ -8,7 +8,6 @@ memory, `learn`), without torch.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import time
@@ -160,10 +159,10 @@ class CachedFeatures:
             if self.config.backbone_precision == "int8":
                 from toolkit.augment import eval_view
 
-                images = self.prep.train_images
+                images = self.prep.stream("train")
                 # Spread over the whole (class-ordered) set so every class shapes the int8 ranges.
                 picks = np.unique(np.linspace(0, len(images) - 1, min(300, len(images))).round().astype(int))
-                calib = [eval_view(images[i], self.spec.input_size) for i in picks]
+                calib = [eval_view(im, self.spec.input_size) for im in map(images.get, picks) if im is not None]
             self._engine = engine_for(self.plan.features, self.config.backbone,
                                       precision=self.config.backbone_precision, calibration=calib)
             if calib is not None:
@@ -188,49 +187,71 @@ class CachedFeatures:
         if path.exists():
             with np.load(path) as z:
                 logger.info("Using cached features from %s", path)
+                # Images that failed to decode while the cache was built are left out again.
+                for which, failed in json.loads(str(z["unreadable"]) if "unreadable" in z else "{}").items():
+                    self.prep.drop_unreadable(which, {int(i): r for i, r in failed.items()})
                 return z["train"], z["val"]
         t0 = time.perf_counter()
         engine = self.engine()  # conversion, quantization and compilation: timed apart from views
         t1 = time.perf_counter()
-        train = self._extract_views(views=1 + self.config.views)
-        val = self._extract_clean(self.prep.val_images, "val features")
+        unreadable: dict[str, dict[int, str]] = {}
+        train = self._extract("train", 1 + self.config.views, unreadable)
+        val = self._extract("val", 1, unreadable)[:, 0]
         seconds = time.perf_counter() - t1
         n = train.shape[0] * train.shape[1] + len(val)
         self._stats.update({"feature_engine": engine.name, "engine_setup_seconds": round(t1 - t0, 2),
                             "feature_seconds": round(seconds, 2), "views_per_second": round(n / seconds, 1)})
-        buf = io.BytesIO()
-        np.savez(buf, train=train, val=val, train_labels=self.prep.train_labels, val_labels=self.prep.val_labels)
-        atomic.write_bytes(path, buf.getvalue())
+        # Streamed into the file: an in-memory archive would hold the features twice more.
+        with atomic.open_for_write(path) as f:
+            np.savez(f, train=train, val=val, train_labels=self.prep.train_labels,
+                     val_labels=self.prep.val_labels, unreadable=np.array(json.dumps(unreadable)))
         return train, val
 
-    def _extract_views(self, views: int) -> np.ndarray:
+    def _extract(self, which: str, views: int, unreadable: dict[str, dict[int, str]]) -> np.ndarray:
+        """(N, views, D) float16 features of the `which` images; view 0 is the clean view, the
+        others augmented. Images are decoded as their views are built, never all held."""
         from toolkit.augment import build_augmentation, eval_view
-        from toolkit.features import extract_features
+        from toolkit.features import batches_ahead, extract_features
 
         c, size = self.config, self.spec.input_size
         aug = build_augmentation(c.augment, size=size, overrides=c.augment_overrides)
-        images = self.prep.train_images
+        engine = self.engine()
+        # An image's views may straddle two batches built by two threads. Between its first and last
+        # view only batches within batches_ahead of those two are built, each spanning at most
+        # batch/views + 1 images: a cache that size decodes every image once, whatever the thread
+        # timing, and holds a few dozen images at most. Without repeated views one will do.
+        per_batch = -(-engine.batch // views) + 1
+        images = self.prep.stream(which, capacity=(2 * batches_ahead(c.workers) + 2) * per_batch if views > 1 else 1)
+        blank = np.zeros((size, size, 3), np.uint8)
 
         def make_view(k: int) -> np.ndarray:
             i, v = divmod(k, views)
+            img = images.get(i)
+            if img is None:
+                return blank  # unreadable after all: its rows are dropped below
             if v == 0:
-                return eval_view(images[i], size)
+                return eval_view(img, size)
             # The view's randomness depends only on (seed, image, view), never on threads.
-            return aug(images[i], np.random.default_rng([c.seed, i, v]))
+            return aug(img, np.random.default_rng([c.seed, i, v]))
 
         total = len(images) * views
-        feats = extract_features(self.engine(), make_view, total, workers=c.workers,
-                                 progress=lambda d: self.progress("train features", d, total))
-        return feats.reshape(len(images), views, -1)
+        feats = extract_features(engine, make_view, total, workers=c.workers,
+                                 progress=lambda d: self.progress(f"{which} features", d, total))
+        feats = feats.reshape(len(images), views, -1)
+        if images.failed:
+            unreadable[which] = images.failed
+            self.prep.drop_unreadable(which, images.failed)
+            feats = _drop_rows(feats, images.failed)
+        return feats
 
-    def _extract_clean(self, images: list[np.ndarray], stage: str) -> np.ndarray:
-        from toolkit.augment import eval_view
-        from toolkit.features import extract_features
 
-        size = self.spec.input_size
-        return extract_features(self.engine(), lambda k: eval_view(images[k], size), len(images),
-                                workers=self.config.workers,
-                                progress=lambda d: self.progress(stage, d, len(images)))
+def _drop_rows(feats: np.ndarray, rows: dict[int, str]) -> np.ndarray:
+    """`feats` without `rows`, compacted in place (a fancy-index copy would double the memory)."""
+    keep = [i for i in range(len(feats)) if i not in rows]
+    for dst, src in enumerate(keep):
+        if dst != src:
+            feats[dst] = feats[src]
+    return feats[: len(keep)]
 
 
 def cached_train_features(run) -> tuple[np.ndarray, np.ndarray]:
@@ -275,12 +296,23 @@ class UnfrozenLearner(_Base):
         # The pretrained tail moves ten times slower than the fresh head.
         groups += [{**g, "lr": config.lr * 0.1} for g in decay_groups(backbone, config.weight_decay)]
         self.optimizer = torch.optim.AdamW(groups, lr=config.lr)
-        from toolkit.augment import build_augmentation, eval_view
+        from toolkit.augment import build_augmentation
 
         self.aug = build_augmentation(config.augment, size=self.spec.input_size, overrides=config.augment_overrides)
-        size = self.spec.input_size
-        self.val_x = np.stack([eval_view(im, size) for im in prep.val_images])
         self._stats["unfrozen_blocks"] = n
+
+    def _images(self, which: str, indices):
+        """Decode `which` images as a batch needs them (each epoch again: a decode is a few ms
+        next to a backward pass through the tail, and memory stays flat in the dataset size)."""
+        stream = self.prep.stream(which, capacity=1)
+        for i in indices:
+            img = stream.get(i)
+            if img is None:
+                from toolkit.errors import DataError
+
+                raise DataError(f"{stream.dataset.samples[i].path} can no longer be read ({stream.failed[i]}): "
+                                "restore it, or remove it and resume the run with `edgetune train --resume`.")
+            yield img
 
     def _batch(self, views: np.ndarray):
         torch = self.torch
@@ -298,19 +330,26 @@ class UnfrozenLearner(_Base):
         losses = []
         for start in range(0, len(order), c.batch_size):
             idx = order[start : start + c.batch_size]
-            views = np.stack([self.aug(self.prep.train_images[i], np.random.default_rng([c.seed, 1 + epoch, i]))
-                              for i in idx])
+            views = np.stack([self.aug(img, np.random.default_rng([c.seed, 1 + epoch, i]))
+                              for i, img in zip(idx, self._images("train", idx))])
             x, y = self._batch(views), torch.from_numpy(labels[idx]).to(self.device)
             losses.append(self._step(self.model, x, y, rng))
             self.progress("batches", min(start + c.batch_size, len(order)), len(order))
         return float(np.mean(losses))
+
+    def _val_views(self, batch: int = 32):
+        from toolkit.augment import eval_view
+
+        size, n = self.spec.input_size, len(self.prep.val)
+        for i in range(0, n, batch):
+            yield np.stack([eval_view(im, size) for im in self._images("val", range(i, min(i + batch, n)))])
 
     def validate(self, return_predictions: bool = False):
         torch = self.torch
         self.model.eval()
         y = torch.from_numpy(self.prep.val_labels).to(self.device)
         with torch.no_grad():
-            logits = torch.cat([self.model(self._batch(self.val_x[i : i + 32])) for i in range(0, len(self.val_x), 32)])
+            logits = torch.cat([self.model(self._batch(views)) for views in self._val_views()])
             loss = torch.nn.functional.cross_entropy(logits, y).item()
             pred = logits.argmax(1)
             acc = (pred == y).float().mean().item()

@@ -1,8 +1,9 @@
 """One training flow, read top to bottom: data -> views -> frozen-backbone features -> head.
 
     splits = discover(DATA)                 # folders or CSV, seeded stratified split (--shots K per class)
-    images = decode_images(...)             # once, in parallel, downscaled, bad files skipped
-    features = extract_features(...)        # K augmented views + 1 clean view per image, cached
+    check_images(...)                       # every file readable? bad ones skipped and counted
+    features = extract_features(...)        # K augmented views + 1 clean view per image, cached;
+                                            # images decoded as the views need them, never all held
     head = select_head(...)                 # CV on the training features only; winner refit on all
     write model.safetensors, metrics.json, history.csv (the CV table), report.png
 
@@ -21,7 +22,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
@@ -29,6 +30,9 @@ from toolkit import __version__
 from toolkit.backbones import get_spec
 from toolkit.errors import EdgetuneError
 from toolkit.runs import RunDir, read_safetensors, write_safetensors
+
+if TYPE_CHECKING:
+    from toolkit.data import Dataset, ImageStream
 
 logger = logging.getLogger(__name__)
 
@@ -98,16 +102,43 @@ class TrainConfig:
 
 @dataclass
 class Prepared:
-    """Everything the epoch loop needs, from the data side."""
+    """Everything training needs from the data side: the checked files, never their pixels.
+
+    Learners stream the images (`stream`): decoded on demand, a few at a time, so memory does not
+    grow with the number of images; only their features are kept.
+    """
 
     classes: list[str]
-    train_images: list[np.ndarray]
-    train_labels: np.ndarray
-    val_images: list[np.ndarray]
-    val_labels: np.ndarray
+    train: Dataset
+    val: Dataset
+    min_side: int  # decoded images are shrunk to this shorter side: the views stay byte-identical
     skipped: list[dict[str, str]]
     data_key: str  # fingerprint of the files, for the features cache
     split: dict[str, Any] = field(default_factory=dict)  # split.json: which files trained, which validated
+
+    @property
+    def train_labels(self) -> np.ndarray:
+        return self.train.labels()
+
+    @property
+    def val_labels(self) -> np.ndarray:
+        return self.val.labels()
+
+    def stream(self, which: str, capacity: int = 8) -> ImageStream:
+        """An ImageStream over the 'train' or 'val' images."""
+        from toolkit.data import ImageStream
+
+        return ImageStream(getattr(self, which), min_side=self.min_side, capacity=capacity)
+
+    def drop_unreadable(self, which: str, failed: dict[int, str]) -> None:
+        """Drop the images a stream of `which` could not decode (they passed the check, then
+        changed, or only a full decode found the fault); counted like the files the check skipped."""
+        from toolkit.data import without_unreadable
+
+        if failed:
+            kept, skipped = without_unreadable(getattr(self, which), failed)
+            setattr(self, which, kept)
+            self.skipped += [{"path": str(s.path), "reason": s.reason} for s in skipped]
 
 
 def train(
@@ -223,7 +254,7 @@ def _resolve(run: RunDir, data, config, resume: bool):
 
 
 def _prepare_data(data: Path, config: TrainConfig, size: int, progress: Progress) -> Prepared:
-    from toolkit.data import decode_images, discover, split_record
+    from toolkit.data import check_images, discover, split_record
     from toolkit.preprocess import eval_resize_shorter
 
     splits = discover(data, val_fraction=config.val_fraction, seed=config.seed)
@@ -234,27 +265,26 @@ def _prepare_data(data: Path, config: TrainConfig, size: int, progress: Progress
 
         keep = keep_shots(splits.train.labels(), config.shots, config.seed, splits.train.classes, str(data))
         splits.train = dataclasses.replace(splits.train, samples=[splits.train.samples[i] for i in keep])
-    # Keep images a bit larger than the eval view so random crops still have real detail.
-    min_side = eval_resize_shorter(size)
     total = len(splits.train) + len(splits.val)
     done = [0]
 
     def tick(n: int) -> None:
-        progress("decode", done[0] + n, total)
+        progress("check images", done[0] + n, total)
 
-    train_imgs, train_ds, skipped_t = decode_images(splits.train, min_side=min_side, workers=config.workers, progress=tick)
+    # Only a validity check here (no pixels kept): the learners decode as they go.
+    train_ds, skipped_t = check_images(splits.train, workers=config.workers, progress=tick)
     done[0] = len(splits.train)
-    val_imgs, val_ds, skipped_v = decode_images(splits.val, min_side=min_side, workers=config.workers, progress=tick)
+    val_ds, skipped_v = check_images(splits.val, workers=config.workers, progress=tick)
     key = hashlib.sha1()
     for s in train_ds.samples + val_ds.samples:
         st = s.path.stat()
         key.update(f"{s.path}|{s.label}|{st.st_size}|{st.st_mtime_ns}".encode())
     return Prepared(
         classes=train_ds.classes,
-        train_images=train_imgs,
-        train_labels=train_ds.labels(),
-        val_images=val_imgs,
-        val_labels=val_ds.labels(),
+        train=train_ds,
+        val=val_ds,
+        # A bit larger than the eval view, so random crops still have real detail.
+        min_side=eval_resize_shorter(size),
         skipped=[{"path": str(s.path), "reason": s.reason} for s in skipped_t + skipped_v],
         data_key=key.hexdigest()[:16],
         split=split_record(splits),
