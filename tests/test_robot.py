@@ -239,3 +239,24 @@ def test_robot_commands_without_torch(bundle, tmp_path, make_image_folder):
     out = _no_torch("train", str(images), "--out", str(tmp_path / "run"))
     assert out.returncode == 2 and "pip install 'edgetune[train]'" in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_robot_path_skips_torch_where_it_is_installed(bundle):
+    """onnxruntime-training imports torch while it imports (a build check): seconds of start-up on
+    every `classify`/`learn`/`watch` process of a host that has torch. The robot path must not pay
+    for it, and the training package must stay importable afterwards (the ORT training exporter)."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    code = ("import sys, toolkit, numpy as np\n"
+            "toolkit.load(sys.argv[1]).classify(np.zeros((90, 120, 3), np.uint8))\n"
+            "print('torch' in sys.modules)\n"
+            "import importlib.util\n"
+            "if importlib.util.find_spec('onnxruntime.training'):\n"
+            "    import onnxruntime.training\n"
+            "print('ok')")
+    out = subprocess.run([sys.executable, "-c", code, str(bundle)], cwd=Path(__file__).resolve().parents[1],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["False", "ok"], (out.stdout, importlib.util.find_spec("torch") is not None)

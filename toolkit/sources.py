@@ -157,6 +157,7 @@ class CaptureSource(Source):
         self._stop = threading.Event()
         self._error: str | None = None
         self._thread: threading.Thread | None = None
+        self.started_at: float | None = None  # perf_counter when the reader thread began (file playback clock)
 
     # -- opening ---------------------------------------------------------------------------
     def _open(self):
@@ -190,7 +191,7 @@ class CaptureSource(Source):
     def _reader(self) -> None:
         """Thread: read frames, keep the newest, count the ones nobody took."""
         index, period = 0, 1.0 / self.fps
-        start = time.perf_counter()
+        start = self.started_at = time.perf_counter()
         try:
             while not self._stop.is_set():
                 ok, image = self._cap.read()
