@@ -219,10 +219,10 @@ def learn(bundle: Path, data: Path, out: Path, *, device: str = "auto", forget: 
     static = manifest["input"].get("batch")
     runner = feature_runner(bundle / manifest["model"], runtime, device=dev.id.partition(":")[2], feature_dim=dim,
                             batch=static, with_logits=True)  # the old model's logits: the "before" column
-    _warm_imports()
     progress("decode", 0, 2)
     fit_x, fit_y = _dataset_views(splits.train, size, "DATA")
     held_x, held_y = _dataset_views(splits.val, size, "held-out")
+    _warm_imports()  # after every bad-input check that reads DATA
     progress("features", 1, 2)
     fit_f = run_batched(runner, fit_x, batch=static)[:, :dim]
     held = run_batched(runner, held_x, batch=static) if len(held_x) else np.zeros((0, dim + len(old_labels)), np.float32)
