@@ -40,6 +40,7 @@ class Frame:
     image: np.ndarray  # HxWx3 uint8 BGR
     timestamp_ns: int  # source time: position in a file, wall clock for live sources
     index: int  # the source's own frame number (gaps = frames dropped as stale or skipped)
+    received: float | None = None  # time.perf_counter() when the source had it decoded (live sources)
 
 
 class Source(abc.ABC):
@@ -199,7 +200,7 @@ class CaptureSource(Source):
                     if self.kind == "stream" and self._reopen():
                         continue
                     break
-                frame = Frame(image, self._timestamp(index), index)
+                frame = Frame(image, self._timestamp(index), index, time.perf_counter())
                 index += 1
                 with self._cond:
                     if self._latest is not None:
