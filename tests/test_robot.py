@@ -97,13 +97,17 @@ def test_video_file_every_frame_and_realtime_drops(tmp_path):
     assert [f.index for f in frames] == list(range(20)) and frames[0].image.shape == (96, 128, 3)
     assert frames[1].timestamp_ns - frames[0].timestamp_ns == pytest.approx(5e6, abs=1)
     with open_source(str(video)) as src:  # played at 200 fps to a consumer taking 30 ms a frame
-        taken = []
+        taken, received = [], []
         for f in src.frames():
             taken.append(f.index)
+            received.append((f.received, time.perf_counter()))
             time.sleep(0.03)
         dropped = src.dropped
     assert dropped > 0 and len(taken) + dropped == 20
     assert taken == sorted(taken) and taken[-1] == 19  # the newest frame always wins
+    # Live frames say when they were decoded (how long they waited for the consumer is measurable).
+    assert all(r is not None and r <= now for r, now in received)
+    assert [r for r, _ in received] == sorted(r for r, _ in received)
 
 
 def test_folder_source_and_registered_scheme(tmp_path, make_image_folder):
