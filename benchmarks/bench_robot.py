@@ -364,12 +364,16 @@ def publish(work: Path, stage: str, rows: list[Row], load_start: str, write: boo
     stages = [f.__name__ for fs in PARTS.values() for f in fs if f.__name__ in results]
     every = [Row(**r) for st in stages for r in results[st]["rows"]]
     met = sum(r.ok is True for r in every)
-    lines = [f"{results[stages[0]]['machine']}; CPU flags: {results[stages[0]]['flags']}.", "",
+    new_class = next(p for p in __doc__.split("\n\n") if p.startswith("The new class"))
+    missing = [f.__name__ for fs in PARTS.values() for f in fs if f.__name__ not in results]
+    lines = [f"{results[stages[0]]['machine']}.", "",
              "Accuracy stages ran under `nice -n 19`; timing stages at normal priority under the machine's timing "
-             "lock (`flock /tmp/s2/timing.lock ...`). " + " ".join(__doc__.split("\n\n")[2].split()), "",
+             "lock (`flock /tmp/s2/timing.lock ...`); wall times include whatever else loaded the machine (load "
+             "averages below). " + " ".join(new_class.split()), "",
              "| stage | command | load average 1/5/15 min (start -> end) | when |", "|---|---|---|---|"]
     lines += [f"| {st} | `{results[st]['command']}` | {results[st]['load']} | {results[st].get('date', '')} |" for st in stages]
-    lines += ["", f"**{met} of {sum(r.ok is not None for r in every)} targets met.**", "", markdown_table(every)]
+    lines += ["", f"**{met} of {sum(r.ok is not None for r in every)} measured targets met.**"
+              + (f" Not measured yet: {', '.join(missing)}." if missing else ""), "", markdown_table(every)]
     update_benchmarks_md(TITLE, "\n".join(lines) + "\n")
 
 
