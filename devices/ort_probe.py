@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from types import ModuleType
 
 from devices.probe import (
     Device,
@@ -44,7 +45,7 @@ PROVIDER_KINDS: dict[str, tuple[Kind, str]] = {
 }
 
 
-def import_onnxruntime():
+def import_onnxruntime() -> ModuleType:
     """`import onnxruntime`, without the training package's import-time side trip into torch.
 
     onnxruntime-training checks its build at import by importing onnxruntime.training, whose

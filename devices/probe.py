@@ -84,7 +84,7 @@ def is_missing_package(error: BaseException, package: str) -> bool:
     return isinstance(error, ModuleNotFoundError) and (error.name or "").split(".")[0] == package
 
 
-def import_runtime(package: str, *modules: str, importer=None):
+def import_runtime(package: str, *modules: str, importer: Callable[[str], object] | None = None):
     """Import a probe's runtime modules: (modules, None), or (None, report) when they cannot be.
 
     The one rule every probe follows: a package that is simply not installed means no devices and
