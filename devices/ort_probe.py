@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from types import ModuleType
 
 from devices.probe import (
     Device,
@@ -44,10 +45,31 @@ PROVIDER_KINDS: dict[str, tuple[Kind, str]] = {
 }
 
 
+def import_onnxruntime() -> ModuleType:
+    """`import onnxruntime`, without the training package's import-time side trip into torch.
+
+    onnxruntime-training checks its build at import by importing onnxruntime.training, whose
+    `artifacts` module imports torch: 4 s of CPU on a 2-core x86 host that has torch, and torch on
+    the robot path. Inference never uses that check's result, so the package is hidden while
+    onnxruntime imports and left importable afterwards (the ORT training exporter imports it).
+    """
+    import importlib
+    import sys
+
+    if "onnxruntime" in sys.modules or "onnxruntime.training" in sys.modules:
+        return importlib.import_module("onnxruntime")
+    sys.modules["onnxruntime.training"] = None  # type: ignore[assignment]  # ImportError for the check
+    try:
+        return importlib.import_module("onnxruntime")
+    finally:
+        if sys.modules.get("onnxruntime.training", 0) is None:
+            del sys.modules["onnxruntime.training"]
+
+
 def probe_onnxruntime() -> ProbeReport:
     """One device per available execution provider; empty only when onnxruntime is not installed."""
     problems: list[str] = []
-    modules, failed = import_runtime("onnxruntime")
+    modules, failed = import_runtime("onnxruntime", importer=lambda _: import_onnxruntime())
     if failed is not None:
         return failed
     (ort,) = modules

@@ -84,16 +84,18 @@ def is_missing_package(error: BaseException, package: str) -> bool:
     return isinstance(error, ModuleNotFoundError) and (error.name or "").split(".")[0] == package
 
 
-def import_runtime(package: str, *modules: str):
+def import_runtime(package: str, *modules: str, importer: Callable[[str], object] | None = None):
     """Import a probe's runtime modules: (modules, None), or (None, report) when they cannot be.
 
     The one rule every probe follows: a package that is simply not installed means no devices and
     no problem; anything else (a broken install, a missing native library) is a reported problem.
+    `importer(name)` replaces importlib.import_module where a runtime needs care to import.
     """
     import importlib
 
+    importer = importer or importlib.import_module
     try:
-        return [importlib.import_module(m) for m in modules or (package,)], None
+        return [importer(m) for m in modules or (package,)], None
     except Exception as error:
         if is_missing_package(error, package):
             log.debug("%s is not installed: no %s devices", package, package)

@@ -39,7 +39,9 @@ def make_manifest(run, exporter, model_file: str, *, parity: dict[str, Any], sta
         # Always the current rule (what predict and the Predictor apply), not the run's old record.
         "preprocessing": preprocessing_record(spec),
         "backbone": cfg.get("backbone", spec.to_json()),
-        "head": cfg["train"]["head"],
+        # The head the model carries (head selection's choice and its options): `learn` refits that recipe.
+        "head": cfg.get("head_selection", {}).get("selected", cfg["train"]["head"]),
+        "head_options": cfg.get("head_selection", {}).get("options", {}),
         "source_run": str(Path(run.path).resolve()),
         "edgetune_version": __version__,
         "training_metrics": {k: metrics[k] for k in _METRIC_KEYS if k in metrics},

@@ -31,6 +31,16 @@ def test_temperature_recovers_the_true_scale_and_lowers_ece():
         Calibration().probabilities(z), y)
 
 
+def test_undetermined_temperature_is_reported():
+    # Separable held-out logits (a tiny, easy run): the likelihood improves all the way to the bound.
+    y = np.arange(40) % 2
+    z = np.where(np.eye(2)[y] > 0, 3.0, -3.0) + np.random.default_rng(0).normal(0, 0.1, (40, 2))
+    cal = fit_calibration(z, y)
+    assert cal.temperature < 0.5 and "undetermined" in cal.source
+    z, y = _overconfident(500)
+    assert "undetermined" not in fit_calibration(z, y).source
+
+
 def test_unknown_threshold_keeps_the_stated_share():
     conf = np.linspace(0.3, 1.0, 200)
     th = unknown_threshold(conf, 0.95)

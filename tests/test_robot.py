@@ -97,13 +97,17 @@ def test_video_file_every_frame_and_realtime_drops(tmp_path):
     assert [f.index for f in frames] == list(range(20)) and frames[0].image.shape == (96, 128, 3)
     assert frames[1].timestamp_ns - frames[0].timestamp_ns == pytest.approx(5e6, abs=1)
     with open_source(str(video)) as src:  # played at 200 fps to a consumer taking 30 ms a frame
-        taken = []
+        taken, received = [], []
         for f in src.frames():
             taken.append(f.index)
+            received.append((f.received, time.perf_counter()))
             time.sleep(0.03)
         dropped = src.dropped
     assert dropped > 0 and len(taken) + dropped == 20
     assert taken == sorted(taken) and taken[-1] == 19  # the newest frame always wins
+    # Live frames say when they were decoded (how long they waited for the consumer is measurable).
+    assert all(r is not None and r <= now for r, now in received)
+    assert [r for r, _ in received] == sorted(r for r, _ in received)
 
 
 def test_folder_source_and_registered_scheme(tmp_path, make_image_folder):
@@ -239,3 +243,24 @@ def test_robot_commands_without_torch(bundle, tmp_path, make_image_folder):
     out = _no_torch("train", str(images), "--out", str(tmp_path / "run"))
     assert out.returncode == 2 and "pip install 'edgetune[train]'" in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_robot_path_skips_torch_where_it_is_installed(bundle):
+    """onnxruntime-training imports torch while it imports (a build check): seconds of start-up on
+    every `classify`/`learn`/`watch` process of a host that has torch. The robot path must not pay
+    for it, and the training package must stay importable afterwards (the ORT training exporter)."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    code = ("import sys, toolkit, numpy as np\n"
+            "toolkit.load(sys.argv[1]).classify(np.zeros((90, 120, 3), np.uint8))\n"
+            "print('torch' in sys.modules)\n"
+            "import importlib.util\n"
+            "if importlib.util.find_spec('onnxruntime.training'):\n"
+            "    import onnxruntime.training\n"
+            "print('ok')")
+    out = subprocess.run([sys.executable, "-c", code, str(bundle)], cwd=Path(__file__).resolve().parents[1],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["False", "ok"], (out.stdout, importlib.util.find_spec("torch") is not None)

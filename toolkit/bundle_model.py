@@ -157,7 +157,9 @@ def feature_runner(model_path: Path, runtime: str, *, device: str = "CPU", featu
     """float32 NCHW 0-255 -> (N, D) features from the bundle's own backbone on its own runtime;
     with_logits: (N, D + C), the model's own logits after the features, from the same pass."""
     if runtime == "onnxruntime":
-        import onnxruntime as ort
+        from devices.ort_probe import import_onnxruntime
+
+        ort = import_onnxruntime()
 
         opts = ort.SessionOptions()
         opts.log_severity_level = 3

@@ -91,6 +91,16 @@ def fit_calibration(heldout_logits: np.ndarray, labels: np.ndarray, *, keep: flo
                     source: str = "out-of-fold logits") -> Calibration:
     """Temperature, then the unknown threshold on the temperature-scaled held-out confidences."""
     t = fit_temperature(heldout_logits, labels)
+    bound = _T_RANGE[0] if t < 1.0 else _T_RANGE[1]
+    if nll(heldout_logits, labels, bound) <= nll(heldout_logits, labels, t) + 1e-9:
+        # Every held-out image right with room to spare (a small, easy set): the likelihood only
+        # improves towards the bound, so the data do not pin T down. Say so wherever it is read.
+        import logging
+
+        logging.getLogger(__name__).warning("The calibration temperature is undetermined (%.3g, as good as its "
+                                            "bound %g): %d held-out images are all separated; confidences are "
+                                            "near 0/1.", t, bound, len(labels))
+        source += f"; temperature undetermined ({t:.3g}, as good as its bound {bound:g}): held-out logits all separated"
     conf = _softmax(np.asarray(heldout_logits, np.float64) / t).max(axis=1)
     # The threshold is a probability: store it a hair below the kept confidence so fp32 runtimes
     # reproduce the same accept decision on the very image that set it.

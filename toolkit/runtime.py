@@ -177,7 +177,9 @@ def _bundle_predictor(bundle: Path, device: str) -> Predictor:
 
 def onnx_runner(model: Path, *, provider: str = "CPUExecutionProvider") -> Callable[[np.ndarray], np.ndarray]:
     """float32 NCHW -> logits with ONNX Runtime (the first graph output is the logits)."""
-    import onnxruntime as ort
+    from devices.ort_probe import import_onnxruntime
+
+    ort = import_onnxruntime()
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3

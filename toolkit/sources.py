@@ -40,6 +40,7 @@ class Frame:
     image: np.ndarray  # HxWx3 uint8 BGR
     timestamp_ns: int  # source time: position in a file, wall clock for live sources
     index: int  # the source's own frame number (gaps = frames dropped as stale or skipped)
+    received: float | None = None  # time.perf_counter() when the source had it decoded (live sources)
 
 
 class Source(abc.ABC):
@@ -157,6 +158,7 @@ class CaptureSource(Source):
         self._stop = threading.Event()
         self._error: str | None = None
         self._thread: threading.Thread | None = None
+        self.started_at: float | None = None  # perf_counter when the reader thread began (file playback clock)
 
     # -- opening ---------------------------------------------------------------------------
     def _open(self):
@@ -190,7 +192,7 @@ class CaptureSource(Source):
     def _reader(self) -> None:
         """Thread: read frames, keep the newest, count the ones nobody took."""
         index, period = 0, 1.0 / self.fps
-        start = time.perf_counter()
+        start = self.started_at = time.perf_counter()
         try:
             while not self._stop.is_set():
                 ok, image = self._cap.read()
@@ -198,7 +200,7 @@ class CaptureSource(Source):
                     if self.kind == "stream" and self._reopen():
                         continue
                     break
-                frame = Frame(image, self._timestamp(index), index)
+                frame = Frame(image, self._timestamp(index), index, time.perf_counter())
                 index += 1
                 with self._cond:
                     if self._latest is not None:
