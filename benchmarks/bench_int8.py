@@ -47,6 +47,35 @@ def downscaled(source: Path, dst: Path, side: int = 128) -> Path:
     return dst
 
 
+def augmented_copies(source: Path, dst: Path, copies: int = 5, seed: int = 0) -> Path:
+    """A bigger training set for the export-time target: `copies` distinct photometric/geometric
+    variants (crop 75-100%, flip, brightness/contrast, JPEG quality 70-95) of every training image
+    of `source`, and its val split as is. caltech50 x 5 = 5,000 training images in 50 classes."""
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    for p in sorted((source / "train").rglob("*")):
+        img = cv2.imread(str(p), cv2.IMREAD_COLOR) if p.is_file() else None
+        if img is None:
+            continue
+        for k in range(copies):
+            h, w = img.shape[:2]
+            f = rng.uniform(0.75, 1.0)
+            y, x = rng.integers(0, h - int(h * f) + 1), rng.integers(0, w - int(w * f) + 1)
+            out = img[y : y + int(h * f), x : x + int(w * f)]
+            out = out[:, ::-1] if rng.random() < 0.5 else out
+            out = np.clip(out.astype(np.float32) * rng.uniform(0.8, 1.2) + rng.uniform(-20, 20), 0, 255).astype(np.uint8)
+            path = dst / "train" / p.relative_to(source / "train").with_name(f"{p.stem}-{k}.jpg")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            cv2.imwrite(str(path), out, [cv2.IMWRITE_JPEG_QUALITY, int(rng.integers(70, 96))])
+    for p in sorted((source / "val").rglob("*")):
+        if p.is_file():
+            path = dst / "val" / p.relative_to(source / "val")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(p.read_bytes())
+    return dst
+
+
 def default_runs(work: Path) -> dict[str, Path]:
     from toolkit.train import TrainConfig, train
 
@@ -78,6 +107,55 @@ def ort_latency_ms(model: Path, x: np.ndarray) -> float:
         run(x)
         times.append(time.perf_counter() - t)
     return float(np.median(times) * 1e3)
+
+
+def size_rows(name: str, run_dir: Path, sizes: tuple[int, ...] = (32, 64, 128, 256)) -> list[tuple]:
+    """How many calibration images are enough, measured on TRAINING images only: half of each
+    class's training images is the calibration pool, the other half (at most 300 in all) is held
+    out; each format is calibrated on stratified subsets of the pool of growing size (and on the
+    whole pool) and scored by top-1 agreement with the run-dir model on the held-out half."""
+    import openvino as ov
+
+    from exporters import onnx_int8, openvino_ir
+    from exporters.base import ExportContext, _splits, stratified_subset
+    from exporters.parity import run_dir_logits
+    from toolkit.preprocess import model_input
+    from toolkit.runs import RunDir
+    from toolkit.runtime import onnx_runner, openvino_runner, run_batched, to_nchw_float
+
+    run = RunDir.open(run_dir)
+    ctx = ExportContext(run)
+    samples = _splits(run).train.samples
+    labels = [s.label for s in samples]
+    pool = stratified_subset(labels, len(labels) // 2)
+    rest = [i for i in range(len(labels)) if i not in set(pool)]
+    held = [rest[i] for i in stratified_subset([labels[i] for i in rest], 300)]
+
+    def views(idx):
+        return to_nchw_float(np.stack([model_input(samples[i].path, run.spec.input_size) for i in idx]))
+
+    pool_x, held_x = views(pool), views(held)
+    target = run_dir_logits(run, held_x).argmax(1)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        prep = onnx_int8.preprocessed(run.build_classifier(), tmp, ctx)
+        model = openvino_ir.cached_classifier(run, ctx)
+        for n in [k for k in sizes if k < len(pool)] + [len(pool)]:
+            calib = pool_x[stratified_subset([labels[pool[i]] for i in range(len(pool))], n)]
+            cpu = time.process_time()
+            onnx_int8.quantize(prep, tmp / "q.onnx", onnx_int8.calibrate(prep, calib, batch=8))
+            ort_s = time.process_time() - cpu
+            ort_agree = float((run_batched(onnx_runner(tmp / "q.onnx"), held_x, batch=None).argmax(1) == target).mean())
+            cpu = time.process_time()
+            ov.save_model(openvino_ir.quantize(model.clone(), calib), str(tmp / "q.xml"))
+            ov_s = time.process_time() - cpu
+            ov_agree = float((run_batched(openvino_runner(tmp / "q.xml", precise=True), held_x, batch=None)
+                              .argmax(1) == target).mean())
+            rows.append((name, f"{n}{' (all)' if n == len(pool) else ''}", str(len(held)), f"{ort_agree:.2%}",
+                         f"{ort_s:.1f} s", f"{ov_agree:.2%}", f"{ov_s:.1f} s"))
+            print(rows[-1], flush=True)
+    return rows
 
 
 def method_rows(name: str, run_dir: Path, entropy: bool) -> list[tuple]:
@@ -176,6 +254,7 @@ def table(head: tuple, rows: list[tuple]) -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--run", action="append", default=[], metavar="NAME=RUN_DIR", help="reuse trained runs")
+    ap.add_argument("--sizes", action="store_true", help="measure the calibration subset size (training images)")
     ap.add_argument("--skip-methods", action="store_true", help="no calibration-method table")
     ap.add_argument("--skip-exports", action="store_true", help="no default-export table")
     ap.add_argument("--entropy", action="store_true", help="add ORT entropy calibration (slow)")
@@ -188,6 +267,20 @@ def main() -> None:
         runs = default_runs(Path(tempfile.mkdtemp(prefix="bench-int8-")))
     header = (f"`{command_line()}`; {machine_description()}; CPU flags: {cpu_flags()}; load average {start_load} "
               "at start, {end} at end (the machine was shared: seconds are noisy, ratios less so).")
+    if args.sizes:
+        sizes = [row for name, path in runs.items() for row in size_rows(name, path)]
+        text = "\n".join([
+            header.format(end=load_average()),
+            "",
+            "Calibration subset size, chosen on training images only: each format calibrated on stratified "
+            "subsets of half of the run's training images, scored by top-1 agreement with the run-dir model on the "
+            "other half (held-out training images). Time: CPU seconds (all threads) of calibration + quantization.",
+            "",
+            *table(("run", "calibration images", "held-out images", "onnx-int8 agreement", "onnx-int8 CPU time",
+                    "openvino-int8 agreement", "openvino-int8 CPU time"), sizes),
+        ])
+        print("## int8 calibration subset size\n\n" + text)
+        update_benchmarks_md("int8 calibration subset size", text)
     if not args.skip_methods:
         methods = [row for name, path in runs.items() for row in method_rows(name, path, args.entropy)]
         text = "\n".join([

@@ -10,7 +10,9 @@ A subclass sets its name, runtime, precision and tolerance and implements `build
 from __future__ import annotations
 
 import abc
+import contextlib
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar
@@ -52,6 +54,17 @@ class ExportContext:
     _val: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)
     _calib: np.ndarray | None = field(default=None, repr=False)
     extra: dict[str, Any] = field(default_factory=dict)  # exporter notes for the manifest
+    seconds: dict[str, float] = field(default_factory=dict)  # wall time per export stage (manifest)
+
+    @contextlib.contextmanager
+    def stage(self, name: str):
+        """Time a stage of the export (recorded in manifest.json as export_seconds) and report it."""
+        self.progress(name, 0, 1)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - start, 3)
 
     @property
     def budget(self):
@@ -70,13 +83,15 @@ class ExportContext:
     def val_inputs(self) -> tuple[np.ndarray, np.ndarray]:
         """(float32 NCHW 0-255 eval views, labels) of the run's validation split."""
         if self._val is None:
-            self._val = val_set(self.run)
+            with self.stage("val images"):
+                self._val = val_set(self.run)
         return self._val
 
     def calibration_inputs(self) -> np.ndarray:
         """float32 NCHW eval views for int8 calibration: --calib images, else the run's training split."""
         if self._calib is None:
-            self._calib = calibration_set(self.run, self.calibration, MAX_CALIBRATION)
+            with self.stage("calibration images"):
+                self._calib = calibration_set(self.run, self.calibration, MAX_CALIBRATION)
         return self._calib
 
 
@@ -129,27 +144,29 @@ class Exporter(abc.ABC):
         from toolkit.atomic import staged_dir
 
         _check_out_dir(out_dir)
+        started = time.perf_counter()
         inputs, labels = ctx.val_inputs()
         classifier = run.build_classifier()
-        ctx.progress("source", 0, 1)
-        reference = parity.reference_logits(run, classifier, inputs, int8=self.tolerance_for(ctx) is None)
+        int8 = self.tolerance_for(ctx) is None
+        with ctx.stage("reference"):
+            reference = parity.reference_logits(run, classifier, inputs, int8=int8)
         try:
             with staged_dir(out_dir) as stage:
-                ctx.progress("build", 0, 1)
-                model = Path(self.build(run, classifier, stage, ctx))
-                ctx.progress("parity", 0, 1)
-                exported = run_batched(self.runner(model, ctx), inputs, batch=ctx.static_batch)
-                measured = parity.measure(reference, exported, labels, run.labels)
-                int8 = self.tolerance_for(ctx) is None
+                with ctx.stage("build"):
+                    model = Path(self.build(run, classifier, stage, ctx))
+                with ctx.stage("parity"):
+                    exported = run_batched(self.runner(model, ctx), inputs, batch=ctx.static_batch)
+                    measured = parity.measure(reference, exported, labels, run.labels)
                 misses = ctx.budget.misses(measured) if int8 else []
                 if misses:
                     logger.warning("%s: plain int8 quantization misses the accuracy budget (%s): trying "
                                    "accuracy-controlled quantization", self.name, "; ".join(misses))
-                    controlled = self.build_with_accuracy_control(run, classifier, stage, ctx)
-                    if controlled is not None:
-                        model = Path(controlled)
-                        exported = run_batched(self.runner(model, ctx), inputs, batch=ctx.static_batch)
-                        measured = parity.measure(reference, exported, labels, run.labels)
+                    with ctx.stage("accuracy control"):
+                        controlled = self.build_with_accuracy_control(run, classifier, stage, ctx)
+                        if controlled is not None:
+                            model = Path(controlled)
+                            exported = run_batched(self.runner(model, ctx), inputs, batch=ctx.static_batch)
+                            measured = parity.measure(reference, exported, labels, run.labels)
                 misses = parity.check(measured, fmt=self.name, tolerance=self.tolerance_for(ctx),
                                       min_agreement=self.min_agreement, budget=ctx.budget,
                                       relative=self.relative_tolerance and not ctx.fp32)
@@ -163,15 +180,17 @@ class Exporter(abc.ABC):
                         record["over_budget"] = misses
                         ctx.extra["accuracy_warning"] = (f"{self.name} misses its accuracy budget ({'; '.join(misses)}) "
                                                          "and was written only because of --allow-drop")
-                ctx.progress("feature memory", 0, 1)
-                robot = _robot_extras(run, model, self.runtime, stage, ctx)
-                files = sorted(p.name for p in stage.iterdir() if p.is_file())
-                manifest = bundle.make_manifest(run, self, model.name, parity=record, static_batch=ctx.static_batch,
-                                                extra_files=files, extra={**ctx.extra, **robot})
-                self.embed(model, manifest)
-                manifest["sha256"] = _model_digests(stage, manifest)  # `learn` refuses an edited model file
-                bundle.write_manifest(stage, manifest)
-                _check_unchanged_by_embedding(self.runner(model, ctx), inputs, exported, ctx)
+                with ctx.stage("feature memory"):
+                    robot = _robot_extras(run, model, self.runtime, stage, ctx)
+                with ctx.stage("embed + verify"):
+                    files = sorted(p.name for p in stage.iterdir() if p.is_file())
+                    manifest = bundle.make_manifest(run, self, model.name, parity=record, static_batch=ctx.static_batch,
+                                                    extra_files=files, extra={**ctx.extra, **robot})
+                    manifest["export_seconds"] = {**ctx.seconds, "total": round(time.perf_counter() - started, 3)}
+                    self.embed(model, manifest)
+                    manifest["sha256"] = _model_digests(stage, manifest)  # `learn` refuses an edited model file
+                    bundle.write_manifest(stage, manifest)
+                    _check_unchanged_by_embedding(self.runner(model, ctx), inputs, exported, ctx)
                 sizes = {p.name: p.stat().st_size for p in sorted(stage.iterdir()) if p.is_file()}
         except OSError as e:
             raise EdgetuneError(f"Cannot write the export to {out_dir} ({e.strerror or e}): pick another --out.") from None
@@ -290,15 +309,16 @@ def _note_backbone_mismatch(fmt: str, run: RunDir, inputs: np.ndarray, labels: n
     )
 
 
-def stratified_subset(labels: list[int], limit: int) -> list[int]:
-    """Indices of at most `limit` items, as equal a share per class as the classes allow (a small
-    class gives all it has, the rest goes to the others), spread evenly within each class; sorted."""
+def stratified_subset(labels: list[int], limit: int, *, per_class: int | None = None) -> list[int]:
+    """Indices of at most `limit` items (and at most `per_class` of any class), as equal a share per
+    class as the classes allow (a small class gives all it has, the rest goes to the others),
+    spread evenly within each class; sorted."""
     by_class: dict[int, list[int]] = {}
     for i, label in enumerate(labels):
         by_class.setdefault(label, []).append(i)
     quota, left = {}, limit
     for n, c in sorted((len(v), c) for c, v in by_class.items()):  # smallest classes first
-        quota[c] = min(n, left // max(1, len(by_class) - len(quota)))
+        quota[c] = min(n, per_class or n, left // max(1, len(by_class) - len(quota)))
         left -= quota[c]
     picks = []
     for c, items in by_class.items():
