@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from typing import Any, Callable, ClassVar
 
 import numpy as np
 
-from toolkit.preprocess import eval_resize_shorter
+from toolkit.preprocess import eval_resize_shorter, resize_and_crop
 from toolkit.errors import EdgetuneError
 from toolkit.runs import RunDir
 from toolkit.runtime import run_batched
@@ -53,6 +54,7 @@ class ExportContext:
     progress: Progress = lambda *_: None
     _val: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)
     _calib: np.ndarray | None = field(default=None, repr=False)
+    _calib_paths: list[Path] = field(default_factory=list, repr=False)
     extra: dict[str, Any] = field(default_factory=dict)  # exporter notes for the manifest
     seconds: dict[str, float] = field(default_factory=dict)  # wall time per export stage (manifest)
 
@@ -91,8 +93,15 @@ class ExportContext:
         """float32 NCHW eval views for int8 calibration: --calib images, else the run's training split."""
         if self._calib is None:
             with self.stage("calibration images"):
-                self._calib = calibration_set(self.run, self.calibration, MAX_CALIBRATION)
+                self._calib, self._calib_paths = calibration_views(self.run, self.calibration, MAX_CALIBRATION)
         return self._calib
+
+    def decoded_views(self) -> dict[Path, np.ndarray]:
+        """Eval views (float32 CHW) already decoded for calibration, by file: the feature memory
+        reuses them rather than decoding the same training images twice."""
+        if self._calib is None:
+            return {}
+        return dict(zip(self._calib_paths, self._calib))
 
 
 class Exporter(abc.ABC):
@@ -202,7 +211,8 @@ def _robot_extras(run: RunDir, model: Path, runtime: str, stage: Path, ctx: Expo
     from exporters import bundle
 
     try:
-        features, labels = bundle.write_feature_memory(run, model, runtime, stage, static_batch=ctx.static_batch)
+        features, labels = bundle.write_feature_memory(run, model, runtime, stage, static_batch=ctx.static_batch,
+                                                       decoded=ctx.decoded_views())
     except EdgetuneError as e:  # a graph without the standard head: the bundle still runs, `learn` cannot use it
         logger.warning("No feature memory in this bundle (%s)", e)
         return {}
@@ -257,38 +267,50 @@ def val_set(run: RunDir) -> tuple[np.ndarray, np.ndarray]:
 
 def calibration_set(run: RunDir, calibration: Path | None, limit: int) -> np.ndarray:
     """float32 NCHW eval views of up to `limit` images, spread evenly over the source."""
-    from toolkit.data import list_images
+    return calibration_views(run, calibration, limit)[0]
+
+
+def calibration_views(run: RunDir, calibration: Path | None, limit: int) -> tuple[np.ndarray, list[Path]]:
+    """(float32 NCHW eval views, their files): a class-stratified subset of at most `limit` of the
+    run's training images, or of --calib's images spread evenly; unreadable files skipped."""
+    from toolkit.data import decode_images, list_images
     from toolkit.images import ImageReadError
     from toolkit.preprocess import model_input
     from toolkit.runtime import to_nchw_float
 
     size = run.spec.input_size
+    bad: list[str] = []
     if calibration is None:
-        samples = _splits(run).train.samples
-        paths = [samples[i].path for i in stratified_subset([s.label for s in samples], limit)]
-        where = f"the run's training images ({run.config['data']})"
+        train = _splits(run).train
+        subset = dataclasses.replace(train, samples=[train.samples[i] for i in
+                                                     stratified_subset([s.label for s in train.samples], limit)])
+        images, kept, skipped = decode_images(subset, min_side=eval_resize_shorter(size), workers=2)
+        paths, where = [s.path for s in kept.samples], f"the run's training images ({run.config['data']})"
+        bad, n = [f"{s.path.name} ({s.reason})" for s in skipped], len(subset)
+        views = [resize_and_crop(img, size) for img in images]
     else:
         calibration = Path(calibration)
         if not calibration.is_dir():
             raise EdgetuneError(f"--calib {calibration} is not a folder: pass a folder of images (subfolders are fine).")
-        paths, where = list_images(calibration), f"--calib {calibration}"
-        if len(paths) > limit:
-            paths = [paths[i] for i in np.linspace(0, len(paths) - 1, limit).round().astype(int)]
-    views, bad = [], []
-    for p in paths:
-        try:
-            views.append(model_input(p, size))
-        except ImageReadError as e:
-            bad.append(f"{p.name} ({e.reason})")
+        files, where = list_images(calibration), f"--calib {calibration}"
+        if len(files) > limit:
+            files = [files[i] for i in np.linspace(0, len(files) - 1, limit).round().astype(int)]
+        views, paths, n = [], [], len(files)
+        for p in files:
+            try:
+                views.append(model_input(p, size))
+                paths.append(p)
+            except ImageReadError as e:
+                bad.append(f"{p.name} ({e.reason})")
     if not views:
         detail = f": {', '.join(bad[:3])}" if bad else ""
         raise EdgetuneError(
-            f"No readable calibration images in {where} ({len(paths)} files{detail}). "
+            f"No readable calibration images in {where} ({n} files{detail}). "
             "Pass --calib with a folder of real JPEG/PNG images."
         )
     if bad:
         logger.warning("Skipped %d unreadable calibration images: %s", len(bad), ", ".join(bad[:5]))
-    return to_nchw_float(np.stack(views))
+    return to_nchw_float(np.stack(views)), paths
 
 
 def _note_backbone_mismatch(fmt: str, run: RunDir, inputs: np.ndarray, labels: np.ndarray,

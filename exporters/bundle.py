@@ -119,10 +119,11 @@ def _memory_samples(train, n_classes: int, cap: int, total: int = MEMORY_TOTAL):
 
 
 def write_feature_memory(run, model: Path, runtime: str, stage: Path, *, static_batch: int | None,
-                         cap: int = MEMORY_PER_CLASS) -> tuple[Any, Any]:
+                         cap: int = MEMORY_PER_CLASS, decoded: dict[Path, Any] | None = None) -> tuple[Any, Any]:
     """features.npz: the bundle's own backbone features of (up to `cap` per class of) the run's
-    training images, fp16, so `learn` keeps the old classes without their images. Returns
-    (features float32, labels)."""
+    training images, fp16, so `learn` keeps the old classes without their images. `decoded`: eval
+    views (float32 CHW) by file already made for calibration; when they cover the memory's images
+    they are used instead of decoding again. Returns (features float32, labels)."""
     import io
 
     import numpy as np
@@ -135,10 +136,14 @@ def write_feature_memory(run, model: Path, runtime: str, stage: Path, *, static_
 
     size = run.spec.input_size
     subset = _memory_samples(_splits(run).train, len(run.labels), cap)
-    images, kept, _ = decode_images(subset, min_side=eval_resize_shorter(size), workers=2)
+    decoded = decoded or {}
+    if all(s.path in decoded for s in subset.samples):
+        views, kept = np.stack([decoded[s.path] for s in subset.samples]), subset
+    else:
+        images, kept, _ = decode_images(subset, min_side=eval_resize_shorter(size), workers=2)
+        views = to_nchw_float(np.stack([resize_and_crop(img, size) for img in images]))
     device = "CPUExecutionProvider" if runtime == "onnxruntime" else "CPU"
     runner = feature_runner(model, runtime, device=device, feature_dim=run.spec.feature_dim, batch=static_batch)
-    views = to_nchw_float(np.stack([resize_and_crop(img, size) for img in images]))
     features = run_batched(runner, views, batch=static_batch)
     labels = kept.labels().astype(np.int16)
     buf = io.BytesIO()

@@ -262,3 +262,26 @@ def test_int8_trained_run_ships_the_backbone_it_learned_on(int8_trained_run, tmp
     assert result.parity["agreement"] >= 0.99 and result.parity["max_abs_diff"] < 1e-2  # same model as the run
     fp32 = export(int8_trained_run, "onnx", tmp_path / "onnx")
     assert fp32.manifest["backbone_mismatch"]["trained_on"] == "int8 backbone"
+
+
+def test_feature_memory_reuses_the_calibration_views_bit_identically(trained_run, exported, tmp_path, monkeypatch):
+    from exporters import bundle
+    from exporters.base import calibration_views
+    from toolkit import data
+    from toolkit.runs import RunDir
+
+    run = RunDir.open(trained_run)
+    model = exported("onnx").model
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    decoding, _ = bundle.write_feature_memory(run, model, "onnxruntime", tmp_path / "a", static_batch=None)
+    views, paths = calibration_views(run, None, 1000)
+
+    def no_decoding(*a, **k):
+        raise AssertionError("decoded the training images a second time")
+
+    monkeypatch.setattr(data, "decode_images", no_decoding)
+    reusing, labels = bundle.write_feature_memory(run, model, "onnxruntime", tmp_path / "b", static_batch=None,
+                                                  decoded=dict(zip(paths, views)))
+    np.testing.assert_array_equal(decoding, reusing)
+    assert (tmp_path / "a" / bundle.MEMORY_FILE).read_bytes() == (tmp_path / "b" / bundle.MEMORY_FILE).read_bytes()
