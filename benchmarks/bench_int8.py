@@ -242,9 +242,10 @@ def export_rows(name: str, run_dir: Path, lock: str | None) -> list[dict]:
     import os
     import subprocess
 
+    from exporters.base import _splits
     from toolkit.runs import RunDir
 
-    n_train = RunDir.open(run_dir).metrics.get("n_train", "?")
+    n_train = len(_splits(RunDir.open(run_dir)).train)  # what the export sees (the run's data folder now)
     rows = []
     for fmt in ("onnx-int8", "openvino-int8"):
         with tempfile.TemporaryDirectory() as tmp:
