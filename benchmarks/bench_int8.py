@@ -246,6 +246,7 @@ def export_rows(name: str, run_dir: Path, lock: str | None) -> list[dict]:
     from toolkit.runs import RunDir
 
     n_train = len(_splits(RunDir.open(run_dir)).train)  # what the export sees (the run's data folder now)
+    fp32_bytes = fp32_onnx_bytes(run_dir)
     rows = []
     for fmt in ("onnx-int8", "openvino-int8"):
         with tempfile.TemporaryDirectory() as tmp:
@@ -260,7 +261,7 @@ def export_rows(name: str, run_dir: Path, lock: str | None) -> list[dict]:
             timed = json.loads(done.stderr.strip().splitlines()[-1])
             seconds, load = timed["seconds"], timed["load"]
             row = {"run": name, "train images": n_train, "format": fmt, "seconds": seconds, "load": load,
-                   "rc": done.returncode}
+                   "rc": done.returncode, "fp32_bytes": fp32_bytes}
             if done.returncode == 0:
                 manifest = json.loads((out / "manifest.json").read_text())
                 sizes = {p.name: p.stat().st_size for p in out.iterdir()}
@@ -277,7 +278,7 @@ def export_rows(name: str, run_dir: Path, lock: str | None) -> list[dict]:
     return rows
 
 
-def export_table(rows: list[dict], fp32_bytes: dict[str, int]) -> list[str]:
+def export_table(rows: list[dict]) -> list[str]:
     out = []
     for r in rows:
         if r["rc"] != 0:
@@ -288,8 +289,8 @@ def export_table(rows: list[dict], fp32_bytes: dict[str, int]) -> list[str]:
         ok = p["accuracy_drop_points"] <= 0.5 and p["agreement"] >= 0.98 and p["worst_class_drop"] <= 5.0
         limit = 15 if r["train images"] != "?" and int(r["train images"]) < 500 else 30
         stages = ", ".join(f"{k} {r['stages'][k]:.1f}" for k in STAGES if k in r["stages"])
-        size = (f"{r['model_bytes'] / fp32_bytes[r['run']]:.2f}x" if r["run"] in fp32_bytes else
-                f"{r['model_bytes'] / 1e6:.2f} MB")
+        ratio = r["model_bytes"] / r["fp32_bytes"] if r.get("fp32_bytes") else None
+        size = f"{ratio:.2f}x ({'pass' if ratio <= 0.3 else 'FAIL'})" if ratio else "n/a"
         out.append((r["run"], str(r["train images"]), r["format"],
                     f"{p['source_accuracy']:.2%} -> {p['export_accuracy']:.2%}", f"{p['accuracy_drop_points']:+.2f}",
                     f"{p['agreement']:.2%}", f"{p['worst_class_drop']:.1f}",
@@ -311,19 +312,22 @@ def main() -> None:
     ap.add_argument("--skip-methods", action="store_true", help="no calibration-method table")
     ap.add_argument("--skip-exports", action="store_true", help="no default-export table")
     ap.add_argument("--entropy", action="store_true", help="add ORT entropy calibration (slow)")
+    ap.add_argument("--render-only", action="store_true", help="rewrite the exports section from --results")
     ap.add_argument("--lock", default=None, help="flock this file around each timed export (shared machines)")
     ap.add_argument("--results", default=str(Path(tempfile.gettempdir()) / "bench-int8-exports.json"),
                     help="export rows kept across invocations (one run per invocation keeps locks short)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.ERROR)
     start_load = load_average()
-    if args.run:
+    if args.render_only:  # the exports table from the kept rows, e.g. after runs measured one at a time
+        runs = {}
+    elif args.run:
         runs = {k: Path(v) for k, v in (item.split("=", 1) for item in args.run)}
     else:
         runs = default_runs(Path(tempfile.mkdtemp(prefix="bench-int8-")))
     header = (f"`{command_line()}`; {machine_description()}; CPU flags: {cpu_flags()}; load average {start_load} "
               "at start, {end} at end (the machine was shared: seconds are noisy, ratios less so).")
-    if args.sizes:
+    if args.sizes and not args.render_only:
         sizes = [row for name, path in runs.items() for row in size_rows(name, path)]
         text = "\n".join([
             header.format(end=load_average()),
@@ -337,7 +341,7 @@ def main() -> None:
         ])
         print("## int8 calibration subset size\n\n" + text)
         update_benchmarks_md("int8 calibration subset size", text)
-    if not args.skip_methods:
+    if not args.skip_methods and not args.render_only:
         methods = [row for name, path in runs.items() for row in method_rows(name, path, args.entropy)]
         text = "\n".join([
             header.format(end=load_average()),
@@ -357,9 +361,10 @@ def main() -> None:
         results = Path(args.results)
         kept = json.loads(results.read_text()) if results.exists() else []
         for name, path in runs.items():  # one run per locked command keeps each lock short
-            kept = [r for r in kept if r["run"] != name] + export_rows(name, path, args.lock)
+            rows = export_rows(name, path, args.lock)
+            kept = [r for r in (json.loads(results.read_text()) if results.exists() else []) if r["run"] != name]
+            kept += rows
             results.write_text(json.dumps(kept, indent=1))
-        fp32_bytes = {name: fp32_onnx_bytes(path) for name, path in runs.items()}
         text = "\n".join([
             header.format(end=load_average()),
             "",
@@ -371,7 +376,7 @@ def main() -> None:
             "ONNX. Stage seconds are from the bundle's manifest.json (export_seconds). Rows of earlier invocations "
             f"(kept in {results.name}) carry their own load average.",
             "",
-            *export_table(kept, fp32_bytes),
+            *export_table(kept),
         ])
         print("## int8 exports\n\n" + text, flush=True)
         update_benchmarks_md("int8 exports", text)
