@@ -10,14 +10,17 @@ A subclass sets its name, runtime, precision and tolerance and implements `build
 from __future__ import annotations
 
 import abc
+import contextlib
+import dataclasses
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar
 
 import numpy as np
 
-from toolkit.preprocess import eval_resize_shorter
+from toolkit.preprocess import eval_resize_shorter, resize_and_crop
 from toolkit.errors import EdgetuneError
 from toolkit.runs import RunDir
 from toolkit.runtime import run_batched
@@ -51,7 +54,19 @@ class ExportContext:
     progress: Progress = lambda *_: None
     _val: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)
     _calib: np.ndarray | None = field(default=None, repr=False)
+    _calib_paths: list[Path] = field(default_factory=list, repr=False)
     extra: dict[str, Any] = field(default_factory=dict)  # exporter notes for the manifest
+    seconds: dict[str, float] = field(default_factory=dict)  # wall time per export stage (manifest)
+
+    @contextlib.contextmanager
+    def stage(self, name: str):
+        """Time a stage of the export (recorded in manifest.json as export_seconds) and report it."""
+        self.progress(name, 0, 1)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - start, 3)
 
     @property
     def budget(self):
@@ -70,14 +85,23 @@ class ExportContext:
     def val_inputs(self) -> tuple[np.ndarray, np.ndarray]:
         """(float32 NCHW 0-255 eval views, labels) of the run's validation split."""
         if self._val is None:
-            self._val = val_set(self.run)
+            with self.stage("val images"):
+                self._val = val_set(self.run)
         return self._val
 
     def calibration_inputs(self) -> np.ndarray:
         """float32 NCHW eval views for int8 calibration: --calib images, else the run's training split."""
         if self._calib is None:
-            self._calib = calibration_set(self.run, self.calibration, MAX_CALIBRATION)
+            with self.stage("calibration images"):
+                self._calib, self._calib_paths = calibration_views(self.run, self.calibration, MAX_CALIBRATION)
         return self._calib
+
+    def decoded_views(self) -> dict[Path, np.ndarray]:
+        """Eval views (float32 CHW) already decoded for calibration, by file: the feature memory
+        reuses them rather than decoding the same training images twice."""
+        if self._calib is None:
+            return {}
+        return dict(zip(self._calib_paths, self._calib))
 
 
 class Exporter(abc.ABC):
@@ -129,27 +153,29 @@ class Exporter(abc.ABC):
         from toolkit.atomic import staged_dir
 
         _check_out_dir(out_dir)
+        started = time.perf_counter()
         inputs, labels = ctx.val_inputs()
         classifier = run.build_classifier()
-        ctx.progress("source", 0, 1)
-        reference = parity.reference_logits(run, classifier, inputs, int8=self.tolerance_for(ctx) is None)
+        int8 = self.tolerance_for(ctx) is None
+        with ctx.stage("reference"):
+            reference = parity.reference_logits(run, classifier, inputs, int8=int8)
         try:
             with staged_dir(out_dir) as stage:
-                ctx.progress("build", 0, 1)
-                model = Path(self.build(run, classifier, stage, ctx))
-                ctx.progress("parity", 0, 1)
-                exported = run_batched(self.runner(model, ctx), inputs, batch=ctx.static_batch)
-                measured = parity.measure(reference, exported, labels, run.labels)
-                int8 = self.tolerance_for(ctx) is None
+                with ctx.stage("build"):
+                    model = Path(self.build(run, classifier, stage, ctx))
+                with ctx.stage("parity"):
+                    exported = run_batched(self.runner(model, ctx), inputs, batch=ctx.static_batch)
+                    measured = parity.measure(reference, exported, labels, run.labels)
                 misses = ctx.budget.misses(measured) if int8 else []
                 if misses:
                     logger.warning("%s: plain int8 quantization misses the accuracy budget (%s): trying "
                                    "accuracy-controlled quantization", self.name, "; ".join(misses))
-                    controlled = self.build_with_accuracy_control(run, classifier, stage, ctx)
-                    if controlled is not None:
-                        model = Path(controlled)
-                        exported = run_batched(self.runner(model, ctx), inputs, batch=ctx.static_batch)
-                        measured = parity.measure(reference, exported, labels, run.labels)
+                    with ctx.stage("accuracy control"):
+                        controlled = self.build_with_accuracy_control(run, classifier, stage, ctx)
+                        if controlled is not None:
+                            model = Path(controlled)
+                            exported = run_batched(self.runner(model, ctx), inputs, batch=ctx.static_batch)
+                            measured = parity.measure(reference, exported, labels, run.labels)
                 misses = parity.check(measured, fmt=self.name, tolerance=self.tolerance_for(ctx),
                                       min_agreement=self.min_agreement, budget=ctx.budget,
                                       relative=self.relative_tolerance and not ctx.fp32)
@@ -163,15 +189,17 @@ class Exporter(abc.ABC):
                         record["over_budget"] = misses
                         ctx.extra["accuracy_warning"] = (f"{self.name} misses its accuracy budget ({'; '.join(misses)}) "
                                                          "and was written only because of --allow-drop")
-                ctx.progress("feature memory", 0, 1)
-                robot = _robot_extras(run, model, self.runtime, stage, ctx)
-                files = sorted(p.name for p in stage.iterdir() if p.is_file())
-                manifest = bundle.make_manifest(run, self, model.name, parity=record, static_batch=ctx.static_batch,
-                                                extra_files=files, extra={**ctx.extra, **robot})
-                self.embed(model, manifest)
-                manifest["sha256"] = _model_digests(stage, manifest)  # `learn` refuses an edited model file
-                bundle.write_manifest(stage, manifest)
-                _check_unchanged_by_embedding(self.runner(model, ctx), inputs, exported, ctx)
+                with ctx.stage("feature memory"):
+                    robot = _robot_extras(run, model, self.runtime, stage, ctx)
+                with ctx.stage("embed + verify"):
+                    files = sorted(p.name for p in stage.iterdir() if p.is_file())
+                    manifest = bundle.make_manifest(run, self, model.name, parity=record, static_batch=ctx.static_batch,
+                                                    extra_files=files, extra={**ctx.extra, **robot})
+                    manifest["export_seconds"] = {**ctx.seconds, "total": round(time.perf_counter() - started, 3)}
+                    self.embed(model, manifest)
+                    manifest["sha256"] = _model_digests(stage, manifest)  # `learn` refuses an edited model file
+                    bundle.write_manifest(stage, manifest)
+                    _check_unchanged_by_embedding(self.runner(model, ctx), inputs, exported, ctx)
                 sizes = {p.name: p.stat().st_size for p in sorted(stage.iterdir()) if p.is_file()}
         except OSError as e:
             raise EdgetuneError(f"Cannot write the export to {out_dir} ({e.strerror or e}): pick another --out.") from None
@@ -183,7 +211,8 @@ def _robot_extras(run: RunDir, model: Path, runtime: str, stage: Path, ctx: Expo
     from exporters import bundle
 
     try:
-        features, labels = bundle.write_feature_memory(run, model, runtime, stage, static_batch=ctx.static_batch)
+        features, labels = bundle.write_feature_memory(run, model, runtime, stage, static_batch=ctx.static_batch,
+                                                       decoded=ctx.decoded_views())
     except EdgetuneError as e:  # a graph without the standard head: the bundle still runs, `learn` cannot use it
         logger.warning("No feature memory in this bundle (%s)", e)
         return {}
@@ -238,38 +267,50 @@ def val_set(run: RunDir) -> tuple[np.ndarray, np.ndarray]:
 
 def calibration_set(run: RunDir, calibration: Path | None, limit: int) -> np.ndarray:
     """float32 NCHW eval views of up to `limit` images, spread evenly over the source."""
-    from toolkit.data import list_images
+    return calibration_views(run, calibration, limit)[0]
+
+
+def calibration_views(run: RunDir, calibration: Path | None, limit: int) -> tuple[np.ndarray, list[Path]]:
+    """(float32 NCHW eval views, their files): a class-stratified subset of at most `limit` of the
+    run's training images, or of --calib's images spread evenly; unreadable files skipped."""
+    from toolkit.data import decode_images, list_images
     from toolkit.images import ImageReadError
     from toolkit.preprocess import model_input
     from toolkit.runtime import to_nchw_float
 
     size = run.spec.input_size
+    bad: list[str] = []
     if calibration is None:
-        samples = _splits(run).train.samples
-        paths = [samples[i].path for i in stratified_subset([s.label for s in samples], limit)]
-        where = f"the run's training images ({run.config['data']})"
+        train = _splits(run).train
+        subset = dataclasses.replace(train, samples=[train.samples[i] for i in
+                                                     stratified_subset([s.label for s in train.samples], limit)])
+        images, kept, skipped = decode_images(subset, min_side=eval_resize_shorter(size), workers=2)
+        paths, where = [s.path for s in kept.samples], f"the run's training images ({run.config['data']})"
+        bad, n = [f"{s.path.name} ({s.reason})" for s in skipped], len(subset)
+        views = [resize_and_crop(img, size) for img in images]
     else:
         calibration = Path(calibration)
         if not calibration.is_dir():
             raise EdgetuneError(f"--calib {calibration} is not a folder: pass a folder of images (subfolders are fine).")
-        paths, where = list_images(calibration), f"--calib {calibration}"
-        if len(paths) > limit:
-            paths = [paths[i] for i in np.linspace(0, len(paths) - 1, limit).round().astype(int)]
-    views, bad = [], []
-    for p in paths:
-        try:
-            views.append(model_input(p, size))
-        except ImageReadError as e:
-            bad.append(f"{p.name} ({e.reason})")
+        files, where = list_images(calibration), f"--calib {calibration}"
+        if len(files) > limit:
+            files = [files[i] for i in np.linspace(0, len(files) - 1, limit).round().astype(int)]
+        views, paths, n = [], [], len(files)
+        for p in files:
+            try:
+                views.append(model_input(p, size))
+                paths.append(p)
+            except ImageReadError as e:
+                bad.append(f"{p.name} ({e.reason})")
     if not views:
         detail = f": {', '.join(bad[:3])}" if bad else ""
         raise EdgetuneError(
-            f"No readable calibration images in {where} ({len(paths)} files{detail}). "
+            f"No readable calibration images in {where} ({n} files{detail}). "
             "Pass --calib with a folder of real JPEG/PNG images."
         )
     if bad:
         logger.warning("Skipped %d unreadable calibration images: %s", len(bad), ", ".join(bad[:5]))
-    return to_nchw_float(np.stack(views))
+    return to_nchw_float(np.stack(views)), paths
 
 
 def _note_backbone_mismatch(fmt: str, run: RunDir, inputs: np.ndarray, labels: np.ndarray,
@@ -290,15 +331,16 @@ def _note_backbone_mismatch(fmt: str, run: RunDir, inputs: np.ndarray, labels: n
     )
 
 
-def stratified_subset(labels: list[int], limit: int) -> list[int]:
-    """Indices of at most `limit` items, as equal a share per class as the classes allow (a small
-    class gives all it has, the rest goes to the others), spread evenly within each class; sorted."""
+def stratified_subset(labels: list[int], limit: int, *, per_class: int | None = None) -> list[int]:
+    """Indices of at most `limit` items (and at most `per_class` of any class), as equal a share per
+    class as the classes allow (a small class gives all it has, the rest goes to the others),
+    spread evenly within each class; sorted."""
     by_class: dict[int, list[int]] = {}
     for i, label in enumerate(labels):
         by_class.setdefault(label, []).append(i)
     quota, left = {}, limit
     for n, c in sorted((len(v), c) for c, v in by_class.items()):  # smallest classes first
-        quota[c] = min(n, left // max(1, len(by_class) - len(quota)))
+        quota[c] = min(n, per_class or n, left // max(1, len(by_class) - len(quota)))
         left -= quota[c]
     picks = []
     for c, items in by_class.items():

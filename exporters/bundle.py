@@ -104,31 +104,28 @@ def read_embedded(model_path: Path) -> dict[str, str]:
 
 MEMORY_FILE = "features.npz"
 MEMORY_PER_CLASS = 128  # enough to keep old classes when `learn` refits; ~2.5 kB per image at fp16
+# ...and at most this many in all, spread over the classes (50 classes keep ~20 each): every one
+# runs through the exported model, so without a total the export time grew with the dataset.
+MEMORY_TOTAL = 1024
 
 
-def _memory_samples(train, n_classes: int, cap: int):
-    """Up to `cap` training samples per class, spread evenly over each class's files (deterministic)."""
+def _memory_samples(train, n_classes: int, cap: int, total: int = MEMORY_TOTAL):
+    """Up to `cap` training samples per class and `total` in all, spread evenly over each class's
+    files (deterministic)."""
     import dataclasses
 
-    import numpy as np
+    from exporters.base import stratified_subset
 
-    by_class: dict[int, list] = {}
-    for s in train.samples:
-        by_class.setdefault(s.label, []).append(s)
-    picked = []
-    for c in range(n_classes):
-        items = by_class.get(c, [])
-        if len(items) > cap:
-            items = [items[i] for i in np.linspace(0, len(items) - 1, cap).round().astype(int)]
-        picked += items
-    return dataclasses.replace(train, samples=picked)
+    picks = stratified_subset([s.label for s in train.samples], min(total, cap * n_classes), per_class=cap)
+    return dataclasses.replace(train, samples=[train.samples[i] for i in picks])
 
 
 def write_feature_memory(run, model: Path, runtime: str, stage: Path, *, static_batch: int | None,
-                         cap: int = MEMORY_PER_CLASS) -> tuple[Any, Any]:
+                         cap: int = MEMORY_PER_CLASS, decoded: dict[Path, Any] | None = None) -> tuple[Any, Any]:
     """features.npz: the bundle's own backbone features of (up to `cap` per class of) the run's
-    training images, fp16, so `learn` keeps the old classes without their images. Returns
-    (features float32, labels)."""
+    training images, fp16, so `learn` keeps the old classes without their images. `decoded`: eval
+    views (float32 CHW) by file already made for calibration; when they cover the memory's images
+    they are used instead of decoding again. Returns (features float32, labels)."""
     import io
 
     import numpy as np
@@ -141,10 +138,14 @@ def write_feature_memory(run, model: Path, runtime: str, stage: Path, *, static_
 
     size = run.spec.input_size
     subset = _memory_samples(_splits(run).train, len(run.labels), cap)
-    images, kept, _ = decode_images(subset, min_side=eval_resize_shorter(size), workers=2)
+    decoded = decoded or {}
+    if all(s.path in decoded for s in subset.samples):
+        views, kept = np.stack([decoded[s.path] for s in subset.samples]), subset
+    else:
+        images, kept, _ = decode_images(subset, min_side=eval_resize_shorter(size), workers=2)
+        views = to_nchw_float(np.stack([resize_and_crop(img, size) for img in images]))
     device = "CPUExecutionProvider" if runtime == "onnxruntime" else "CPU"
     runner = feature_runner(model, runtime, device=device, feature_dim=run.spec.feature_dim, batch=static_batch)
-    views = to_nchw_float(np.stack([resize_and_crop(img, size) for img in images]))
     features = run_batched(runner, views, batch=static_batch)
     labels = kept.labels().astype(np.int16)
     buf = io.BytesIO()
@@ -158,6 +159,7 @@ def memory_manifest(features, labels, labels_names: list[str], *, cap: int = MEM
 
     counts = np.bincount(labels, minlength=len(labels_names))
     return {"file": MEMORY_FILE, "dtype": "float16", "dim": int(features.shape[1]), "per_class_cap": cap,
+            "total_cap": MEMORY_TOTAL,
             "counts": {name: int(n) for name, n in zip(labels_names, counts)},
             "source": "the bundle's own backbone on its own runtime, clean views of the run's training split"}
 

@@ -63,12 +63,16 @@ def _stride(n_batches: int, most: int = 4) -> int:
 def calibrate(prep: Path, calib: np.ndarray, *, batch: int, method: str = "MinMax"):
     """Activation ranges (onnxruntime TensorsData) of every quantizable tensor over `calib`.
 
-    Calibrated a few batches at a time, merging ranges between strides: MinMax otherwise keeps
-    every activation of every batch in memory. Not CalibMaxIntermediateOutputs: in ORT 1.19 it
-    drops the held outputs without folding them into the ranges (microsoft/onnxruntime#18893).
+    MinMax (the default) runs ORT's own augmented calibration graph on OpenVINO (`_minmax_ranges`);
+    the histogram methods (Percentile, Entropy; measured in BENCHMARKS.md) run ORT's calibrator,
+    a few batches at a time, merging ranges between strides, as they hold every activation of
+    every batch. Not CalibMaxIntermediateOutputs: in ORT 1.19 it drops the held outputs without
+    folding them into the ranges (microsoft/onnxruntime#18893).
     """
     from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator
 
+    if method == "MinMax":
+        return _minmax_ranges(Path(prep), calib, batch)
     with tempfile.TemporaryDirectory(prefix="ort.calib.") as tmp:
         calibrator = create_calibrator(
             Path(prep), None, augmented_model_path=str(Path(tmp) / "augmented.onnx"),
@@ -82,6 +86,45 @@ def calibrate(prep: Path, calib: np.ndarray, *, batch: int, method: str = "MinMa
         ranges = calibrator.compute_data()
         del calibrator
     return ranges
+
+
+def _minmax_ranges(prep: Path, calib: np.ndarray, batch: int):
+    """ORT's MinMax ranges (min of the per-batch minima, max of the maxima; asymmetric, no moving
+    average: ORT's defaults), computed by running ORT's augmented graph (a ReduceMin and a
+    ReduceMax after every tensor it will quantize) on OpenVINO in fp32. ORT runs that graph with
+    every graph optimisation turned off: ~2.8x the CPU time per image of OpenVINO here, which
+    made calibration most of an onnx-int8 export. The ranges equal ORT's to float rounding (test)."""
+    import onnx
+    import openvino as ov
+    import openvino.properties.hint as hints
+    from onnxruntime.quantization.calibrate import CalibrationMethod, MinMaxCalibrater, TensorData, TensorsData
+
+    with tempfile.TemporaryDirectory(prefix="ort.calib.") as tmp:
+        augmented = Path(tmp) / "augmented.onnx"
+        MinMaxCalibrater(prep, None, str(augmented)).augment_graph()  # no ORT session: OpenVINO runs it
+        graph = onnx.load(str(augmented), load_external_data=False).graph
+        reduced = [o.name for o in graph.output if o.name.endswith(("_ReduceMin", "_ReduceMax"))]
+        core = ov.Core()
+        core.set_property("CPU", {hints.inference_precision(): ov.Type.f32})  # bf16 CPUs would widen ranges
+        compiled = core.compile_model(core.read_model(str(augmented)), "CPU")
+    request = compiled.create_infer_request()
+    ports = {name: compiled.output(name) for name in reduced}
+    lo: dict[str, float] = {}
+    hi: dict[str, float] = {}
+    for i in range(0, len(calib), batch):
+        chunk = calib[i : i + batch]
+        if len(chunk) < batch:  # a static-shape graph takes full batches only
+            chunk = np.concatenate([chunk, calib[: batch - len(chunk)]])
+        result = request.infer({0: np.ascontiguousarray(chunk)})
+        for name, port in ports.items():
+            tensor, _, kind = name.rpartition("_")
+            value = float(np.asarray(result[port]).reshape(-1)[0])
+            if kind == "ReduceMin":
+                lo[tensor] = min(lo.get(tensor, value), value)
+            else:
+                hi[tensor] = max(hi.get(tensor, value), value)
+    return TensorsData(CalibrationMethod.MinMax, {
+        t: TensorData(lowest=np.array([lo[t]], np.float32), highest=np.array([hi[t]], np.float32)) for t in lo})
 
 
 # A quantized bias is int32 with scale input_scale x weight_scale[c]. Keep every |q| below 2^30
@@ -171,9 +214,13 @@ class OnnxInt8Exporter(Exporter):
             ctx.extra["backbone_note"] = "re-quantized with onnxruntime (not the run's own int8 backbone)"
         model = Path(out_dir) / "model.onnx"
         with tempfile.TemporaryDirectory(dir=out_dir, prefix=".work.") as work:
-            prep = preprocessed(classifier, Path(work), ctx)
-            ranges = calibrate(prep, ctx.calibration_inputs(), batch=ctx.static_batch or 8)
-            quantize(prep, model, ranges)
+            with ctx.stage("convert"):
+                prep = preprocessed(classifier, Path(work), ctx)
+            calib = ctx.calibration_inputs()
+            with ctx.stage("calibrate"):
+                ranges = calibrate(prep, calib, batch=ctx.static_batch or 8)
+            with ctx.stage("quantize"):
+                quantize(prep, model, ranges)
         return model
 
     def build_with_accuracy_control(self, run: RunDir, classifier, out_dir: Path, ctx: ExportContext) -> Path:

@@ -82,14 +82,18 @@ class OpenVINOInt8Exporter(Exporter):
             ctx.extra["quantizer"] = "the run's own int8 backbone (--backbone-precision int8)"
             model = with_head(run.int8_backbone, run.build_head(), ctx)
         else:
-            model = quantize(convert(classifier, ctx), ctx.calibration_inputs(), batch=ctx.static_batch or 1)
+            with ctx.stage("convert"):
+                model = cached_classifier(run, ctx)
+            calib = ctx.calibration_inputs()
+            with ctx.stage("calibrate + quantize"):
+                model = quantize(model, calib, batch=ctx.static_batch or 1)
         # Remaining float constants (biases, scales) as fp16: smaller file, same int8 compute.
         return save(model, Path(out_dir) / MODEL_FILE, fp16=not ctx.fp32)
 
     def build_with_accuracy_control(self, run: RunDir, classifier, out_dir: Path, ctx: ExportContext) -> Path:
         import nncf
 
-        model = convert(classifier, ctx)
+        model = cached_classifier(run, ctx)
         calib = ctx.calibration_inputs()
         b = ctx.static_batch or 1
         calibration = nncf.Dataset(batches(calib, b))
@@ -147,16 +151,28 @@ def restorer_parameters():
     return nncf.AdvancedAccuracyRestorerParameters(ranking_subset_size=64, max_num_iterations=12)
 
 
-def with_head(backbone_ir: Path, head, ctx: ExportContext):
-    """A saved OpenVINO backbone (image -> features) followed by the torch `head`, as one
-    openvino.Model with the same inputs/outputs as `convert`."""
+def cached_classifier(run: RunDir, ctx: ExportContext):
+    """The run's classifier as an openvino.Model built from the fp32 backbone IR that training
+    converted once and cached (toolkit.features) plus the run's head: converting the whole torch
+    classifier again took longer than quantizing it. Same graph as `convert` (parity checks it)."""
+    from toolkit.features import _openvino_backbone
+
+    return with_head(_openvino_backbone(run.spec, "fp32", None), run.build_head(), ctx)
+
+
+def with_head(backbone_ir, head, ctx: ExportContext):
+    """An OpenVINO backbone (image -> features; an IR path or an openvino.Model, which is copied)
+    followed by the torch `head`, as one openvino.Model with the same inputs/outputs as `convert`."""
     import openvino as ov
     import openvino.opset13 as ops
     import torch
 
     from toolkit.features import float_input
 
-    backbone = float_input(ov.Core().read_model(str(backbone_ir)))
+    if isinstance(backbone_ir, ov.Model):
+        backbone = float_input(backbone_ir.clone())
+    else:
+        backbone = float_input(ov.Core().read_model(str(backbone_ir)))
     if ctx.static_batch:
         backbone.reshape([ctx.static_batch, *list(backbone.inputs[0].get_partial_shape())[1:]])
     features = backbone.get_results()[0].input_value(0)  # the tensor the Result reads, not the Result

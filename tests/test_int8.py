@@ -54,6 +54,71 @@ def test_stratified_subset_is_bounded_and_keeps_every_class():
     assert stratified_subset([0, 1, 1], 300) == [0, 1, 2]
 
 
+def test_stratified_subset_caps_each_class():
+    labels = [0] * 10 + [1] * 1000
+    counts = np.bincount([labels[i] for i in stratified_subset(labels, 256, per_class=128)])
+    assert list(counts) == [10, 128]  # the small class's unused share does not push the big one past its cap
+
+
+def test_feature_memory_is_bounded_in_total_so_export_time_does_not_grow_with_the_dataset():
+    from dataclasses import dataclass
+    from types import SimpleNamespace
+
+    from exporters.bundle import MEMORY_PER_CLASS, MEMORY_TOTAL, _memory_samples
+
+    @dataclass
+    class Split:
+        samples: list
+
+    def train(per_class: list[int]):
+        return Split([SimpleNamespace(label=c) for c, n in enumerate(per_class) for _ in range(n)])
+
+    many = _memory_samples(train([100] * 50), 50, MEMORY_PER_CLASS)  # 5,000 images in 50 classes
+    counts = np.bincount([s.label for s in many.samples])
+    assert len(many.samples) <= MEMORY_TOTAL and counts.min() >= MEMORY_TOTAL // 50 - 1
+    few = _memory_samples(train([500, 30]), 2, MEMORY_PER_CLASS)  # few classes: the per-class cap rules
+    assert list(np.bincount([s.label for s in few.samples])) == [MEMORY_PER_CLASS, 30]
+
+
+def _conv_chain(path: Path) -> None:
+    """Conv -> Relu -> Conv, dynamic batch: enough tensors to compare calibrators on."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(2)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w1", "b1"], ["h"], pads=[1, 1, 1, 1]),
+         helper.make_node("Relu", ["h"], ["r"]),
+         helper.make_node("Conv", ["r", "w2", "b2"], ["y"])], "chain",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 2, 8, 8])],
+        [numpy_helper.from_array(rng.normal(0, 0.3, (4, 3, 3, 3)).astype(np.float32), "w1"),
+         numpy_helper.from_array(rng.normal(0, 0.1, 4).astype(np.float32), "b1"),
+         numpy_helper.from_array(rng.normal(0, 0.3, (2, 4, 1, 1)).astype(np.float32), "w2"),
+         numpy_helper.from_array(rng.normal(0, 0.1, 2).astype(np.float32), "b2")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+
+
+def test_minmax_ranges_run_on_openvino_equal_onnxruntimes_own_calibrator(tmp_path):
+    from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator
+
+    from exporters.onnx_int8 import _reader, calibrate
+
+    _conv_chain(tmp_path / "f.onnx")
+    x = np.random.default_rng(3).uniform(-3, 3, (21, 3, 8, 8)).astype(np.float32)  # a last, partial batch
+    ours = calibrate(tmp_path / "f.onnx", x, batch=4)
+    ort_calibrator = create_calibrator(tmp_path / "f.onnx", None, augmented_model_path=str(tmp_path / "a.onnx"),
+                                       calibrate_method=CalibrationMethod.MinMax)
+    ort_calibrator.collect_data(_reader(x, "x", 4))
+    theirs = ort_calibrator.compute_data()
+    assert set(ours.data) == set(theirs.data) == {"x", "h", "r", "y"}
+    for name in theirs.data:
+        np.testing.assert_allclose(np.ravel(ours[name].range_value), np.ravel(theirs[name].range_value), rtol=1e-5)
+
+
 def _conv_with_a_dead_channel(path: Path) -> None:
     """Conv 3->4 whose channel 1 is 'dead' (max |w| 3e-7) with a positive bias of 5, like
     EfficientNet-Lite's stem channel 30: ORT 1.19 overflowed that bias to -2^31."""
@@ -197,3 +262,26 @@ def test_int8_trained_run_ships_the_backbone_it_learned_on(int8_trained_run, tmp
     assert result.parity["agreement"] >= 0.99 and result.parity["max_abs_diff"] < 1e-2  # same model as the run
     fp32 = export(int8_trained_run, "onnx", tmp_path / "onnx")
     assert fp32.manifest["backbone_mismatch"]["trained_on"] == "int8 backbone"
+
+
+def test_feature_memory_reuses_the_calibration_views_bit_identically(trained_run, exported, tmp_path, monkeypatch):
+    from exporters import bundle
+    from exporters.base import calibration_views
+    from toolkit import data
+    from toolkit.runs import RunDir
+
+    run = RunDir.open(trained_run)
+    model = exported("onnx").model
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    decoding, _ = bundle.write_feature_memory(run, model, "onnxruntime", tmp_path / "a", static_batch=None)
+    views, paths = calibration_views(run, None, 1000)
+
+    def no_decoding(*a, **k):
+        raise AssertionError("decoded the training images a second time")
+
+    monkeypatch.setattr(data, "decode_images", no_decoding)
+    reusing, labels = bundle.write_feature_memory(run, model, "onnxruntime", tmp_path / "b", static_batch=None,
+                                                  decoded=dict(zip(paths, views)))
+    np.testing.assert_array_equal(decoding, reusing)
+    assert (tmp_path / "a" / bundle.MEMORY_FILE).read_bytes() == (tmp_path / "b" / bundle.MEMORY_FILE).read_bytes()
