@@ -15,6 +15,14 @@ Reports train wall (median of fresh processes), feature views/s, the CV accuracy
 head on the training features (what decides), and val accuracy (reported only, decides nothing).
 With --lock FILE every timed child holds `flock FILE` (a machine shared by several people).
 Prints the table and rewrites the "## Training: backbone precision" section of BENCHMARKS.md.
+
+    python benchmarks/bench_precision.py --control [--data DIR ...] [--no-write]
+
+checks auto's fidelity rule against what it stands in for (untimed, run it under `nice`): for
+the cached int8 backbone, per-run calibration and two deliberately poor calibrations (8 flat grey
+views; 300 views of uniform noise), the feature cosine on generated probes next to the change in
+k-fold CV accuracy of the fp32 run's head on clean-view training features, on every dataset.
+Rewrites the "## Training: int8 fidelity rule" section.
 """
 
 from __future__ import annotations
@@ -27,6 +35,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 if __package__ in (None, ""):  # run as a script: make `toolkit` and `benchmarks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -46,6 +56,7 @@ from benchmarks._common import (  # noqa: E402
 from benchmarks.naive_loop import DEFAULT_DATA  # noqa: E402
 
 SECTION = "Training: backbone precision"
+CONTROL_SECTION = "Training: int8 fidelity rule"
 CV_TOLERANCE = 0.003  # issue 10: int8 features may cost at most 0.3 points of CV accuracy
 SPEED_TARGET = 1.5
 
@@ -166,6 +177,101 @@ def section_markdown(rows: list[Row], warm: dict[str, Any], backbone: str, repea
     ])
 
 
+def _quantizations(spec, datasets_views: dict[str, list]) -> dict[str, Any]:
+    """name -> int8 openvino.Model: the cached backbone, per-run ones, and two poor calibrations."""
+    import openvino as ov
+
+    from toolkit.features import _openvino_backbone, _quantize_backbone, cached_int8_backbone
+
+    fp32 = _openvino_backbone(spec, "fp32", None)
+    rng = np.random.default_rng(0)
+    size = spec.input_size
+    out = {"cached (generated scenes)": ov.Core().read_model(str(cached_int8_backbone(spec, fp32)))}
+    for name, views in datasets_views.items():
+        out[f"per-run ({name})"] = _quantize_backbone(fp32, views)
+    out["poor: 8 flat grey views"] = _quantize_backbone(fp32, [np.full((size, size, 3), 118, np.uint8)] * 8)
+    out["poor: 300 uniform-noise views"] = _quantize_backbone(
+        fp32, [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(300)])
+    return fp32, out
+
+
+def control(datasets: list[Path], backbone: str) -> list[Row]:
+    """Feature cosine (auto's rule) beside the CV accuracy change it stands in for."""
+    from toolkit.augment import eval_view
+    from toolkit.backbones import get_spec
+    from toolkit.data import decode_images, discover
+    from toolkit.features import extract_features, int8_fidelity
+    from toolkit.precision import FIDELITY_BAR
+    from toolkit.preprocess import eval_resize_shorter
+    from toolkit.selection import select_head
+
+    spec = get_spec(backbone)
+    size = spec.input_size
+    sets = {}
+    for data in datasets:
+        train = discover(data, seed=0).train
+        images, ds, _ = decode_images(train, min_side=eval_resize_shorter(size), workers=2)
+        views = [eval_view(im, size) for im in images]
+        picks = np.unique(np.linspace(0, len(views) - 1, min(300, len(views))).round().astype(int))
+        sets[data.name] = (views, ds.labels(), len(ds.classes), [views[i] for i in picks])
+    fp32, quantized = _quantizations(spec, {name: s[3] for name, s in sets.items()})
+
+    rows = []
+    for name, (views, labels, n_cls, _) in sets.items():
+        def cv(model, head: str | None = None):
+            feats = extract_features(_engine(spec, model, "fp32" if model is fp32 else "int8"),
+                                     lambda k: views[k], len(views))
+            sel = select_head(head or "auto", feats[:, None, :], labels, n_cls, folds=5, seed=0)
+            return sel.params.name, sel.cv_accuracy()["mean"]
+
+        head, base = cv(fp32)
+        say(f"control {name}: fp32 clean-view CV {base:.4f} ({head})")
+        for qname, model in quantized.items():
+            if qname.startswith("per-run") and name not in qname:
+                continue
+            fid = int8_fidelity(spec, fp32, model)
+            _, acc = cv(model, head)
+            d = acc - base
+            say(f"control {name} {qname}: cosine {fid['feature_cosine']:.4f}, CV {acc:.4f} ({100 * d:+.1f} pt)")
+            rule = fid["feature_cosine"] >= FIDELITY_BAR
+            rows.append(Row(f"{name}: {qname}", f"cosine {fid['feature_cosine']:.3f} / CV {100 * d:+.1f} pt",
+                            "rule agrees with CV", rule == (d >= -CV_TOLERANCE),
+                            note=f"rule says {'int8' if rule else 'fp32'} (cosine >= {FIDELITY_BAR}); CV of {head} "
+                                 f"{acc:.4f} vs fp32 {base:.4f} (within {100 * CV_TOLERANCE:.1f} pt: "
+                                 f"{'yes' if d >= -CV_TOLERANCE else 'no'})"))
+    return rows
+
+
+def _engine(spec, model, precision: str):
+    """A feature engine over an in-memory openvino.Model (saved to a temp IR: engines load IRs)."""
+    from toolkit.convert import save_ir
+    from toolkit.features import OpenVINOEngine
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "backbone.xml"
+        save_ir(model, path)
+        return OpenVINOEngine(spec, "CPU", precision, ir=path)
+
+
+def control_markdown(rows: list[Row], backbone: str, loads: tuple[str, str]) -> str:
+    from toolkit.precision import FIDELITY_BAR
+
+    return "\n".join([
+        f"Machine: {machine_description()}  ",
+        f"Command: `{command_line()}` (accuracy only, untimed)  ",
+        f"Backbone `{backbone}`. Load average at start: {loads[0]}, at end: {loads[1]}.",
+        "",
+        f"auto uses int8 only if the int8 backbone's features follow fp32 with a mean centred cosine >= "
+        f"{FIDELITY_BAR} on generated probe scenes (measured once, when the backbone is quantized), instead of "
+        "computing fp32 features in every run to compare CV accuracy (which would cost the time int8 saves). "
+        "Each row: that cosine, and the change in 5-fold CV accuracy (training images only; clean views) of "
+        "the head auto picks on fp32 features, for that int8 backbone. 'pass' = the rule and the 0.3-point "
+        "CV criterion give the same answer.",
+        "",
+        markdown_table(rows),
+    ])
+
+
 def main(argv: list[str] | None = None) -> int:
     from toolkit.train import TrainConfig
 
@@ -176,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="fresh train processes per variant")
     parser.add_argument("--lock", type=Path, default=None, help="flock this file around every timed run")
     parser.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
+    parser.add_argument("--control", action="store_true", help="check the fidelity rule against CV accuracy")
     args = parser.parse_args(argv)
     datasets = [d.resolve() for d in (args.data or [DEFAULT_DATA, DEFAULT_DATA.parent / "caltech50"])]
     for d in datasets:
@@ -186,6 +293,14 @@ def main(argv: list[str] | None = None) -> int:
         print("--lock needs the flock command (util-linux)", file=sys.stderr)
         return 2
     load_start = load_average()
+    if args.control:
+        rows = control(datasets, args.backbone)
+        loads = (load_start, load_average())
+        print_table(f"int8 fidelity rule vs CV accuracy ({args.backbone})", rows)
+        if not args.no_write:
+            path = update_benchmarks_md(CONTROL_SECTION, control_markdown(rows, args.backbone, loads))
+            print(f"Wrote the '## {CONTROL_SECTION}' section of {path}")
+        return 0
     say(f"warming the user cache for {args.backbone}")
     warm = warm_caches(args.backbone)
     say(f"auto chooses {warm['choice']['precision']}: {warm['choice']['reason']}")

@@ -33,10 +33,18 @@ def user_cache(tmp_path, monkeypatch):
     return cache
 
 
-def _cpu_plan():
-    from devices import detect_devices, plan_training
+@pytest.fixture(scope="module")
+def devices():
+    from devices import detect_devices
 
-    return plan_training("openvino:CPU", detect_devices().devices)
+    return detect_devices().devices
+
+
+@pytest.fixture(scope="module")
+def cpu_plan(devices):
+    from devices import plan_training
+
+    return plan_training("openvino:CPU", devices)
 
 
 def _fake_speed(fp32: float, int8: float) -> None:
@@ -61,7 +69,7 @@ def _fake_int8_record(cosine: float) -> None:
     (100.0, 150.0, 0.95, "int8"),  # the bar itself counts
     (100.0, 175.0, 0.50, "fp32"),  # fast but its features do not follow fp32
 ])
-def test_auto_follows_the_cached_measurement(user_cache, monkeypatch, fp32, int8, cosine, expected):
+def test_auto_follows_the_cached_measurement(user_cache, cpu_plan, monkeypatch, fp32, int8, cosine, expected):
     import toolkit.precision as precision
 
     _fake_speed(fp32, int8)
@@ -71,21 +79,22 @@ def test_auto_follows_the_cached_measurement(user_cache, monkeypatch, fp32, int8
         raise AssertionError("a cached measurement must not be measured again")
 
     monkeypatch.setattr("devices.openvino_tuning.images_per_second", no_measuring)
-    choice = precision.choose_backbone_precision("auto", BACKBONE, _cpu_plan())
+    monkeypatch.setattr("toolkit.features.cached_int8_backbone", lambda spec, model=None: user_cache / "made")
+    choice = precision.choose_backbone_precision("auto", BACKBONE, cpu_plan)
     assert choice.precision == expected, choice.reason
     assert choice.speedup == pytest.approx(int8 / fp32, abs=0.01)
     assert f"{int8 / fp32:.2f}x" in choice.reason
 
 
-def test_explicit_precision_and_non_openvino_features_never_measure(user_cache):
-    from devices import detect_devices, plan_training
+def test_explicit_precision_and_non_openvino_features_never_measure(user_cache, cpu_plan, devices):
+    from devices import plan_training
     from toolkit.precision import choose_backbone_precision
 
-    assert choose_backbone_precision("int8", BACKBONE, _cpu_plan()).precision == "int8"
-    torch_plan = plan_training("cpu", detect_devices().devices)
+    assert choose_backbone_precision("int8", BACKBONE, cpu_plan).precision == "int8"
+    torch_plan = plan_training("cpu", devices)
     choice = choose_backbone_precision("auto", BACKBONE, torch_plan)
     assert choice.precision == "fp32" and "OpenVINO" in choice.reason
-    assert choose_backbone_precision("auto", BACKBONE, _cpu_plan(), unfreeze=True).precision == "fp32"
+    assert choose_backbone_precision("auto", BACKBONE, cpu_plan, unfreeze=True).precision == "fp32"
     assert not (user_cache / "engine_tuning.json").exists()
 
 
@@ -104,9 +113,11 @@ def test_speed_is_measured_once_per_machine(user_cache):
 
 
 def test_int8_backbone_is_quantized_once_and_reused(user_cache, monkeypatch):
+    import devices.openvino_tuning as tuning
     import toolkit.features as features
     from toolkit.backbones import get_spec
 
+    monkeypatch.setattr(tuning, "BATCHES", (2,))  # the later run's engine tuning: one candidate
     monkeypatch.setattr(features, "CALIBRATION_VIEWS", 8)
     monkeypatch.setattr(features, "FIDELITY_PROBES", 8)
     calls = []
@@ -142,3 +153,40 @@ def test_calibration_views_are_fixed_and_photo_sized():
     assert all(x.shape == (224, 224, 3) and x.dtype == np.uint8 for x in a)
     assert all(np.array_equal(x, y) for x, y in zip(a, b))  # the same ranges on every machine
     assert not np.array_equal(a[0], a[1]) and a[0].std() > 10
+
+
+def test_auto_run_trains_on_the_cached_int8_backbone_and_ships_it(user_cache, tiny_dataset, tmp_path, monkeypatch):
+    """Two default runs on a machine measured to gain >= 1.5x: NNCF runs once, both runs train
+    on int8, record why, keep that exact backbone, and predict/export with it."""
+    import json
+
+    import devices.openvino_tuning as tuning
+    import toolkit.features as features
+    from exporters import export
+    from toolkit.learners import INT8_BACKBONE
+    from toolkit.runtime import load_predictor
+    from toolkit.train import TrainConfig, train
+
+    monkeypatch.setattr(tuning, "BATCHES", (2,))
+    monkeypatch.setattr(features, "CALIBRATION_VIEWS", 8)
+    monkeypatch.setattr(features, "FIDELITY_PROBES", 8)
+    monkeypatch.setattr("toolkit.precision.FIDELITY_BAR", 0.0)  # 8 calibration views: any fidelity
+    calls = []
+    real = features.nncf_int8
+    monkeypatch.setattr(features, "nncf_int8", lambda m, b, **kw: calls.append(1) or real(m, b, **kw))
+    _fake_speed(100.0, 175.0)
+    config = dict(backbone=BACKBONE, views=1, workers=2, head="logreg")
+    first = train(tiny_dataset, tmp_path / "a", TrainConfig(**config))
+    second = train(tiny_dataset, tmp_path / "b", TrainConfig(**config))
+    assert len(calls) == 1, "the second run must reuse the machine's int8 backbone"
+    for out, metrics in ((tmp_path / "a", first), (tmp_path / "b", second)):
+        recorded = json.loads((out / "config.json").read_text())
+        assert recorded["train"]["backbone_precision"] == "int8"
+        assert recorded["backbone_precision"]["requested"] == "auto" and "1.75x" in recorded["backbone_precision"]["reason"]
+        assert metrics["backbone_precision"]["precision"] == "int8" and "int8" in metrics["feature_engine"]
+    cached = features.int8_cache_path(features.get_spec(BACKBONE)).with_suffix(".bin").read_bytes()
+    assert (tmp_path / "a" / INT8_BACKBONE).with_suffix(".bin").read_bytes() == cached
+    assert "int8" in load_predictor(tmp_path / "a", device="openvino:CPU").describe()
+    result = export(tmp_path / "a", "openvino-int8", tmp_path / "ov8")
+    assert "own int8 backbone" in result.manifest["quantizer"]
+    assert result.parity["agreement"] >= 0.99  # the same backbone as the run, the head in fp32

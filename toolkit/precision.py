@@ -47,7 +47,7 @@ def choose_backbone_precision(requested: str, backbone: str, plan, *, unfreeze: 
     if device.runtime.value != "openvino":
         return PrecisionChoice("auto", "fp32", f"features run on {device.id}; the int8 backbone needs OpenVINO")
     from toolkit.backbones import get_spec
-    from toolkit.features import int8_backbone_record
+    from toolkit.features import cached_int8_backbone, int8_backbone_record
 
     name = device.id.partition(":")[2]
     speed = measure_speed(backbone, name)
@@ -57,7 +57,9 @@ def choose_backbone_precision(requested: str, backbone: str, plan, *, unfreeze: 
     if ratio < SPEEDUP_BAR:
         return PrecisionChoice("auto", "fp32", f"int8 is only {ratio:.2f}x fp32 here, below {SPEEDUP_BAR}x: {timing}",
                                speedup=ratio)
-    cosine = int8_backbone_record(get_spec(backbone)).get("feature_cosine")
+    spec = get_spec(backbone)
+    cached_int8_backbone(spec)  # made by the speed measurement; again only if since cleared or outdated
+    cosine = int8_backbone_record(spec).get("feature_cosine")
     if cosine is None or cosine < FIDELITY_BAR:
         shown = "not measured" if cosine is None else f"{cosine:.3f}"
         return PrecisionChoice("auto", "fp32", f"int8 is {ratio:.2f}x fp32 ({timing}) but its features follow fp32 "
