@@ -130,7 +130,7 @@ def train(
     progress = progress or (lambda *_: None)
     spec = get_spec(config.backbone)
     plan = _plan_devices(config)  # before decoding: an absent device fails in a second
-    precision = None
+    prep = _prepare_data(Path(data), config, spec.input_size, progress)
     if not resume:  # a resumed run keeps the precision its config.json records
         from toolkit.precision import choose_backbone_precision
 
@@ -138,8 +138,6 @@ def train(
                                               unfreeze=config.unfreeze > 0)
         logger.info("Backbone precision %s: %s", precision.precision, precision.reason)
         config = dataclasses.replace(config, backbone_precision=precision.precision)
-    prep = _prepare_data(Path(data), config, spec.input_size, progress)
-    if not resume:
         # No config.json here (checked above), so any state/ is a leftover, not a resumable run.
         shutil.rmtree(run.path / "state", ignore_errors=True)
         run.write_labels(prep.classes)
