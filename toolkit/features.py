@@ -327,7 +327,7 @@ def calibration_views(size: int, count: int | None = None, *, seed: int = 0) -> 
         rng = np.random.default_rng([seed, 104729, i])
         img = render_object(DEMO_CLASSES[i % len(DEMO_CLASSES)], rng, 288)
         # The JPEG round trip every real photo has been through (blocking, ringing).
-        ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, int(rng.integers(70, 96))])
+        _, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, int(rng.integers(70, 96))])
         views.append(eval_view(cv2.imdecode(buf, cv2.IMREAD_UNCHANGED), size))
     return views
 
