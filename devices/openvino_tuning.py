@@ -6,6 +6,10 @@ settings may. The first time a model runs on a device, a few candidates are time
 input for a fraction of a second each (after one warm-up batch) and the fastest is kept in the
 user cache, keyed by the CPU (model, flags, cores), the OpenVINO version, the device and the
 model, so every later run starts at once with the same choice.
+
+The same cache holds how fast a backbone runs at each precision (`precision_speed`), which
+`--backbone-precision auto` reads: int8 pays off on some CPUs and not on others (one computing
+fp32 models in bf16 may match it), so that too is measured, never assumed.
 """
 
 from __future__ import annotations
@@ -59,9 +63,9 @@ def _load() -> dict[str, Any]:
         return {}  # a missing or damaged cache only costs one more measurement
 
 
-def _store(key: str, settings: EngineSettings) -> None:
+def _store(key: str, entry: dict[str, Any]) -> None:
     table = _load()
-    table[key] = asdict(settings)
+    table[key] = entry
     path = tuning_file()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -132,5 +136,53 @@ def tuned_settings(
     table = ", ".join(f"{h[0]}{b}: {r:.0f}" for r, h, b in results)
     log.info("Tuned %s in %.1f s (img/s by T=THROUGHPUT/L=LATENCY hint and batch: %s): %s hint, batch %d",
              model_key, time.perf_counter() - t0, table, settings.hint, settings.batch)
-    _store(key, settings)
+    _store(key, asdict(settings))
     return settings
+
+
+@dataclass(frozen=True)
+class PrecisionSpeed:
+    images_per_second: dict[str, float]  # precision -> img/s, each at its own tuned hint and batch
+    measured: str
+
+    def speedup(self, fast: str = "int8", base: str = "fp32") -> float:
+        return self.images_per_second[fast] / self.images_per_second[base]
+
+
+def precision_speed(
+    model_key: str,
+    make_timers: Callable[[], dict[str, Callable[[float], float]]],
+    *,
+    rounds: int = 3,
+    seconds: float = 0.5,
+    retune: bool = False,
+) -> PrecisionSpeed:
+    """Images/s of one backbone at each precision on this machine, measured on first use and cached.
+
+    `make_timers()` (called only when there is no cached measurement) returns precision -> a
+    function that runs that engine for the given seconds and returns its images/s. The
+    precisions take turns for `rounds` rounds and each keeps its median, so load from other
+    processes weighs on all of them alike: the ratio, not the absolute speed, decides.
+    """
+    import openvino as ov
+
+    key = f"{machine_key()} | openvino {ov.__version__.split('-')[0]} | {model_key} | precision speed"
+    cached = None if retune else _load().get(key)
+    if cached:
+        try:
+            speed = PrecisionSpeed(**cached)
+            log.info("Backbone speed by precision for %s (measured %s): %s", model_key, speed.measured,
+                     ", ".join(f"{p} {v:.0f} img/s" for p, v in speed.images_per_second.items()))
+            return speed
+        except TypeError:
+            pass  # written by another version: measure again
+    timers = make_timers()
+    samples: dict[str, list[float]] = {p: [] for p in timers}
+    for _ in range(rounds):
+        for precision, timer in timers.items():
+            samples[precision].append(timer(seconds))
+    speed = PrecisionSpeed({p: round(float(np.median(v)), 1) for p, v in samples.items()}, time.strftime("%Y-%m-%d"))
+    log.info("Timed %s by precision (medians of %d interleaved rounds): %s", model_key, rounds,
+             ", ".join(f"{p} {v:.0f} img/s" for p, v in speed.images_per_second.items()))
+    _store(key, asdict(speed))
+    return speed

@@ -294,6 +294,8 @@ def _openvino_backbone(spec: BackboneSpec, precision: str, calibration):
         # which pick it up through INFERENCE_PRECISION_HINT in devices.openvino_compile.
         return model
     if precision == "int8":
+        if calibration is None:
+            return core.read_model(str(cached_int8_backbone(spec, model)))
         return _quantize_backbone(model, calibration)
     return model
 
@@ -305,6 +307,123 @@ def _quantize_backbone(model, calibration):
         raise EdgetuneError("int8 backbone needs calibration images (the training set's clean views).")
     logger.info("Quantizing the backbone to int8 with NNCF on %d views", len(calibration))
     return nncf_int8(model, [to_nchw_float(v[None]) for v in calibration])
+
+
+# What the cached int8 backbone was made with: a change to nncf_int8's settings or to
+# calibration_views must bump it, so no machine keeps a backbone the current recipe would not make.
+INT8_RECIPE = "tabletop300-v1"
+CALIBRATION_VIEWS = 300
+FIDELITY_PROBES = 64
+
+
+def calibration_views(size: int, count: int | None = None, *, seed: int = 0) -> list[np.ndarray]:
+    """`count` generated photo-like scenes (toolkit.synthetic: textured surfaces, lit objects,
+    shadows, sensor noise, JPEG) as eval views: int8 ranges that do not depend on whose data
+    happens to be trained first on a machine, with no image files to ship."""
+    import cv2
+
+    from toolkit.preprocess import eval_view
+    from toolkit.synthetic import DEMO_CLASSES, render_object
+
+    views = []
+    for i in range(CALIBRATION_VIEWS if count is None else count):
+        rng = np.random.default_rng([seed, 104729, i])
+        img = render_object(DEMO_CLASSES[i % len(DEMO_CLASSES)], rng, 288)
+        # The JPEG round trip every real photo has been through (blocking, ringing).
+        _, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, int(rng.integers(70, 96))])
+        views.append(eval_view(cv2.imdecode(buf, cv2.IMREAD_UNCHANGED), size))
+    return views
+
+
+def int8_cache_path(spec: BackboneSpec) -> Path:
+    """Where this machine keeps `spec`'s int8 backbone: one per weights, OpenVINO, NNCF and recipe version."""
+    import nncf
+    import openvino as ov
+
+    converter = f"ov{ov.__version__.split('-')[0]}-nncf{nncf.__version__}-{INT8_RECIPE}"
+    return cache_dir() / "openvino" / f"{backbone_cache_key(spec, converter)}-int8.xml"
+
+
+def cached_int8_backbone(spec: BackboneSpec, model=None) -> Path:
+    """The int8 backbone of `spec` on this machine: quantized with NNCF on `calibration_views`
+    the first time any run asks for it (tens of seconds), read from the user cache after that.
+
+    Concurrent runs wait on a lock file instead of quantizing twice; the IR is written atomically,
+    after its record (`int8_backbone_record`), so a reader that sees the .xml sees everything.
+    """
+    path = int8_cache_path(spec)
+    if path.is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _exclusive(path.with_suffix(".lock")):
+        if path.is_file():  # another process made it while this one waited
+            return path
+        import time
+
+        from toolkit import atomic
+        from toolkit.convert import save_ir
+
+        if model is None:
+            model = _openvino_backbone(spec, "fp32", None)
+        t0 = time.perf_counter()
+        views = calibration_views(spec.input_size)
+        logger.info("Quantizing %s to int8 once for this machine (NNCF on %d generated views; cached in %s)",
+                    spec.name, len(views), path.parent)
+        quantized = nncf_int8(model, [to_nchw_float(v[None]) for v in views])
+        seconds = time.perf_counter() - t0
+        record = {"backbone": spec.name, "recipe": INT8_RECIPE, "calibration": f"{len(views)} generated views",
+                  "quantize_seconds": round(seconds, 1), **int8_fidelity(spec, model, quantized)}
+        atomic.write_json(path.with_suffix(".json"), record)
+        save_ir(quantized, path)
+        return path
+
+
+def int8_backbone_record(spec: BackboneSpec) -> dict:
+    """What `cached_int8_backbone` measured when it made the backbone (fidelity, time); {} if none."""
+    import json
+
+    try:
+        return json.loads(int8_cache_path(spec).with_suffix(".json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def int8_fidelity(spec: BackboneSpec, fp32_model, int8_model, count: int | None = None) -> dict:
+    """How closely the int8 backbone's features follow fp32 on generated probe scenes (a seed the
+    calibration never saw): the mean cosine between the two feature vectors of each image, after
+    removing the probes' mean feature (raw post-ReLU features share a large common component that
+    would hide errors)."""
+    from devices.openvino_compile import compile_model
+
+    count = count or FIDELITY_PROBES
+    x = to_nchw_float(np.stack(calibration_views(spec.input_size, count, seed=1)))
+    a = compile_model(fp32_model, "CPU")(x)[0].astype(np.float64)
+    b = compile_model(int8_model, "CPU")(x)[0].astype(np.float64)
+    a, b = a - a.mean(0), b - b.mean(0)
+    cos = (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
+    return {"fidelity_probes": count, "feature_cosine": round(float(cos.mean()), 5),
+            "feature_cosine_min": round(float(cos.min()), 5)}
+
+
+class _exclusive:
+    """An advisory lock on `path` held for the with-block (POSIX flock; elsewhere no lock, and at
+    worst two processes quantize the same backbone, each replacing the file atomically)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __enter__(self):
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            import fcntl
+
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
+        except ImportError:
+            pass
+        return self
+
+    def __exit__(self, *exc) -> None:
+        os.close(self.fd)  # closing releases the flock
 
 
 def nncf_int8(model, batches: Sequence[np.ndarray], *, ignored_scope=None):

@@ -153,10 +153,15 @@ class CachedFeatures:
         return self._stats
 
     # -- features ------------------------------------------------------------------------------
+    # Where an int8 backbone's ranges come from: "cached", the machine's one backbone quantized on
+    # generated scenes (toolkit.features.cached_int8_backbone); "run", NNCF on this run's own
+    # training images every run, which benchmarks/bench_precision.py measures it against.
+    int8_calibration = "cached"
+
     def engine(self):
         if self._engine is None:
             calib = None
-            if self.config.backbone_precision == "int8":
+            if self.config.backbone_precision == "int8" and self.int8_calibration == "run":
                 from toolkit.augment import eval_view
 
                 images = self.prep.stream("train")
@@ -165,9 +170,9 @@ class CachedFeatures:
                 calib = [eval_view(im, self.spec.input_size) for im in map(images.get, picks) if im is not None]
             self._engine = engine_for(self.plan.features, self.config.backbone,
                                       precision=self.config.backbone_precision, calibration=calib)
-            if calib is not None:
+            if self._engine.precision == "int8":
                 # The head only fits this exact quantized backbone: keep it with the run, so
-                # evaluate/predict on the run use it rather than a fresh quantization.
+                # evaluate/predict/export use it even after the user cache is cleared or remade.
                 from toolkit.convert import save_ir
 
                 save_ir(self._engine.model, self.state_dir.parent / INT8_BACKBONE)
