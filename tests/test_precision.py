@@ -175,7 +175,7 @@ def test_auto_run_trains_on_the_cached_int8_backbone_and_ships_it(user_cache, ti
     real = features.nncf_int8
     monkeypatch.setattr(features, "nncf_int8", lambda m, b, **kw: calls.append(1) or real(m, b, **kw))
     _fake_speed(100.0, 175.0)
-    config = dict(backbone=BACKBONE, views=1, workers=2, head="logreg")
+    config = dict(backbone=BACKBONE, views=1, workers=2, head="logreg", backbone_precision="auto")
     first = train(tiny_dataset, tmp_path / "a", TrainConfig(**config))
     second = train(tiny_dataset, tmp_path / "b", TrainConfig(**config))
     assert len(calls) == 1, "the second run must reuse the machine's int8 backbone"
