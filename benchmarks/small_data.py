@@ -1,7 +1,8 @@
 """Small-data benchmark: heads, few-shot, generated features and camera-shift adaptation.
 
     python benchmarks/small_data.py [--datasets hymenoptera caltech50] [--shots 1 2 5 10 20 all]
-                                    [--seeds 5] [--heads ...] [--shift-datasets hymenoptera] [--no-write]
+                                    [--seeds 5] [--heads ...] [--shift-datasets ...] [--only grid|shift]
+                                    [--runs NAME=RUN ...] [--no-write]
 
 Per dataset, one default `train()` (head auto) gives the end-to-end figures and caches the
 backbone features (clean + augmented views, val); every grid cell then reuses those features
@@ -10,9 +11,10 @@ backbone features (clean + augmented views, val); every grid cell then reuses th
     on those K images (rule fallback at 1 shot), auto, auto + VAE; mean ± std val accuracy
   - the logistic-regression baseline (C swept by CV) on the same features
   - camera shifts (blur, noise, low light, colour cast, JPEG; two strengths each) applied to the
-    val images; `adapt`'s CORAL fitted on the shifted TRAINING images (never val); accuracy before
-    and after, and on unshifted val after adapting to unshifted training images
-Rewrites the "## Small data" section of BENCHMARKS.md. Features are cached under /tmp.
+    val images; every `adapt` method fitted on the shifted TRAINING images (never val); accuracy
+    before and after, and on unshifted val after adapting to unshifted training images
+Rewrites the "## Small data" section (grid) and the "## Camera shift (adapt)" section (shifts) of
+BENCHMARKS.md; `--only` runs one part and rewrites only its section. Features are cached under /tmp.
 """
 
 from __future__ import annotations
@@ -127,9 +129,34 @@ def _jpeg(im, quality):
     return cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
 
 
-def camera_shifts(name: str, out: Path, train, val, yva):
-    """Accuracy of the default run's head on shifted val, before / after CORAL on shifted train."""
-    from toolkit.adapt import coral_map, fold_coral
+SHIFT_SECTION = "Camera shift (adapt)"
+SHIFT_INTRO = [
+    "`edgetune adapt RUN UNLABELED_DIR --out RUN2` on a simulated camera change: each shift (two strengths)",
+    "is applied to the val images, which are scored; the unlabelled target given to adapt is the same",
+    "shift applied to the TRAINING images (never val). Methods (toolkit/adapt.py): mean / diag / coral =",
+    "per-channel mean, per-channel mean + std, full-covariance (Ledoit-Wolf) alignment of the backbone",
+    "features, folded into the head; adabn = BatchNorm statistics moved by the target-minus-training",
+    "difference (fp32 backbone), alone or followed by a feature alignment.", ""]
+
+
+def _cached(path: Path, compute) -> dict[str, np.ndarray]:
+    if path.exists():
+        with np.load(path) as z:
+            return dict(z)
+    arrays = compute()
+    np.savez(path.with_suffix(".partial.npz"), **arrays)
+    path.with_suffix(".partial.npz").rename(path)  # a stopped run never leaves half a cache
+    return arrays
+
+
+def camera_shifts(name: str, out: Path, with_adabn: bool = True) -> tuple[list[tuple[str, dict[str, float]]], dict]:
+    """Val accuracy of the run's head on each shifted val set, before and after every adapt method.
+
+    The target of every method is what `adapt` would be given: the shifted TRAINING images (the
+    same seeded subset of at most adapt.MAX_TARGET_IMAGES; AdaBN's statistics from at most
+    MAX_BN_IMAGES of them), never val. The first row adapts to the unshifted training images and
+    scores the unshifted val: what adapt costs when the camera did not change."""
+    from toolkit import adapt as ad
     from toolkit.augment import eval_resize_shorter, eval_view
     from toolkit.data import decode_images, discover
     from toolkit.features import create_engine, extract_features
@@ -140,35 +167,60 @@ def camera_shifts(name: str, out: Path, train, val, yva):
     spec = run.spec
     state = run.model_state()
     head = HeadParams(run.config["train"]["head"], {k[5:]: v for k, v in state.items() if k.startswith("head.")}, "run")
+    train, _, val, yva, _ = run_features(out)
+    source = train[:, 0]
     splits = discover(DATASETS[name])
     tr_imgs, _, _ = decode_images(splits.train, min_side=eval_resize_shorter(spec.input_size))
     va_imgs, _, _ = decode_images(splits.val, min_side=eval_resize_shorter(spec.input_size))
+    target_idx = ad._subset(list(range(len(tr_imgs))), ad.MAX_TARGET_IMAGES)
+    bn_idx = ad._subset(target_idx, ad.MAX_BN_IMAGES)
+    bn_source = [tr_imgs[i] for i in ad._subset(list(range(len(tr_imgs))), ad.MAX_BN_IMAGES)]
     engine = create_engine(spec.name, "openvino", "CPU")
+    cache = CACHE / name
+    cache.mkdir(parents=True, exist_ok=True)
 
-    def feats(images, shift, s):
-        return extract_features(engine, lambda k: shift(eval_view(images[k], spec.input_size), s), len(images))
+    def acc(tensors, x):
+        return float((head_logits(HeadParams(head.kind, tensors, "adapted"), x).argmax(1) == yva).mean())
 
-    def acc(params, x):
-        return float((head_logits(params, x).argmax(1) == yva).mean())
+    def methods(xt, xv, bt, bv) -> dict[str, float]:
+        res = {"none": acc(head.tensors, xv)}
+        for step in ad.FEATURE_STEPS:
+            res[step] = acc(ad.align_head(head.tensors, step, source, xt), xv)
+        if bv is None:
+            return res
+        res["adabn"] = acc(head.tensors, bv)
+        for step in ("mean", "diag"):
+            res[f"adabn+{step}"] = acc(ad.align_head(head.tensors, step, source, bt), bv)
+        return res
 
-    def adapted(target):
-        a, mu_t, mu_s = coral_map(train[:, 0].astype(np.float64), target.astype(np.float64))
-        return HeadParams(head.kind, fold_coral(head.tensors, a, mu_t, mu_s), "coral")
-
-    clean = acc(head, val)
-    rows = [("none (unshifted val; adapted to unshifted train)", clean, acc(adapted(train[:, 0]), val))]
-    for shift_name, fn in SHIFTS.items():
-        for s in (0, 1):
-            path = CACHE / name / f"shift-{shift_name.replace(' ', '_')}-{s}.npz"
-            if path.exists():
-                z = np.load(path)
-                xt, xv = z["train"], z["val"]
+    rows = []
+    for shift_name, fn in {"none": None, **SHIFTS}.items():
+        for s in (0, 1) if fn else (0,):
+            shifted = (lambda im: im) if fn is None else (lambda im, fn=fn, s=s: fn(im, s))
+            tag = "clean" if fn is None else f"{shift_name.replace(' ', '_')}-{s}"
+            tgt = [shifted(tr_imgs[i]) for i in target_idx]
+            views = [shifted(im) for im in va_imgs]
+            t0 = time.perf_counter()
+            if fn is None:
+                ov = {"train": source[target_idx], "val": val}
             else:
-                xt, xv = feats(tr_imgs, fn, s), feats(va_imgs, fn, s)
-                np.savez(path, train=xt, val=xv)
-            rows.append((f"{shift_name} {['mild', 'strong'][s]}", acc(head, xv), acc(adapted(xt), xv)))
-            print(f"  {rows[-1][0]:22s} before {rows[-1][1]:.4f} after {rows[-1][2]:.4f}", flush=True)
-    return clean, rows
+                ov = _cached(cache / f"shift-{tag}.npz", lambda: {
+                    "train": extract_features(engine, lambda k: fn(eval_view(tr_imgs[k], spec.input_size), s), len(tr_imgs)),
+                    "val": extract_features(engine, lambda k: fn(eval_view(va_imgs[k], spec.input_size), s), len(va_imgs))})
+                ov["train"] = ov["train"][target_idx]
+
+            def adabn():
+                tensors = ad.adabn_tensors(spec, bn_source, [shifted(tr_imgs[i]) for i in bn_idx])
+                return {"train": ad.backbone_features(spec, tensors, tgt), "val": ad.backbone_features(spec, tensors, views)}
+
+            bn = _cached(cache / f"adabn-{tag}.npz", adabn) if with_adabn else {"train": None, "val": None}
+            label = "none (unshifted val; adapted to unshifted train)" if fn is None else f"{shift_name} {['mild', 'strong'][s]}"
+            rows.append((label, methods(ov["train"], ov["val"], bn["train"], bn["val"])))
+            print(f"  {label:22s} ({time.perf_counter() - t0:.0f} s) " +
+                  ", ".join(f"{k} {v:.4f}" for k, v in rows[-1][1].items()), flush=True)
+    info = {"head": run.config["train"]["head"], "selected": run.config.get("head_selection", {}).get("selected"),
+            "target_images": len(target_idx), "bn_images": len(bn_idx), "val_images": len(yva)}
+    return rows, info
 
 
 def fmt(values) -> str:
@@ -183,34 +235,46 @@ def main() -> None:
     ap.add_argument("--heads", nargs="+", default=list(HEADS))
     ap.add_argument("--vae-shots", nargs="*", default=["1", "5", "20", "all"])
     ap.add_argument("--vae-seeds", type=int, default=2, help="seeds per shot count for auto + vae (slow)")
-    ap.add_argument("--shift-datasets", nargs="*", default=["hymenoptera"])
+    ap.add_argument("--shift-datasets", nargs="*", default=list(DATASETS))
+    ap.add_argument("--adabn-datasets", nargs="*", default=list(DATASETS),
+                    help="camera shifts: also measure AdaBN (torch + OpenVINO backbone passes per shift: slow)")
+    ap.add_argument("--only", choices=("grid", "shift"), default=None,
+                    help=f"run one part: grid (section '{SECTION}') or shift (section '{SHIFT_SECTION}')")
+    ap.add_argument("--runs", nargs="*", default=[], metavar="NAME=RUN",
+                    help="camera shifts: adapt this existing default run instead of training one")
     ap.add_argument("--features", nargs="*", default=[], metavar="NAME=NPZ",
                     help="reuse features (train, ytr, val, yva) cached by an earlier default run; skips the default train")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
     CACHE.mkdir(parents=True, exist_ok=True)
-    md = [f"Command: `{command_line()}`  ", f"Machine: {machine_description()}; CPU flags: {cpu_flags()}; "
-          f"load average at start {load_average()} (shared machine: timings are noisy).", ""]
+    parts = {args.only} if args.only else {"grid", "shift"}
+    header = [f"Command: `{command_line()}`  ", f"Machine: {machine_description()}; CPU flags: {cpu_flags()}; "
+              f"load average at start {load_average()} (shared machine: timings are noisy).", ""]
+    md, shift_md = list(header), header + SHIFT_INTRO
+    runs = dict(r.split("=", 1) for r in args.runs)
     for name in args.datasets:
         print(f"== {name}", flush=True)
         given = dict(f.split("=", 1) for f in args.features)
-        if name in given:
-            z = np.load(given[name])
-            train, ytr, val, yva = z["train"], z["ytr"], z["val"], z["yva"]
-            n_classes = int(ytr.max()) + 1
-            md += [f"### {name}", "", f"Features of a default run's cache ({given[name]}); default train not re-run.", ""]
-        else:
-            metrics, out = default_run(name)
-            train, ytr, val, yva, n_classes = run_features(out)
-            md += default_lines(name, metrics)
-        res = grid(train, ytr, val, yva, n_classes, args.shots, args.seeds, args.heads, args.vae_shots, args.vae_seeds)
-        md += grid_lines(res, args.shots)
-        if name in args.shift_datasets and name not in given:
-            md += shift_lines(*camera_shifts(name, out, train, val, yva))
-    text = "\n".join(md)
-    print(text)
-    if not args.no_write:
-        update_benchmarks_md(SECTION, text)
+        if "grid" in parts:
+            if name in given:
+                z = np.load(given[name])
+                train, ytr, val, yva = z["train"], z["ytr"], z["val"], z["yva"]
+                n_classes = int(ytr.max()) + 1
+                md += [f"### {name}", "", f"Features of a default run's cache ({given[name]}); default train not re-run.", ""]
+            else:
+                metrics, out = default_run(name)
+                train, ytr, val, yva, n_classes = run_features(out)
+                md += default_lines(name, metrics)
+            res = grid(train, ytr, val, yva, n_classes, args.shots, args.seeds, args.heads, args.vae_shots, args.vae_seeds)
+            md += grid_lines(res, args.shots)
+        if "shift" in parts and name in args.shift_datasets:
+            out = Path(runs[name]) if name in runs else default_run(name)[1]
+            shift_md += shift_lines(name, *camera_shifts(name, out, name in args.adabn_datasets))
+    for part, section, lines in (("grid", SECTION, md), ("shift", SHIFT_SECTION, shift_md)):
+        if part in parts:
+            print("\n".join(lines))
+            if not args.no_write:
+                update_benchmarks_md(section, "\n".join(lines))
 
 
 def default_lines(name, metrics):
@@ -242,18 +306,26 @@ def grid_lines(res, shots_list):
     return md + [""]
 
 
-def shift_lines(clean, rows):
-    md = ["Camera shifts on val (CORAL target = the shifted training images, never val):", "",
-          "| shift | before adapt | after adapt | recovered |", "|---|---|---|---|"]
-    rec = []
-    for label, before, after in rows:
-        cost = clean - before
-        r = (after - before) / cost if cost > 0.005 else float("nan")
-        if cost > 0.005:
-            rec.append(r)
-        md.append(f"| {label} | {before:.4f} | {after:.4f} | {'' if np.isnan(r) else f'{r:.0%}'} |")
-    md += ["", (f"Mean share of each shift's cost recovered (shifts costing > 0.5 pt): {np.mean(rec):.0%} "
-                f"over {len(rec)} shifts.") if rec else "No shift cost > 0.5 pt.", ""]
+def shift_lines(name: str, rows, info) -> list[str]:
+    """Per shift: val before and after each method; per method: the mean share of each shift's
+    cost it recovers (shifts costing > 0.5 pt) and its change on unshifted val."""
+    methods = list(rows[0][1])
+    clean = rows[0][1]["none"]
+    md = [f"### {name}", "",
+          f"Run: default train, head {info['selected']} ({info['head']} layer); {info['val_images']} val images; "
+          f"target = {info['target_images']} shifted training images (AdaBN statistics from {info['bn_images']}).", "",
+          "| shift | " + " | ".join("before (none)" if m == "none" else m for m in methods) + " |",
+          "|---|" + "---|" * len(methods)]
+    for label, res in rows:
+        md.append(f"| {label} | " + " | ".join(f"{res[m]:.4f}" for m in methods) + " |")
+    costly = [res for _, res in rows[1:] if clean - res["none"] > 0.005]
+    share = {m: np.mean([(r[m] - r["none"]) / (clean - r["none"]) for r in costly]) if costly else float("nan")
+             for m in methods[1:]}
+    md.append("| **mean share of the cost recovered** | | " + " | ".join(f"**{share[m]:.0%}**" for m in methods[1:]) + " |")
+    md.append("| **unshifted val change (pt)** | | " + " | ".join(f"**{100 * (rows[0][1][m] - clean):+.1f}**"
+                                                            for m in methods[1:]) + " |")
+    md += ["", f"{len(costly)} of {len(rows) - 1} shifts cost more than 0.5 pt on val; the share is averaged over those "
+           "(target: >= 50%, and unshifted val never more than 0.5 pt worse).", ""]
     return md
 
 
