@@ -174,7 +174,9 @@ def camera_shifts(name: str, out: Path, with_adabn: bool = True) -> tuple[list[t
     va_imgs, _, _ = decode_images(splits.val, min_side=eval_resize_shorter(spec.input_size))
     target_idx = ad._subset(list(range(len(tr_imgs))), ad.MAX_TARGET_IMAGES)
     bn_idx = ad._subset(target_idx, ad.MAX_BN_IMAGES)
-    bn_source = [tr_imgs[i] for i in ad._subset(list(range(len(tr_imgs))), ad.MAX_BN_IMAGES)]
+    tr_views = [eval_view(im, spec.input_size) for im in tr_imgs]
+    va_views = [eval_view(im, spec.input_size) for im in va_imgs]
+    source_stats = None
     engine = create_engine(spec.name, "openvino", "CPU")
     cache = CACHE / name
     cache.mkdir(parents=True, exist_ok=True)
@@ -196,26 +198,27 @@ def camera_shifts(name: str, out: Path, with_adabn: bool = True) -> tuple[list[t
     rows = []
     for shift_name, fn in {"none": None, **SHIFTS}.items():
         for s in (0, 1) if fn else (0,):
-            shifted = (lambda im: im) if fn is None else (lambda im, fn=fn, s=s: fn(im, s))
+            shifted = (lambda v: v) if fn is None else (lambda v, fn=fn, s=s: fn(v, s))  # on the view, as a camera would
             tag = "clean" if fn is None else f"{shift_name.replace(' ', '_')}-{s}"
-            tgt = [shifted(tr_imgs[i]) for i in target_idx]
-            views = [shifted(im) for im in va_imgs]
             t0 = time.perf_counter()
             if fn is None:
-                ov = {"train": source[target_idx], "val": val}
+                ov = {"train": source, "val": val}
             else:
                 ov = _cached(cache / f"shift-{tag}.npz", lambda: {
-                    "train": extract_features(engine, lambda k: fn(eval_view(tr_imgs[k], spec.input_size), s), len(tr_imgs)),
-                    "val": extract_features(engine, lambda k: fn(eval_view(va_imgs[k], spec.input_size), s), len(va_imgs))})
-                ov["train"] = ov["train"][target_idx]
+                    "train": extract_features(engine, lambda k: shifted(tr_views[k]), len(tr_views)),
+                    "val": extract_features(engine, lambda k: shifted(va_views[k]), len(va_views))})
 
             def adabn():
-                tensors = ad.adabn_tensors(spec, bn_source, [shifted(tr_imgs[i]) for i in bn_idx])
-                return {"train": ad.backbone_features(spec, tensors, tgt), "val": ad.backbone_features(spec, tensors, views)}
+                nonlocal source_stats
+                if source_stats is None:  # what adapt measures on the run's training images (unshifted)
+                    source_stats = ad.bn_statistics(spec, [tr_views[i] for i in ad._subset(list(range(len(tr_views))), ad.MAX_BN_IMAGES)])
+                tensors = ad.adabn_tensors(spec, source_stats, [shifted(tr_views[i]) for i in bn_idx])
+                return {"train": ad.backbone_features(spec, tensors, [shifted(tr_views[i]) for i in target_idx]),
+                        "val": ad.backbone_features(spec, tensors, [shifted(v) for v in va_views])}
 
             bn = _cached(cache / f"adabn-{tag}.npz", adabn) if with_adabn else {"train": None, "val": None}
             label = "none (unshifted val; adapted to unshifted train)" if fn is None else f"{shift_name} {['mild', 'strong'][s]}"
-            rows.append((label, methods(ov["train"], ov["val"], bn["train"], bn["val"])))
+            rows.append((label, methods(ov["train"][target_idx], ov["val"], bn["train"], bn["val"])))
             print(f"  {label:22s} ({time.perf_counter() - t0:.0f} s) " +
                   ", ".join(f"{k} {v:.4f}" for k, v in rows[-1][1].items()), flush=True)
     info = {"head": run.config["train"]["head"], "selected": run.config.get("head_selection", {}).get("selected"),

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from toolkit.adapt import DEFAULT_METHOD, METHODS, align_head, channel_stats, coral_map, fold_coral
+from toolkit.adapt import DEFAULT_METHOD, METHODS, align_head, channel_stats, coral_map
 from toolkit.head_fit import HeadParams, fit_head, head_logits
 
 

@@ -37,9 +37,10 @@ from toolkit.errors import DataError, EdgetuneError, RunDirError
 logger = logging.getLogger(__name__)
 
 MIN_TARGET_IMAGES = 8  # fewer cannot estimate a feature mean worth trusting
-# BatchNorm statistics are per-channel averages over every pixel of every image: a few hundred
-# images pin them down, and the backbone passes are adapt's slow part, so more are not read.
-MAX_BN_IMAGES = 128
+# BatchNorm statistics are per-channel averages over every pixel of every image (the last layers
+# still see 64 images x 8 x 8 positions = 4096 values per channel), and the torch passes are
+# adapt's slow part, so more are not read.
+MAX_BN_IMAGES = 64
 # Per-channel feature statistics settle well within this many images; a larger folder is sampled
 # (seeded) so adapt's time does not grow with it.
 MAX_TARGET_IMAGES = 512
@@ -140,78 +141,105 @@ def align_head(head: dict[str, np.ndarray], step: str | None, source: np.ndarray
 # -- BatchNorm statistics -------------------------------------------------------------------------
 
 
-def adabn_tensors(spec, source_images: list[np.ndarray], target_images: list[np.ndarray],
-                  progress: Callable[[str, int, int], None] | None = None, *, relative: bool = True,
-                  batch: int = 32) -> dict[str, np.ndarray]:
-    """backbone.*running_mean / running_var after moving every BatchNorm's statistics by what the
-    target images change in them (see the module doc); `relative=False` is plain AdaBN (the target
-    statistics themselves; source_images unused). Layers are adapted in one pass: each batch is
-    normalised with its own statistics, as in AdaBN, so later layers see adapted earlier ones."""
+def _bn_model(spec, tensors: dict[str, np.ndarray] | None = None):
+    """(normalised fp32 backbone in eval mode, its BatchNorm layers), `tensors` loaded over the pretrained ones."""
     import torch
 
     from toolkit.backbones import create_backbone
     from toolkit.convert import with_normalization
+    from toolkit.learners import load_tail
+
+    backbone = create_backbone(spec.name)
+    if tensors:
+        load_tail(backbone, {k[9:]: torch.from_numpy(v) for k, v in tensors.items() if k.startswith("backbone.")})
+    bns = [m for m in backbone.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    return with_normalization(backbone, spec).eval(), bns
+
+
+def _forward(model, views: list[np.ndarray], progress: Callable[[int], None], batch: int = 32) -> np.ndarray:
+    import torch
+
     from toolkit.runtime import to_nchw_float
 
-    progress = progress or (lambda *_: None)
-    backbone = create_backbone(spec.name)
-    model = with_normalization(backbone, spec).eval()
-    bns = [m for m in backbone.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    base = [(bn.running_mean.double().clone(), bn.running_var.double().clone()) for bn in bns]
+    out = []
+    with torch.inference_mode():
+        for start in range(0, len(views), batch):
+            out.append(model(torch.from_numpy(to_nchw_float(np.stack(views[start:start + batch])))).numpy())
+            progress(min(start + batch, len(views)))
+    return np.concatenate(out)
 
-    def moments(x):
+
+class _Moments:
+    """Per-channel running sums of a BatchNorm layer's input (float64: sums over millions of values)."""
+
+    def __init__(self) -> None:
+        self.sum, self.sq, self.n = 0.0, 0.0, 0
+
+    @staticmethod
+    def of(x):
         x = x.double().transpose(0, 1).reshape(x.shape[1], -1)
         return x.sum(1), (x * x).sum(1), x.shape[1]
 
-    def finish(acc):
-        mean = acc[0] / acc[2]
-        return mean, (acc[1] / acc[2] - mean * mean).clamp(min=0)
+    def add(self, moments) -> None:
+        self.sum, self.sq, self.n = self.sum + moments[0], self.sq + moments[1], self.n + moments[2]
 
-    def run(images, hook, stage):
-        handles = [bn.register_forward_pre_hook(hook(i)) for i, bn in enumerate(bns)]
-        try:
-            with torch.no_grad():
-                for start in range(0, len(images), batch):
-                    views = np.stack([view(im) for im in images[start:start + batch]])
-                    model(torch.from_numpy(to_nchw_float(views)))
-                    progress(stage, min(start + batch, len(images)), len(images))
-        finally:
-            for h in handles:
-                h.remove()
+    @staticmethod
+    def finish(s, sq, n):
+        mean = s / n
+        return mean, (sq / n - mean * mean).clamp(min=0)
 
-    from toolkit.augment import eval_view
+    def stats(self):
+        return self.finish(self.sum, self.sq, self.n)
 
-    view = lambda im: eval_view(im, spec.input_size)  # noqa: E731
-    source = [[0.0, 0.0, 0] for _ in bns]
-    source_stats = []
-    if relative:
-        def measure(i):
-            def hook(_, args):  # eval mode: the statistics the head's features were made under
-                s, ss, n = moments(args[0])
-                source[i] = [source[i][0] + s, source[i][1] + ss, source[i][2] + n]
-            return hook
-        run(source_images, measure, "source statistics")
-        source_stats = [finish(a) for a in source]
-    target = [[0.0, 0.0, 0] for _ in bns]
+
+def bn_statistics(spec, views: list[np.ndarray], progress: Callable[[int], None] | None = None) -> list:
+    """Per BatchNorm layer, the (mean, var) of its input over `views` (eval views) through the
+    pretrained backbone: the statistics the head's training features were made under."""
+    model, bns = _bn_model(spec)
+    acc = [_Moments() for _ in bns]
+    handles = [bn.register_forward_pre_hook(lambda _, args, a=a: a.add(_Moments.of(args[0]))) for bn, a in zip(bns, acc)]
+    try:
+        _forward(model, views, progress or (lambda _: None))
+    finally:
+        for h in handles:
+            h.remove()
+    return [a.stats() for a in acc]
+
+
+def adabn_tensors(spec, source_stats: list | None, target_views: list[np.ndarray],
+                  progress: Callable[[int], None] | None = None) -> dict[str, np.ndarray]:
+    """backbone.*running_mean / running_var after moving every BatchNorm's statistics by what the
+    target views change in them (see the module doc; `source_stats` from bn_statistics on the
+    training images). `source_stats=None` is plain AdaBN: the target statistics themselves.
+    All layers are adapted in one pass: each batch is normalised with its own statistics (as AdaBN
+    does), so a later layer is measured behind adapted earlier ones."""
+    model, bns = _bn_model(spec)
+    base = [(bn.running_mean.double().clone(), bn.running_var.double().clone()) for bn in bns]
+    acc = [_Moments() for _ in bns]
+
+    def new_stats(i, target):
+        return target if source_stats is None else _moved(base[i], source_stats[i], target)
 
     def adapt_layer(i):
         def hook(bn, args):
-            s, ss, n = moments(args[0])
-            target[i] = [target[i][0] + s, target[i][1] + ss, target[i][2] + n]
-            mean, var = finish((s, ss, n))
-            if relative:
-                mean, var = _moved(base[i], source_stats[i], (mean, var))
+            m = _Moments.of(args[0])
+            acc[i].add(m)
+            mean, var = new_stats(i, _Moments.finish(*m))
             bn.running_mean.copy_(mean)
             bn.running_var.copy_(var)
         return hook
 
-    run(target_images, adapt_layer, "target statistics")
+    handles = [bn.register_forward_pre_hook(adapt_layer(i)) for i, bn in enumerate(bns)]
+    try:
+        _forward(model, target_views, progress or (lambda _: None))
+    finally:
+        for h in handles:
+            h.remove()
     for i, bn in enumerate(bns):
-        mean, var = finish(target[i])
-        new = _moved(base[i], source_stats[i], (mean, var)) if relative else (mean, var)
-        bn.running_mean.copy_(new[0])
-        bn.running_var.copy_(new[1])
-    return {f"backbone.{k}": v.numpy().astype(np.float32) for k, v in backbone.state_dict().items()
+        mean, var = new_stats(i, acc[i].stats())
+        bn.running_mean.copy_(mean)
+        bn.running_var.copy_(var)
+    return {f"backbone.{k}": v.numpy().astype(np.float32) for k, v in model.inner.state_dict().items()
             if k.endswith(("running_mean", "running_var"))}
 
 
@@ -221,29 +249,12 @@ def _moved(base, source, target):
     return base[0] + target[0] - source[0], base[1] * ratio.clamp(1 / MAX_STD_RATIO ** 2, MAX_STD_RATIO ** 2)
 
 
-def backbone_features(spec, tensors: dict[str, np.ndarray], images: list[np.ndarray], *, workers: int = 2,
+def backbone_features(spec, tensors: dict[str, np.ndarray], views: list[np.ndarray], *,
                       progress: Callable[[int], None] | None = None) -> np.ndarray:
-    """Features of `images` through the backbone with `tensors` (backbone.*) loaded over the
-    pretrained ones, run by OpenVINO (converted here: a few seconds, then several times torch's speed)."""
-    import tempfile
-
-    import openvino as ov
-    import torch
-
-    from toolkit.augment import eval_view
-    from toolkit.backbones import create_backbone
-    from toolkit.convert import to_openvino, with_normalization
-    from toolkit.features import create_engine, extract_features
-    from toolkit.learners import load_tail
-
-    backbone = create_backbone(spec.name)
-    load_tail(backbone, {k[9:]: torch.from_numpy(v) for k, v in tensors.items() if k.startswith("backbone.")})
-    model = to_openvino(with_normalization(backbone, spec).eval(), spec.input_size)
-    with tempfile.TemporaryDirectory(prefix="edgetune-adabn-") as tmp:
-        ov.save_model(model, f"{tmp}/backbone.xml")
-        engine = create_engine(spec.name, "openvino", "CPU", ir=Path(tmp) / "backbone.xml")
-        return extract_features(engine, lambda k: eval_view(images[k], spec.input_size), len(images),
-                                workers=workers, progress=progress)
+    """Features of `views` (eval views) through the fp32 backbone with `tensors` (backbone.*)
+    loaded over the pretrained ones. Torch, not a converted OpenVINO model: for the few hundred
+    images adapt reads, a conversion costs more than it saves."""
+    return _forward(_bn_model(spec, tensors)[0], views, progress or (lambda _: None))
 
 
 # -- the command ----------------------------------------------------------------------------------
@@ -277,13 +288,17 @@ def adapt(run_path: Path, unlabeled: Path, out: Path, *, method: str = DEFAULT_M
     head = {k[5:]: v for k, v in state.items() if k.startswith("head.")}
     tensors: dict[str, np.ndarray] = {}
     if adabn:
-        bn_images = _subset(images, MAX_BN_IMAGES)
-        tensors.update(adabn_tensors(run.spec, _subset(_source_images(run, workers), MAX_BN_IMAGES),
-                                     bn_images, progress))
+        from toolkit.augment import eval_view
+
+        views = [eval_view(im, run.spec.input_size) for im in images]
+        source_views = [eval_view(im, run.spec.input_size) for im in _source_images(run, workers)]
+        stats = bn_statistics(run.spec, source_views, lambda d: progress("training statistics", d, len(source_views)))
+        bn_views = _subset(views, MAX_BN_IMAGES)
+        tensors.update(adabn_tensors(run.spec, stats, bn_views, lambda d: progress("adabn", d, len(bn_views))))
         target = None
         if step is not None:
-            target = backbone_features(run.spec, tensors, images, workers=workers,
-                                       progress=lambda d: progress("target features", d, len(images)))
+            target = backbone_features(run.spec, tensors, views,
+                                       progress=lambda d: progress("target features", d, len(views)))
     else:
         target = _engine_features(run, images, workers, progress)
     if step is not None:
