@@ -149,12 +149,12 @@ def _cached(path: Path, compute) -> dict[str, np.ndarray]:
     return arrays
 
 
-def camera_shifts(name: str, out: Path, with_adabn: bool = True) -> tuple[list[tuple[str, dict[str, float]]], dict]:
+def camera_shifts(name: str, out: Path, adabn_shifts=("none", *SHIFTS)) -> tuple[list[tuple[str, dict[str, float]]], dict]:
     """Val accuracy of the run's head on each shifted val set, before and after every adapt method.
 
     The target of every method is what `adapt` would be given: the shifted TRAINING images (the
     same seeded subset of at most adapt.MAX_TARGET_IMAGES; AdaBN's statistics from at most
-    MAX_BN_IMAGES of them), never val. The first row adapts to the unshifted training images and
+    MAX_BN_IMAGES of them), never val; AdaBN only for `adabn_shifts` (slow: torch passes). The first row adapts to the unshifted training images and
     scores the unshifted val: what adapt costs when the camera did not change."""
     from toolkit import adapt as ad
     from toolkit.augment import eval_resize_shorter, eval_view
@@ -169,15 +169,23 @@ def camera_shifts(name: str, out: Path, with_adabn: bool = True) -> tuple[list[t
     head = HeadParams(run.config["train"]["head"], {k[5:]: v for k, v in state.items() if k.startswith("head.")}, "run")
     train, _, val, yva, _ = run_features(out)
     source = train[:, 0]
-    splits = discover(DATASETS[name])
-    tr_imgs, _, _ = decode_images(splits.train, min_side=eval_resize_shorter(spec.input_size))
-    va_imgs, _, _ = decode_images(splits.val, min_side=eval_resize_shorter(spec.input_size))
-    target_idx = ad._subset(list(range(len(tr_imgs))), ad.MAX_TARGET_IMAGES)
+    target_idx = ad._subset(list(range(len(source))), ad.MAX_TARGET_IMAGES)
     bn_idx = ad._subset(target_idx, ad.MAX_BN_IMAGES)
-    tr_views = [eval_view(im, spec.input_size) for im in tr_imgs]
-    va_views = [eval_view(im, spec.input_size) for im in va_imgs]
     source_stats = None
-    engine = create_engine(spec.name, "openvino", "CPU")
+    views: dict[str, list[np.ndarray]] = {}
+
+    def eval_views(split: str) -> list[np.ndarray]:  # decoded only when a cache is missing
+        if not views:
+            splits = discover(DATASETS[name])
+            for key, ds in (("train", splits.train), ("val", splits.val)):
+                images, kept, _ = decode_images(ds, min_side=eval_resize_shorter(spec.input_size))
+                assert len(images) == (len(source) if key == "train" else len(yva)), "dataset changed since the run"
+                views[key] = [eval_view(im, spec.input_size) for im in images]
+        return views[split]
+
+    def features(split: str, shifted) -> np.ndarray:
+        v = eval_views(split)
+        return extract_features(create_engine(spec.name, "openvino", "CPU"), lambda k: shifted(v[k]), len(v))
     cache = CACHE / name
     cache.mkdir(parents=True, exist_ok=True)
 
@@ -204,19 +212,21 @@ def camera_shifts(name: str, out: Path, with_adabn: bool = True) -> tuple[list[t
             if fn is None:
                 ov = {"train": source, "val": val}
             else:
-                ov = _cached(cache / f"shift-{tag}.npz", lambda: {
-                    "train": extract_features(engine, lambda k: shifted(tr_views[k]), len(tr_views)),
-                    "val": extract_features(engine, lambda k: shifted(va_views[k]), len(va_views))})
+                ov = _cached(cache / f"shift-{tag}.npz",
+                             lambda: {"train": features("train", shifted), "val": features("val", shifted)})
 
             def adabn():
                 nonlocal source_stats
+                tr = eval_views("train")
                 if source_stats is None:  # what adapt measures on the run's training images (unshifted)
-                    source_stats = ad.bn_statistics(spec, [tr_views[i] for i in ad._subset(list(range(len(tr_views))), ad.MAX_BN_IMAGES)])
-                tensors = ad.adabn_tensors(spec, source_stats, [shifted(tr_views[i]) for i in bn_idx])
-                return {"train": ad.backbone_features(spec, tensors, [shifted(tr_views[i]) for i in target_idx]),
-                        "val": ad.backbone_features(spec, tensors, [shifted(v) for v in va_views])}
+                    source_stats = ad.bn_statistics(spec, [tr[i] for i in ad._subset(list(range(len(tr))), ad.MAX_BN_IMAGES)])
+                tensors = ad.adabn_tensors(spec, source_stats, [shifted(tr[i]) for i in bn_idx])
+                return {"train": ad.backbone_features(spec, tensors, [shifted(tr[i]) for i in target_idx]),
+                        "val": ad.backbone_features(spec, tensors, [shifted(v) for v in eval_views("val")])}
 
-            bn = _cached(cache / f"adabn-{tag}.npz", adabn) if with_adabn else {"train": None, "val": None}
+            bn = {"train": None, "val": None}
+            if shift_name in adabn_shifts:
+                bn = _cached(cache / f"adabn-{tag}.npz", adabn)
             label = "none (unshifted val; adapted to unshifted train)" if fn is None else f"{shift_name} {['mild', 'strong'][s]}"
             rows.append((label, methods(ov["train"][target_idx], ov["val"], bn["train"], bn["val"])))
             print(f"  {label:22s} ({time.perf_counter() - t0:.0f} s) " +
@@ -241,6 +251,8 @@ def main() -> None:
     ap.add_argument("--shift-datasets", nargs="*", default=list(DATASETS))
     ap.add_argument("--adabn-datasets", nargs="*", default=list(DATASETS),
                     help="camera shifts: also measure AdaBN (torch + OpenVINO backbone passes per shift: slow)")
+    ap.add_argument("--adabn-shifts", nargs="*", default=["none", *SHIFTS],
+                    help="camera shifts given AdaBN ('none' = the unshifted row)")
     ap.add_argument("--only", choices=("grid", "shift"), default=None,
                     help=f"run one part: grid (section '{SECTION}') or shift (section '{SHIFT_SECTION}')")
     ap.add_argument("--runs", nargs="*", default=[], metavar="NAME=RUN",
@@ -272,7 +284,8 @@ def main() -> None:
             md += grid_lines(res, args.shots)
         if "shift" in parts and name in args.shift_datasets:
             out = Path(runs[name]) if name in runs else default_run(name)[1]
-            shift_md += shift_lines(name, *camera_shifts(name, out, name in args.adabn_datasets))
+            adabn_shifts = args.adabn_shifts if name in args.adabn_datasets else ()
+            shift_md += shift_lines(name, *camera_shifts(name, out, adabn_shifts))
     for part, section, lines in (("grid", SECTION, md), ("shift", SHIFT_SECTION, shift_md)):
         if part in parts:
             print("\n".join(lines))
@@ -312,7 +325,7 @@ def grid_lines(res, shots_list):
 def shift_lines(name: str, rows, info) -> list[str]:
     """Per shift: val before and after each method; per method: the mean share of each shift's
     cost it recovers (shifts costing > 0.5 pt) and its change on unshifted val."""
-    methods = list(rows[0][1])
+    methods = list(dict.fromkeys(m for _, res in rows for m in res))
     clean = rows[0][1]["none"]
     md = [f"### {name}", "",
           f"Run: default train, head {info['selected']} ({info['head']} layer); {info['val_images']} val images; "
@@ -320,13 +333,16 @@ def shift_lines(name: str, rows, info) -> list[str]:
           "| shift | " + " | ".join("before (none)" if m == "none" else m for m in methods) + " |",
           "|---|" + "---|" * len(methods)]
     for label, res in rows:
-        md.append(f"| {label} | " + " | ".join(f"{res[m]:.4f}" for m in methods) + " |")
+        md.append(f"| {label} | " + " | ".join(f"{res[m]:.4f}" if m in res else "-" for m in methods) + " |")
     costly = [res for _, res in rows[1:] if clean - res["none"] > 0.005]
-    share = {m: np.mean([(r[m] - r["none"]) / (clean - r["none"]) for r in costly]) if costly else float("nan")
-             for m in methods[1:]}
-    md.append("| **mean share of the cost recovered** | | " + " | ".join(f"**{share[m]:.0%}**" for m in methods[1:]) + " |")
-    md.append("| **unshifted val change (pt)** | | " + " | ".join(f"**{100 * (rows[0][1][m] - clean):+.1f}**"
-                                                            for m in methods[1:]) + " |")
+
+    def share(m):
+        got = [(r[m] - r["none"]) / (clean - r["none"]) for r in costly if m in r]
+        return f"**{np.mean(got):.0%}**" + ("" if len(got) == len(costly) else f" ({len(got)} shifts)") if got else "-"
+
+    md.append("| **mean share of the cost recovered** | | " + " | ".join(share(m) for m in methods[1:]) + " |")
+    md.append("| **unshifted val change (pt)** | | " + " | ".join(
+        f"**{100 * (rows[0][1][m] - clean):+.1f}**" if m in rows[0][1] else "-" for m in methods[1:]) + " |")
     md += ["", f"{len(costly)} of {len(rows) - 1} shifts cost more than 0.5 pt on val; the share is averaged over those "
            "(target: >= 50%, and unshifted val never more than 0.5 pt worse).", ""]
     return md
