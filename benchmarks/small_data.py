@@ -149,7 +149,8 @@ def _cached(path: Path, compute) -> dict[str, np.ndarray]:
     return arrays
 
 
-def camera_shifts(name: str, out: Path, adabn_shifts=("none", *SHIFTS)) -> tuple[list[tuple[str, dict[str, float]]], dict]:
+def camera_shifts(name: str, out: Path, adabn_shifts=("none", *SHIFTS),
+                  steps=("mean", "diag", "coral")) -> tuple[list[tuple[str, dict[str, float]]], dict]:
     """Val accuracy of the run's head on each shifted val set, before and after every adapt method.
 
     The target of every method is what `adapt` would be given: the shifted TRAINING images (the
@@ -194,7 +195,7 @@ def camera_shifts(name: str, out: Path, adabn_shifts=("none", *SHIFTS)) -> tuple
 
     def methods(xt, xv, bt, bv) -> dict[str, float]:
         res = {"none": acc(head.tensors, xv)}
-        for step in ad.FEATURE_STEPS:
+        for step in steps:
             res[step] = acc(ad.align_head(head.tensors, step, source, xt), xv)
         if bv is None:
             return res
@@ -253,6 +254,8 @@ def main() -> None:
                     help="camera shifts: also measure AdaBN (torch + OpenVINO backbone passes per shift: slow)")
     ap.add_argument("--adabn-shifts", nargs="*", default=["none", *SHIFTS],
                     help="camera shifts given AdaBN ('none' = the unshifted row)")
+    ap.add_argument("--no-coral", nargs="*", default=[], metavar="NAME",
+                    help="camera shifts: skip full-covariance CORAL on these sets (seconds of eigh per shift)")
     ap.add_argument("--only", choices=("grid", "shift"), default=None,
                     help=f"run one part: grid (section '{SECTION}') or shift (section '{SHIFT_SECTION}')")
     ap.add_argument("--runs", nargs="*", default=[], metavar="NAME=RUN",
@@ -267,6 +270,7 @@ def main() -> None:
               f"load average at start {load_average()} (shared machine: timings are noisy).", ""]
     md, shift_md = list(header), header + SHIFT_INTRO
     runs = dict(r.split("=", 1) for r in args.runs)
+    ad_steps = ("mean", "diag", "coral")
     for name in args.datasets:
         print(f"== {name}", flush=True)
         given = dict(f.split("=", 1) for f in args.features)
@@ -285,7 +289,8 @@ def main() -> None:
         if "shift" in parts and name in args.shift_datasets:
             out = Path(runs[name]) if name in runs else default_run(name)[1]
             adabn_shifts = args.adabn_shifts if name in args.adabn_datasets else ()
-            shift_md += shift_lines(name, *camera_shifts(name, out, adabn_shifts))
+            steps = [s for s in ad_steps if not (s == "coral" and name in args.no_coral)]
+            shift_md += shift_lines(name, *camera_shifts(name, out, adabn_shifts, steps))
     for part, section, lines in (("grid", SECTION, md), ("shift", SHIFT_SECTION, shift_md)):
         if part in parts:
             print("\n".join(lines))
