@@ -25,7 +25,6 @@ is written beside the old one (never modified), atomically: a temporary folder r
 from __future__ import annotations
 
 import json
-import logging
 import shutil
 from pathlib import Path
 from typing import Any, Callable
@@ -33,8 +32,6 @@ from typing import Any, Callable
 import numpy as np
 
 from toolkit.errors import DataError, EdgetuneError, RunDirError
-
-logger = logging.getLogger(__name__)
 
 MIN_TARGET_IMAGES = 8  # fewer cannot estimate a feature mean worth trusting
 # BatchNorm statistics are per-channel averages over every pixel of every image (the last layers
@@ -206,25 +203,21 @@ def bn_statistics(spec, views: list[np.ndarray], progress: Callable[[int], None]
     return [a.stats() for a in acc]
 
 
-def adabn_tensors(spec, source_stats: list | None, target_views: list[np.ndarray],
+def adabn_tensors(spec, source_stats: list, target_views: list[np.ndarray],
                   progress: Callable[[int], None] | None = None) -> dict[str, np.ndarray]:
     """backbone.*running_mean / running_var after moving every BatchNorm's statistics by what the
     target views change in them (see the module doc; `source_stats` from bn_statistics on the
-    training images). `source_stats=None` is plain AdaBN: the target statistics themselves.
-    All layers are adapted in one pass: each batch is normalised with its own statistics (as AdaBN
+    training images). All layers are adapted in one pass: each batch is normalised with its own statistics (as AdaBN
     does), so a later layer is measured behind adapted earlier ones."""
     model, bns = _bn_model(spec)
     base = [(bn.running_mean.double().clone(), bn.running_var.double().clone()) for bn in bns]
     acc = [_Moments() for _ in bns]
 
-    def new_stats(i, target):
-        return target if source_stats is None else _moved(base[i], source_stats[i], target)
-
     def adapt_layer(i):
         def hook(bn, args):
             m = _Moments.of(args[0])
             acc[i].add(m)
-            mean, var = new_stats(i, _Moments.finish(*m))
+            mean, var = _moved(base[i], source_stats[i], _Moments.finish(*m))
             bn.running_mean.copy_(mean)
             bn.running_var.copy_(var)
         return hook
@@ -236,7 +229,7 @@ def adabn_tensors(spec, source_stats: list | None, target_views: list[np.ndarray
         for h in handles:
             h.remove()
     for i, bn in enumerate(bns):
-        mean, var = new_stats(i, acc[i].stats())
+        mean, var = _moved(base[i], source_stats[i], acc[i].stats())
         bn.running_mean.copy_(mean)
         bn.running_var.copy_(var)
     return {f"backbone.{k}": v.numpy().astype(np.float32) for k, v in model.inner.state_dict().items()
