@@ -334,7 +334,8 @@ def shift_lines(name: str, rows, info) -> list[str]:
     clean = rows[0][1]["none"]
     md = [f"### {name}", "",
           f"Run: default train, head {info['selected']} ({info['head']} layer); {info['val_images']} val images; "
-          f"target = {info['target_images']} shifted training images (AdaBN statistics from {info['bn_images']}).", "",
+          f"target = {info['target_images']} shifted training images" +
+          (f" (AdaBN statistics from {info['bn_images']})." if any(m.startswith("adabn") for m in methods) else "."), "",
           "| shift | " + " | ".join("before (none)" if m == "none" else m for m in methods) + " |",
           "|---|" + "---|" * len(methods)]
     for label, res in rows:
