@@ -1,7 +1,8 @@
 """Small-data benchmark: heads, few-shot, generated features and camera-shift adaptation.
 
     python benchmarks/small_data.py [--datasets hymenoptera caltech50] [--shots 1 2 5 10 20 all]
-                                    [--seeds 5] [--heads ...] [--shift-datasets hymenoptera] [--no-write]
+                                    [--seeds 5] [--heads ...] [--shift-datasets ...] [--only grid|shift]
+                                    [--runs NAME=RUN ...] [--no-write]
 
 Per dataset, one default `train()` (head auto) gives the end-to-end figures and caches the
 backbone features (clean + augmented views, val); every grid cell then reuses those features
@@ -10,9 +11,10 @@ backbone features (clean + augmented views, val); every grid cell then reuses th
     on those K images (rule fallback at 1 shot), auto, auto + VAE; mean ± std val accuracy
   - the logistic-regression baseline (C swept by CV) on the same features
   - camera shifts (blur, noise, low light, colour cast, JPEG; two strengths each) applied to the
-    val images; `adapt`'s CORAL fitted on the shifted TRAINING images (never val); accuracy before
-    and after, and on unshifted val after adapting to unshifted training images
-Rewrites the "## Small data" section of BENCHMARKS.md. Features are cached under /tmp.
+    val images; every `adapt` method fitted on the shifted TRAINING images (never val); accuracy
+    before and after, and on unshifted val after adapting to unshifted training images
+Rewrites the "## Small data" section (grid) and the "## Camera shift (adapt)" section (shifts) of
+BENCHMARKS.md; `--only` runs one part and rewrites only its section. Features are cached under /tmp.
 """
 
 from __future__ import annotations
@@ -127,9 +129,35 @@ def _jpeg(im, quality):
     return cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
 
 
-def camera_shifts(name: str, out: Path, train, val, yva):
-    """Accuracy of the default run's head on shifted val, before / after CORAL on shifted train."""
-    from toolkit.adapt import coral_map, fold_coral
+SHIFT_SECTION = "Camera shift (adapt)"
+SHIFT_INTRO = [
+    "`edgetune adapt RUN UNLABELED_DIR --out RUN2` on a simulated camera change: each shift (two strengths)",
+    "is applied to the val images, which are scored; the unlabelled target given to adapt is the same",
+    "shift applied to the TRAINING images (never val). Methods (toolkit/adapt.py): mean / diag / coral =",
+    "per-channel mean, per-channel mean + std, full-covariance (Ledoit-Wolf) alignment of the backbone",
+    "features, folded into the head; adabn = BatchNorm statistics moved by the target-minus-training",
+    "difference (fp32 backbone), alone or followed by a feature alignment.", ""]
+
+
+def _cached(path: Path, compute) -> dict[str, np.ndarray]:
+    if path.exists():
+        with np.load(path) as z:
+            return dict(z)
+    arrays = compute()
+    np.savez(path.with_suffix(".partial.npz"), **arrays)
+    path.with_suffix(".partial.npz").rename(path)  # a stopped run never leaves half a cache
+    return arrays
+
+
+def camera_shifts(name: str, out: Path, adabn_shifts=("none", *SHIFTS),
+                  steps=("mean", "diag", "coral")) -> tuple[list[tuple[str, dict[str, float]]], dict]:
+    """Val accuracy of the run's head on each shifted val set, before and after every adapt method.
+
+    The target of every method is what `adapt` would be given: the shifted TRAINING images (the
+    same seeded subset of at most adapt.MAX_TARGET_IMAGES; AdaBN's statistics from at most
+    MAX_BN_IMAGES of them), never val; AdaBN only for `adabn_shifts` (slow: torch passes). The first row adapts to the unshifted training images and
+    scores the unshifted val: what adapt costs when the camera did not change."""
+    from toolkit import adapt as ad
     from toolkit.augment import eval_resize_shorter, eval_view
     from toolkit.data import decode_images, discover
     from toolkit.features import create_engine, extract_features
@@ -140,35 +168,73 @@ def camera_shifts(name: str, out: Path, train, val, yva):
     spec = run.spec
     state = run.model_state()
     head = HeadParams(run.config["train"]["head"], {k[5:]: v for k, v in state.items() if k.startswith("head.")}, "run")
-    splits = discover(DATASETS[name])
-    tr_imgs, _, _ = decode_images(splits.train, min_side=eval_resize_shorter(spec.input_size))
-    va_imgs, _, _ = decode_images(splits.val, min_side=eval_resize_shorter(spec.input_size))
-    engine = create_engine(spec.name, "openvino", "CPU")
+    train, _, val, yva, _ = run_features(out)
+    source = train[:, 0]
+    target_idx = ad._subset(list(range(len(source))), ad.MAX_TARGET_IMAGES)
+    bn_idx = ad._subset(target_idx, ad.MAX_BN_IMAGES)
+    source_stats = None
+    views: dict[str, list[np.ndarray]] = {}
 
-    def feats(images, shift, s):
-        return extract_features(engine, lambda k: shift(eval_view(images[k], spec.input_size), s), len(images))
+    def eval_views(split: str) -> list[np.ndarray]:  # decoded only when a cache is missing
+        if not views:
+            splits = discover(DATASETS[name])
+            for key, ds in (("train", splits.train), ("val", splits.val)):
+                images, kept, _ = decode_images(ds, min_side=eval_resize_shorter(spec.input_size))
+                assert len(images) == (len(source) if key == "train" else len(yva)), "dataset changed since the run"
+                views[key] = [eval_view(im, spec.input_size) for im in images]
+        return views[split]
 
-    def acc(params, x):
-        return float((head_logits(params, x).argmax(1) == yva).mean())
+    def features(split: str, shifted) -> np.ndarray:
+        v = eval_views(split)
+        return extract_features(create_engine(spec.name, "openvino", "CPU"), lambda k: shifted(v[k]), len(v))
+    cache = CACHE / name
+    cache.mkdir(parents=True, exist_ok=True)
 
-    def adapted(target):
-        a, mu_t, mu_s = coral_map(train[:, 0].astype(np.float64), target.astype(np.float64))
-        return HeadParams(head.kind, fold_coral(head.tensors, a, mu_t, mu_s), "coral")
+    def acc(tensors, x):
+        return float((head_logits(HeadParams(head.kind, tensors, "adapted"), x).argmax(1) == yva).mean())
 
-    clean = acc(head, val)
-    rows = [("none (unshifted val; adapted to unshifted train)", clean, acc(adapted(train[:, 0]), val))]
-    for shift_name, fn in SHIFTS.items():
-        for s in (0, 1):
-            path = CACHE / name / f"shift-{shift_name.replace(' ', '_')}-{s}.npz"
-            if path.exists():
-                z = np.load(path)
-                xt, xv = z["train"], z["val"]
+    def methods(xt, xv, bt, bv) -> dict[str, float]:
+        res = {"none": acc(head.tensors, xv)}
+        for step in steps:
+            res[step] = acc(ad.align_head(head.tensors, step, source, xt), xv)
+        if bv is None:
+            return res
+        res["adabn"] = acc(head.tensors, bv)
+        for step in ("mean", "diag"):
+            res[f"adabn+{step}"] = acc(ad.align_head(head.tensors, step, source, bt), bv)
+        return res
+
+    rows = []
+    for shift_name, fn in {"none": None, **SHIFTS}.items():
+        for s in (0, 1) if fn else (0,):
+            shifted = (lambda v: v) if fn is None else (lambda v, fn=fn, s=s: fn(v, s))  # on the view, as a camera would
+            tag = "clean" if fn is None else f"{shift_name.replace(' ', '_')}-{s}"
+            t0 = time.perf_counter()
+            if fn is None:
+                ov = {"train": source, "val": val}
             else:
-                xt, xv = feats(tr_imgs, fn, s), feats(va_imgs, fn, s)
-                np.savez(path, train=xt, val=xv)
-            rows.append((f"{shift_name} {['mild', 'strong'][s]}", acc(head, xv), acc(adapted(xt), xv)))
-            print(f"  {rows[-1][0]:22s} before {rows[-1][1]:.4f} after {rows[-1][2]:.4f}", flush=True)
-    return clean, rows
+                ov = _cached(cache / f"shift-{tag}.npz",
+                             lambda: {"train": features("train", shifted), "val": features("val", shifted)})
+
+            def adabn():
+                nonlocal source_stats
+                tr = eval_views("train")
+                if source_stats is None:  # what adapt measures on the run's training images (unshifted)
+                    source_stats = ad.bn_statistics(spec, [tr[i] for i in ad._subset(list(range(len(tr))), ad.MAX_BN_IMAGES)])
+                tensors = ad.adabn_tensors(spec, source_stats, [shifted(tr[i]) for i in bn_idx])
+                return {"train": ad.backbone_features(spec, tensors, [shifted(tr[i]) for i in target_idx]),
+                        "val": ad.backbone_features(spec, tensors, [shifted(v) for v in eval_views("val")])}
+
+            bn = {"train": None, "val": None}
+            if shift_name in adabn_shifts:
+                bn = _cached(cache / f"adabn-{tag}.npz", adabn)
+            label = "none (unshifted val; adapted to unshifted train)" if fn is None else f"{shift_name} {['mild', 'strong'][s]}"
+            rows.append((label, methods(ov["train"][target_idx], ov["val"], bn["train"], bn["val"])))
+            print(f"  {label:22s} ({time.perf_counter() - t0:.0f} s) " +
+                  ", ".join(f"{k} {v:.4f}" for k, v in rows[-1][1].items()), flush=True)
+    info = {"head": run.config["train"]["head"], "selected": run.config.get("head_selection", {}).get("selected"),
+            "target_images": len(target_idx), "bn_images": len(bn_idx), "val_images": len(yva)}
+    return rows, info
 
 
 def fmt(values) -> str:
@@ -184,7 +250,17 @@ def main() -> None:
     ap.add_argument("--heads", nargs="+", default=list(HEADS))
     ap.add_argument("--vae-shots", nargs="*", default=["1", "5", "20", "all"])
     ap.add_argument("--vae-seeds", type=int, default=2, help="seeds per shot count for auto + vae (slow)")
-    ap.add_argument("--shift-datasets", nargs="*", default=["hymenoptera"])
+    ap.add_argument("--shift-datasets", nargs="*", default=list(DATASETS))
+    ap.add_argument("--adabn-datasets", nargs="*", default=list(DATASETS),
+                    help="camera shifts: also measure AdaBN (torch + OpenVINO backbone passes per shift: slow)")
+    ap.add_argument("--adabn-shifts", nargs="*", default=["none", *SHIFTS],
+                    help="camera shifts given AdaBN ('none' = the unshifted row)")
+    ap.add_argument("--no-coral", nargs="*", default=[], metavar="NAME",
+                    help="camera shifts: skip full-covariance CORAL on these sets (seconds of eigh per shift)")
+    ap.add_argument("--only", choices=("grid", "shift"), default=None,
+                    help=f"run one part: grid (section '{SECTION}') or shift (section '{SHIFT_SECTION}')")
+    ap.add_argument("--runs", nargs="*", default=[], metavar="NAME=RUN",
+                    help="camera shifts: adapt this existing default run instead of training one")
     ap.add_argument("--features", nargs="*", default=[], metavar="NAME=NPZ",
                     help="reuse features (train, ytr, val, yva) cached by an earlier default run; skips the default train")
     ap.add_argument("--cache", type=Path, default=CACHE, help="where default runs and shifted features are cached")
@@ -192,28 +268,37 @@ def main() -> None:
     args = ap.parse_args()
     CACHE = args.cache
     CACHE.mkdir(parents=True, exist_ok=True)
-    md = [f"Command: `{command_line()}`  ", f"Machine: {machine_description()}; CPU flags: {cpu_flags()}; "
-          f"load average at start {load_average()} (shared machine: timings are noisy).", ""]
+    parts = {args.only} if args.only else {"grid", "shift"}
+    header = [f"Command: `{command_line()}`  ", f"Machine: {machine_description()}; CPU flags: {cpu_flags()}; "
+              f"load average at start {load_average()} (shared machine: timings are noisy).", ""]
+    md, shift_md = list(header), header + SHIFT_INTRO
+    runs = dict(r.split("=", 1) for r in args.runs)
+    ad_steps = ("mean", "diag", "coral")
     for name in args.datasets:
         print(f"== {name}", flush=True)
         given = dict(f.split("=", 1) for f in args.features)
-        if name in given:
-            z = np.load(given[name])
-            train, ytr, val, yva = z["train"], z["ytr"], z["val"], z["yva"]
-            n_classes = int(ytr.max()) + 1
-            md += [f"### {name}", "", f"Features of a default run's cache ({given[name]}); default train not re-run.", ""]
-        else:
-            metrics, out = default_run(name)
-            train, ytr, val, yva, n_classes = run_features(out)
-            md += default_lines(name, metrics)
-        res = grid(train, ytr, val, yva, n_classes, args.shots, args.seeds, args.heads, args.vae_shots, args.vae_seeds)
-        md += grid_lines(res, args.shots)
-        if name in args.shift_datasets and name not in given:
-            md += shift_lines(*camera_shifts(name, out, train, val, yva))
-    text = "\n".join(md)
-    print(text)
-    if not args.no_write:
-        update_benchmarks_md(SECTION, text)
+        if "grid" in parts:
+            if name in given:
+                z = np.load(given[name])
+                train, ytr, val, yva = z["train"], z["ytr"], z["val"], z["yva"]
+                n_classes = int(ytr.max()) + 1
+                md += [f"### {name}", "", f"Features of a default run's cache ({given[name]}); default train not re-run.", ""]
+            else:
+                metrics, out = default_run(name)
+                train, ytr, val, yva, n_classes = run_features(out)
+                md += default_lines(name, metrics)
+            res = grid(train, ytr, val, yva, n_classes, args.shots, args.seeds, args.heads, args.vae_shots, args.vae_seeds)
+            md += grid_lines(res, args.shots)
+        if "shift" in parts and name in args.shift_datasets:
+            out = Path(runs[name]) if name in runs else default_run(name)[1]
+            adabn_shifts = args.adabn_shifts if name in args.adabn_datasets else ()
+            steps = [s for s in ad_steps if not (s == "coral" and name in args.no_coral)]
+            shift_md += shift_lines(name, *camera_shifts(name, out, adabn_shifts, steps))
+    for part, section, lines in (("grid", SECTION, md), ("shift", SHIFT_SECTION, shift_md)):
+        if part in parts:
+            print("\n".join(lines))
+            if not args.no_write:
+                update_benchmarks_md(section, "\n".join(lines))
 
 
 def default_lines(name, metrics):
@@ -245,18 +330,30 @@ def grid_lines(res, shots_list):
     return md + [""]
 
 
-def shift_lines(clean, rows):
-    md = ["Camera shifts on val (CORAL target = the shifted training images, never val):", "",
-          "| shift | before adapt | after adapt | recovered |", "|---|---|---|---|"]
-    rec = []
-    for label, before, after in rows:
-        cost = clean - before
-        r = (after - before) / cost if cost > 0.005 else float("nan")
-        if cost > 0.005:
-            rec.append(r)
-        md.append(f"| {label} | {before:.4f} | {after:.4f} | {'' if np.isnan(r) else f'{r:.0%}'} |")
-    md += ["", (f"Mean share of each shift's cost recovered (shifts costing > 0.5 pt): {np.mean(rec):.0%} "
-                f"over {len(rec)} shifts.") if rec else "No shift cost > 0.5 pt.", ""]
+def shift_lines(name: str, rows, info) -> list[str]:
+    """Per shift: val before and after each method; per method: the mean share of each shift's
+    cost it recovers (shifts costing > 0.5 pt) and its change on unshifted val."""
+    methods = list(dict.fromkeys(m for _, res in rows for m in res))
+    clean = rows[0][1]["none"]
+    md = [f"### {name}", "",
+          f"Run: default train, head {info['selected']} ({info['head']} layer); {info['val_images']} val images; "
+          f"target = {info['target_images']} shifted training images" +
+          (f" (AdaBN statistics from {info['bn_images']})." if any(m.startswith("adabn") for m in methods) else "."), "",
+          "| shift | " + " | ".join("before (none)" if m == "none" else m for m in methods) + " |",
+          "|---|" + "---|" * len(methods)]
+    for label, res in rows:
+        md.append(f"| {label} | " + " | ".join(f"{res[m]:.4f}" if m in res else "-" for m in methods) + " |")
+    costly = [res for _, res in rows[1:] if clean - res["none"] > 0.005]
+
+    def share(m):
+        got = [(r[m] - r["none"]) / (clean - r["none"]) for r in costly if m in r]
+        return f"**{np.mean(got):.0%}**" + ("" if len(got) == len(costly) else f" ({len(got)} shifts)") if got else "-"
+
+    md.append("| **mean share of the cost recovered** | | " + " | ".join(share(m) for m in methods[1:]) + " |")
+    md.append("| **unshifted val change (pt)** | | " + " | ".join(
+        f"**{100 * (rows[0][1][m] - clean):+.1f}**" if m in rows[0][1] else "-" for m in methods[1:]) + " |")
+    md += ["", f"{len(costly)} of {len(rows) - 1} shifts cost more than 0.5 pt on val; the share is averaged over those "
+           "(target: >= 50%, and unshifted val never more than 0.5 pt worse).", ""]
     return md
 
 

@@ -1,36 +1,85 @@
-"""Domain adaptation: CORAL folded into the head, and `edgetune adapt`'s bad-input handling."""
+"""Domain adaptation: feature alignment folded into the head, AdaBN, and `edgetune adapt`'s bad input."""
+
+import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from toolkit.adapt import coral_map, fold_coral
-from toolkit.head_fit import fit_head, head_logits
+from toolkit.adapt import DEFAULT_METHOD, METHODS, align_head, channel_stats, coral_map
+from toolkit.head_fit import HeadParams, fit_head, head_logits
 
 
-def test_coral_folded_into_the_head_undoes_a_feature_shift():
-    rng = np.random.default_rng(0)
-    y = np.repeat([0, 1, 2], 100)
-    centres = rng.uniform(0, 2, (3, 20))
-    source = centres[y] + rng.normal(0, 0.4, (300, 20))
+def _shifted_features(seed=0, n=100, dim=20):
+    rng = np.random.default_rng(seed)
+    y = np.repeat([0, 1, 2], n)
+    centres = rng.uniform(0, 2, (3, dim))
+    source = centres[y] + rng.normal(0, 0.4, (3 * n, dim))
     # The new camera: channels scaled and offset (a colour cast / low light on the features).
-    scale, offset = rng.uniform(0.3, 1.0, 20), rng.uniform(1.5, 3.0, 20)
-    target = source * scale + offset
+    scale, offset = rng.uniform(0.3, 1.0, dim), rng.uniform(1.5, 3.0, dim)
+    return y, source, source * scale + offset
+
+
+def _accuracy(params, x, y):
+    return (head_logits(params, x.astype(np.float32)).argmax(1) == y).mean()
+
+
+@pytest.mark.parametrize("step", ["mean", "diag", "coral"])
+@pytest.mark.parametrize("head", ["logreg", "mlp"])
+def test_folded_head_equals_aligning_the_features_then_the_head(step, head):
+    y, source, target = _shifted_features()
+    p = fit_head(head, source.astype(np.float32), y, 3, seed=0)
+    (mu_s, sd_s), (mu_t, sd_t) = channel_stats(source), channel_stats(target)
+    if step == "mean":
+        aligned = target - mu_t + mu_s
+    elif step == "diag":
+        aligned = (target - mu_t) * (sd_s / sd_t) + mu_s
+        np.testing.assert_allclose(aligned.mean(0), source.mean(0), atol=1e-9)
+        np.testing.assert_allclose(aligned.std(0), source.std(0), rtol=1e-9)
+    else:
+        a, mu_t, mu_s = coral_map(source, target)
+        aligned = (target - mu_t) @ a.T + mu_s
+    folded = HeadParams(p.kind, align_head(p.tensors, step, source, target), "adapted")
+    np.testing.assert_allclose(head_logits(folded, target.astype(np.float32)),
+                               head_logits(p, aligned.astype(np.float32)), rtol=1e-3, atol=1e-3)
+    # The export layout is kept: same tensor names and shapes.
+    assert {k: v.shape for k, v in folded.tensors.items()} == {k: v.shape for k, v in p.tensors.items()}
+
+
+@pytest.mark.parametrize("step", ["diag", "coral"])
+def test_alignment_undoes_a_per_channel_feature_shift(step):
+    y, source, target = _shifted_features()
     p = fit_head("logreg", source.astype(np.float32), y, 3)
-    before = (head_logits(p, target.astype(np.float32)).argmax(1) == y).mean()
-    a, mu_t, mu_s = coral_map(source, target)
-    p.tensors = fold_coral(p.tensors, a, mu_t, mu_s)
-    after = (head_logits(p, target.astype(np.float32)).argmax(1) == y).mean()
-    assert after > before + 0.1 and after > 0.9
-    # Still the exported layout: one diagonal scale and one linear layer.
-    assert p.tensors["layers.1.weight"].shape == (3, 20) and p.tensors["feature_inv_std"].shape == (20,)
+    folded = HeadParams(p.kind, align_head(p.tensors, step, source, target), "adapted")
+    assert _accuracy(folded, target, y) > _accuracy(p, target, y) + 0.1
+    assert _accuracy(folded, target, y) > 0.9
 
 
-def test_coral_is_identity_without_shift():
-    rng = np.random.default_rng(1)
-    x = rng.normal(1, 0.5, (200, 10))
-    a, mu_t, mu_s = coral_map(x, x)
-    np.testing.assert_allclose(a, np.eye(10), atol=1e-6)
+@pytest.mark.parametrize("step", ["mean", "diag", "coral"])
+def test_unshifted_target_leaves_the_head_as_it_was(step):
+    y, source, _ = _shifted_features(seed=1)
+    p = fit_head("logreg", source.astype(np.float32), y, 3)
+    folded = HeadParams(p.kind, align_head(p.tensors, step, source, source), "adapted")
+    np.testing.assert_allclose(head_logits(folded, source.astype(np.float32)),
+                               head_logits(p, source.astype(np.float32)), atol=1e-3)
+
+
+def test_diag_alignment_bounds_a_silent_channel():
+    """A channel (nearly) constant on the target must not be scaled into fp16 overflow."""
+    y, source, target = _shifted_features(seed=2)
+    target[:, 0] = 1.0
+    p = fit_head("logreg", source.astype(np.float32), y, 3)
+    inv = align_head(p.tensors, "diag", source, target)["feature_inv_std"]
+    assert np.isfinite(inv).all() and inv[0] <= 10.0 * p.tensors["feature_inv_std"][0] * (1 + 1e-6)
+
+
+def test_cli_offers_every_method_with_the_measured_default():
+    from toolkit.cli import cli
+
+    option = next(p for p in cli.commands["adapt"].params if p.name == "method")
+    assert tuple(option.type.choices) == METHODS and option.default == DEFAULT_METHOD
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +91,8 @@ def small_run(tiny_dataset, tmp_path_factory):
     return out
 
 
-def test_adapt_writes_a_new_run_that_predicts(small_run, tiny_dataset, tmp_path):
+@pytest.mark.parametrize("method", [DEFAULT_METHOD, "adabn+diag"])
+def test_adapt_writes_a_new_run_that_predicts(method, small_run, tiny_dataset, tmp_path):
     from toolkit.cli import cli
     from toolkit.evaluate import evaluate
     from toolkit.runs import RunDir
@@ -50,33 +100,52 @@ def test_adapt_writes_a_new_run_that_predicts(small_run, tiny_dataset, tmp_path)
 
     before = (small_run / "model.safetensors").read_bytes()
     out = tmp_path / "adapted"
-    result = CliRunner().invoke(cli, ["adapt", str(small_run), str(tiny_dataset / "train"), "--out", str(out)])
+    result = CliRunner().invoke(cli, ["adapt", str(small_run), str(tiny_dataset / "train"), "--out", str(out),
+                                      "--method", method])
     assert result.exit_code == 0, result.output
     assert (small_run / "model.safetensors").read_bytes() == before, "the source run is never modified"
-    assert RunDir.open(out).config["adapted"]["methods"] == ["coral"]
+    adapted = RunDir.open(out)
+    assert adapted.config["adapted"]["method"] == method
+    assert any(k.startswith("backbone.") for k in adapted.model_state()) == method.startswith("adabn")
     assert evaluate(load_predictor(out), tiny_dataset / "val")["accuracy"] >= 0.9
+    if method.startswith("adabn"):  # the re-estimated BatchNorm ships as backbone.* tensors: export keeps parity
+        from exporters import export
+
+        result = export(out, "onnx", tmp_path / "onnx")
+        assert result.parity["max_abs_diff"] < 1e-3
 
 
-@pytest.mark.parametrize("case", ["empty", "no_run", "missing_int8"])
-def test_adapt_bad_input_is_one_line_and_writes_nothing(case, small_run, tmp_path):
-    import shutil
+@pytest.mark.parametrize("case", ["empty", "no_run", "missing_int8", "thumbnails", "adabn_on_int8", "no_source"])
+def test_adapt_bad_input_is_one_line_and_writes_nothing(case, small_run, tiny_dataset, tmp_path):
+    import cv2
 
     from toolkit.cli import cli
 
-    run, target = small_run, tmp_path / "target"
+    run, target, method = small_run, tmp_path / "target", DEFAULT_METHOD
     target.mkdir()
+    if case != "empty":
+        for i in range(10):
+            side = 32 if case == "thumbnails" else 160
+            cv2.imwrite(str(target / f"{i}.png"), np.full((side, side, 3), 20 * i, np.uint8))
     if case == "no_run":
         run = tmp_path / "nothing"
-    if case == "missing_int8":
+    if case in ("missing_int8", "adabn_on_int8", "no_source"):
         run = tmp_path / "copy"
         shutil.copytree(small_run, run)
-        import json
-
         cfg = json.loads((run / "config.json").read_text())
-        cfg["train"]["backbone_precision"] = "int8"  # a run whose int8 backbone file went missing
-        (run / "config.json").write_text(json.dumps(cfg))
+        if case != "no_source":
+            cfg["train"]["backbone_precision"] = "int8"
+            (run / "config.json").write_text(json.dumps(cfg))
+        if case == "adabn_on_int8":
+            (run / "backbone-int8.xml").write_text("<net/>")
+        if case == "no_source":  # adabn compares with the training images: they moved away
+            split = json.loads((run / "split.json").read_text())
+            for f in split["train"]:
+                f["path"] = str(tmp_path / "gone" / Path(f["path"]).name)
+            (run / "split.json").write_text(json.dumps(split))
+        method = "adabn" if case in ("adabn_on_int8", "no_source") else method
     out = tmp_path / "out"
-    result = CliRunner().invoke(cli, ["adapt", str(run), str(target), "--out", str(out)])
-    assert result.exit_code == 2 and "Traceback" not in result.output
-    assert len(result.output.strip().splitlines()) == 1
+    result = CliRunner().invoke(cli, ["adapt", str(run), str(target), "--out", str(out), "--method", method])
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1, result.output
     assert not out.exists() and not out.with_name("out.partial").exists()

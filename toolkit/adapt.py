@@ -1,19 +1,30 @@
 """`edgetune adapt RUN UNLABELED_DIR --out RUN2`: fit a trained run to a new camera without labels.
 
-    CORAL   the target images' feature mean and covariance are mapped onto the training images'
-            (x -> A (x - mu_t) + mu_s, A = C_s^1/2 C_t^-1/2, Ledoit-Wolf shrunk covariances), and
-            that affine map is folded into the head's first linear layer: the export stays one graph.
-    AdaBN   (--adabn, fp32 backbones) BatchNorm running statistics re-estimated on the target
-            images; stored as backbone.* tensors, which every exporter already ships.
+Two kinds of step, combined by `--method` (METHODS; DEFAULT_METHOD was chosen by the camera-shift
+benchmark, benchmarks/small_data.py, on both visible sets):
 
-The new run is written beside the old one (never modified), atomically, file by file into a
-temporary folder that is renamed at the end.
+  feature alignment, folded into the head, so the export stays one graph and the backbone is untouched:
+    mean    per channel, the target images' feature mean is moved onto the training images'
+            (x - mu_t + mu_s): only the head's feature_mean changes
+    diag    per channel, mean and standard deviation ((x - mu_t) sd_s / sd_t + mu_s): the head's
+            feature_mean and feature_inv_std change
+    coral   full covariance (x -> A (x - mu_t) + mu_s, A = C_s^1/2 C_t^-1/2, Ledoit-Wolf shrunk),
+            folded into the head's first linear layer
+  backbone:
+    adabn   the backbone's BatchNorm statistics moved by what the target images change in them:
+            running mean + (target mean - source mean), running var * (target var / source var),
+            each layer measured on the training images and on the target images (fp32 backbones;
+            stored as backbone.* tensors, which every exporter ships). Plain AdaBN (the target's own
+            statistics) would also move an unshifted camera away from the ImageNet statistics the
+            head was trained under; the difference form leaves it where it was.
+
+Only the unlabelled target images are read from the new camera; labels never enter. The new run
+is written beside the old one (never modified), atomically: a temporary folder renamed at the end.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import shutil
 from pathlib import Path
 from typing import Any, Callable
@@ -22,9 +33,62 @@ import numpy as np
 
 from toolkit.errors import DataError, EdgetuneError, RunDirError
 
-logger = logging.getLogger(__name__)
-
 MIN_TARGET_IMAGES = 8  # fewer cannot estimate a feature mean worth trusting
+# BatchNorm statistics are per-channel averages over every pixel of every image (the last layers
+# still see 64 images x 8 x 8 positions = 4096 values per channel), and the torch passes are
+# adapt's slow part, so more are not read.
+MAX_BN_IMAGES = 64
+# Per-channel feature statistics settle well within this many images; a larger folder is sampled
+# (seeded) so adapt's time does not grow with it.
+MAX_TARGET_IMAGES = 512
+# A view from an image whose shorter side is under a quarter of the backbone's input is mostly
+# interpolation: a thumbnail, not the camera's frames.
+MIN_SIDE_FRACTION = 4
+# A channel's std ratio is bounded: a channel (nearly) silent on one side would otherwise be scaled
+# by thousands, amplifying noise and leaving the fp16 range of an export.
+MAX_STD_RATIO = 10.0
+
+FEATURE_STEPS = ("mean", "diag", "coral")
+METHODS = ("mean", "diag", "coral", "adabn", "adabn+mean", "adabn+diag")
+DEFAULT_METHOD = "diag"
+
+
+def split_method(method: str) -> tuple[bool, str | None]:
+    """(re-estimate BatchNorm?, feature step or None) of a METHODS name."""
+    if method not in METHODS:
+        raise EdgetuneError(f"Unknown adapt method '{method}'. Use one of: {', '.join(METHODS)}.")
+    parts = method.split("+")
+    return parts[0] == "adabn", next((p for p in parts if p in FEATURE_STEPS), None)
+
+
+# -- feature alignment folded into the head -----------------------------------------------------
+
+
+def channel_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and standard deviation (float64), the std floored like the head's."""
+    from toolkit.heads import MIN_FEATURE_STD
+
+    x = np.asarray(x, dtype=np.float64)
+    return x.mean(0), np.maximum(x.std(0), MIN_FEATURE_STD)
+
+
+def fold_mean(head: dict[str, np.ndarray], mu_t: np.ndarray, mu_s: np.ndarray) -> dict[str, np.ndarray]:
+    """Head tensors computing head(x - mu_t + mu_s): only feature_mean moves."""
+    out = dict(head)
+    out["feature_mean"] = (head["feature_mean"].astype(np.float64) + mu_t - mu_s).astype(np.float32)
+    return out
+
+
+def fold_diag(head: dict[str, np.ndarray], mu_t: np.ndarray, sd_t: np.ndarray, mu_s: np.ndarray,
+              sd_s: np.ndarray) -> dict[str, np.ndarray]:
+    """Head tensors computing head((x - mu_t) r + mu_s), r = sd_s / sd_t, in the head's own
+    standardisation: (x' - m) i = (x - [mu_t - (mu_s - m) / r]) (r i)."""
+    m, inv_std = head["feature_mean"].astype(np.float64), head["feature_inv_std"].astype(np.float64)
+    r = np.clip(sd_s / sd_t, 1 / MAX_STD_RATIO, MAX_STD_RATIO)
+    out = dict(head)
+    out["feature_mean"] = (mu_t - (mu_s - m) / r).astype(np.float32)
+    out["feature_inv_std"] = (inv_std * r).astype(np.float32)
+    return out
 
 
 def coral_map(source: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -59,44 +123,197 @@ def fold_coral(head: dict[str, np.ndarray], a: np.ndarray, mu_t: np.ndarray, mu_
     return out
 
 
-def adapt(run_path: Path, unlabeled: Path, out: Path, *, adabn: bool = False, workers: int = 2,
+def align_head(head: dict[str, np.ndarray], step: str | None, source: np.ndarray,
+               target: np.ndarray) -> dict[str, np.ndarray]:
+    """The head's tensors with feature alignment `step` (FEATURE_STEPS, or None: unchanged) from
+    the target features' statistics onto the source (training) features'."""
+    if step is None:
+        return dict(head)
+    if step == "coral":
+        return fold_coral(head, *coral_map(np.asarray(source, np.float64), np.asarray(target, np.float64)))
+    (mu_s, sd_s), (mu_t, sd_t) = channel_stats(source), channel_stats(target)
+    return fold_mean(head, mu_t, mu_s) if step == "mean" else fold_diag(head, mu_t, sd_t, mu_s, sd_s)
+
+
+# -- BatchNorm statistics -------------------------------------------------------------------------
+
+
+def _bn_model(spec, tensors: dict[str, np.ndarray] | None = None):
+    """(normalised fp32 backbone in eval mode, its BatchNorm layers), `tensors` loaded over the pretrained ones."""
+    import torch
+
+    from toolkit.backbones import create_backbone
+    from toolkit.convert import with_normalization
+    from toolkit.learners import load_tail
+
+    backbone = create_backbone(spec.name)
+    if tensors:
+        load_tail(backbone, {k[9:]: torch.from_numpy(v) for k, v in tensors.items() if k.startswith("backbone.")})
+    bns = [m for m in backbone.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    return with_normalization(backbone, spec).eval(), bns
+
+
+def _forward(model, views: list[np.ndarray], progress: Callable[[int], None], batch: int = 32) -> np.ndarray:
+    import torch
+
+    from toolkit.runtime import to_nchw_float
+
+    out = []
+    with torch.inference_mode():
+        for start in range(0, len(views), batch):
+            out.append(model(torch.from_numpy(to_nchw_float(np.stack(views[start:start + batch])))).numpy())
+            progress(min(start + batch, len(views)))
+    return np.concatenate(out)
+
+
+class _Moments:
+    """Per-channel running sums of a BatchNorm layer's input (float64: sums over millions of values)."""
+
+    def __init__(self) -> None:
+        self.sum, self.sq, self.n = 0.0, 0.0, 0
+
+    @staticmethod
+    def of(x):
+        x = x.double().transpose(0, 1).reshape(x.shape[1], -1)
+        return x.sum(1), (x * x).sum(1), x.shape[1]
+
+    def add(self, moments) -> None:
+        self.sum, self.sq, self.n = self.sum + moments[0], self.sq + moments[1], self.n + moments[2]
+
+    @staticmethod
+    def finish(s, sq, n):
+        mean = s / n
+        return mean, (sq / n - mean * mean).clamp(min=0)
+
+    def stats(self):
+        return self.finish(self.sum, self.sq, self.n)
+
+
+def bn_statistics(spec, views: list[np.ndarray], progress: Callable[[int], None] | None = None) -> list:
+    """Per BatchNorm layer, the (mean, var) of its input over `views` (eval views) through the
+    pretrained backbone: the statistics the head's training features were made under."""
+    model, bns = _bn_model(spec)
+    acc = [_Moments() for _ in bns]
+    handles = [bn.register_forward_pre_hook(lambda _, args, a=a: a.add(_Moments.of(args[0]))) for bn, a in zip(bns, acc)]
+    try:
+        _forward(model, views, progress or (lambda _: None))
+    finally:
+        for h in handles:
+            h.remove()
+    return [a.stats() for a in acc]
+
+
+def adabn_tensors(spec, source_stats: list, target_views: list[np.ndarray],
+                  progress: Callable[[int], None] | None = None) -> dict[str, np.ndarray]:
+    """backbone.*running_mean / running_var after moving every BatchNorm's statistics by what the
+    target views change in them (see the module doc; `source_stats` from bn_statistics on the
+    training images). All layers are adapted in one pass over ONE batch of every view (at most
+    MAX_BN_IMAGES): each layer is normalised with the whole set's moved statistics before the next
+    is measured, so a later layer sees adapted earlier ones, and target == training images gives
+    back the pretrained statistics exactly. (Batches of 32, as train-mode AdaBN runs, measured
+    -1.3 pt on unshifted ants/bees val: the per-batch statistics' noise reached the deep layers.)"""
+    model, bns = _bn_model(spec)
+    base = [(bn.running_mean.double().clone(), bn.running_var.double().clone()) for bn in bns]
+    acc = [_Moments() for _ in bns]
+
+    def adapt_layer(i):
+        def hook(bn, args):
+            m = _Moments.of(args[0])
+            acc[i].add(m)
+            mean, var = _moved(base[i], source_stats[i], _Moments.finish(*m))
+            bn.running_mean.copy_(mean)
+            bn.running_var.copy_(var)
+        return hook
+
+    handles = [bn.register_forward_pre_hook(adapt_layer(i)) for i, bn in enumerate(bns)]
+    try:
+        _forward(model, target_views, progress or (lambda _: None), batch=len(target_views))
+    finally:
+        for h in handles:
+            h.remove()
+    for i, bn in enumerate(bns):
+        mean, var = _moved(base[i], source_stats[i], acc[i].stats())
+        bn.running_mean.copy_(mean)
+        bn.running_var.copy_(var)
+    return {f"backbone.{k}": v.numpy().astype(np.float32) for k, v in model.inner.state_dict().items()
+            if k.endswith(("running_mean", "running_var"))}
+
+
+def _moved(base, source, target):
+    """BatchNorm (mean, var) moved from `base` by target - source (mean) and target / source (var)."""
+    ratio = (target[1] + 1e-5) / (source[1] + 1e-5)  # BatchNorm's own epsilon scale
+    return base[0] + target[0] - source[0], base[1] * ratio.clamp(1 / MAX_STD_RATIO ** 2, MAX_STD_RATIO ** 2)
+
+
+def backbone_features(spec, tensors: dict[str, np.ndarray], views: list[np.ndarray], *,
+                      progress: Callable[[int], None] | None = None) -> np.ndarray:
+    """Features of `views` (eval views) through the fp32 backbone with `tensors` (backbone.*)
+    loaded over the pretrained ones. Torch, not a converted OpenVINO model: for the few hundred
+    images adapt reads, a conversion costs more than it saves."""
+    return _forward(_bn_model(spec, tensors)[0], views, progress or (lambda _: None))
+
+
+# -- the command ----------------------------------------------------------------------------------
+
+
+def adapt(run_path: Path, unlabeled: Path, out: Path, *, method: str = DEFAULT_METHOD, workers: int = 2,
           progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
+    """Write `out`: run `run_path` adapted to the unlabelled images in `unlabeled` by `method`."""
     from toolkit.learners import INT8_BACKBONE, cached_train_features
     from toolkit.runs import RunDir
 
     progress = progress or (lambda *_: None)
+    adabn, step = split_method(method)
     run = RunDir.open(run_path)
     out = Path(out)
     if out.exists():
         raise EdgetuneError(f"{out} already exists: pick another --out (the adapted run is written new).")
-    if Path(out).resolve() == run.path.resolve():
-        raise EdgetuneError("--out must differ from RUN: the original run is never modified.")
     cfg, state = run.config, run.model_state()
     precision = cfg["train"]["backbone_precision"]
     if precision == "int8" and not (run.path / INT8_BACKBONE).is_file():
         raise RunDirError(f"{run.path / INT8_BACKBONE} is missing: the run's int8 backbone is gone; retrain the run.")
     if any(k.startswith("backbone.") for k in state):
-        raise EdgetuneError(f"{run.path} has a fine-tuned backbone (--unfreeze or adapted already): adapt the run it came from.")
+        raise EdgetuneError(f"{run.path} has a fine-tuned backbone (--unfreeze or adapted with adabn): "
+                            "adapt the run it came from.")
     if adabn and precision != "fp32":
-        raise EdgetuneError("--adabn re-estimates BatchNorm in the fp32 backbone: this run uses an "
-                            f"{precision} backbone; drop --adabn (CORAL still applies).")
+        raise EdgetuneError(f"--method {method} re-estimates BatchNorm in the fp32 backbone: this run uses an "
+                            f"{precision} backbone; use --method {step or 'diag'}.")
     source, _ = cached_train_features(run)
+    source = source[:, 0]
     images = _target_images(Path(unlabeled), run.spec.input_size, workers)
     head = {k[5:]: v for k, v in state.items() if k.startswith("head.")}
     tensors: dict[str, np.ndarray] = {}
     if adabn:
-        tensors.update(_adabn(run.spec, images, progress))
-        target = _torch_features(run.spec, tensors, images)
+        from toolkit.augment import eval_view
+
+        views = [eval_view(im, run.spec.input_size) for im in images]
+        source_views = [eval_view(im, run.spec.input_size) for im in _source_images(run, workers)]
+        stats = bn_statistics(run.spec, source_views, lambda d: progress("training statistics", d, len(source_views)))
+        bn_views = _subset(views, MAX_BN_IMAGES)
+        tensors.update(adabn_tensors(run.spec, stats, bn_views, lambda d: progress("adabn", d, len(bn_views))))
+        target = None
+        if step is not None:
+            target = backbone_features(run.spec, tensors, views,
+                                       progress=lambda d: progress("target features", d, len(views)))
     else:
         target = _engine_features(run, images, workers, progress)
-    a, mu_t, mu_s = coral_map(source[:, 0].astype(np.float64), target.astype(np.float64))
-    head = fold_coral(head, a, mu_t, mu_s)
+    if step is not None:
+        head = align_head(head, step, source, target)
     tensors.update({f"head.{k}": v for k, v in head.items()})
-    shift = float(np.linalg.norm(mu_t - mu_s) / max(np.linalg.norm(mu_s), 1e-9))
     record = {"from": str(run.path.resolve()), "target": str(Path(unlabeled).resolve()), "target_images": len(images),
-              "methods": ["adabn", "coral"] if adabn else ["coral"], "relative_mean_shift": round(shift, 4)}
+              "method": method}
+    if target is not None:
+        mu_s, mu_t = source.astype(np.float64).mean(0), target.astype(np.float64).mean(0)
+        record["relative_mean_shift"] = round(float(np.linalg.norm(mu_t - mu_s) / max(np.linalg.norm(mu_s), 1e-9)), 4)
     _write_run(run, out, tensors, record)
     return record
+
+
+def _subset(images: list, n: int) -> list:
+    if len(images) <= n:
+        return images
+    keep = np.sort(np.random.default_rng(0).choice(len(images), n, replace=False))
+    return [images[i] for i in keep]
 
 
 def _target_images(folder: Path, size: int, workers: int) -> list[np.ndarray]:
@@ -109,10 +326,31 @@ def _target_images(folder: Path, size: int, workers: int) -> list[np.ndarray]:
     if len(files) < MIN_TARGET_IMAGES:
         raise DataError(f"{folder} holds {len(files)} images: adapt needs at least {MIN_TARGET_IMAGES} "
                         "unlabelled images from the new camera.")
-    ds = Dataset([Sample(p, 0) for p in files], ["target"], folder)
+    ds = Dataset([Sample(p, 0) for p in _subset(files, MAX_TARGET_IMAGES)], ["target"], folder)
     images, _, _ = decode_images(ds, min_side=eval_resize_shorter(size), workers=workers)
     if len(images) < MIN_TARGET_IMAGES:
         raise DataError(f"Only {len(images)} images in {folder} could be read: adapt needs at least {MIN_TARGET_IMAGES}.")
+    short = int(np.median([min(im.shape[:2]) for im in images]))
+    if short * MIN_SIDE_FRACTION < size:
+        raise DataError(f"The images in {folder} are about {short} px on the shorter side; the run's backbone "
+                        f"reads {size}x{size} views, so they would be mostly interpolation: give the camera's "
+                        f"full frames (at least {-(-size // MIN_SIDE_FRACTION)} px).")
+    return images
+
+
+def _source_images(run, workers: int) -> list[np.ndarray]:
+    """The run's training images (split.json), for the BatchNorm statistics the head was trained under."""
+    from toolkit.augment import eval_resize_shorter
+    from toolkit.data import SPLIT_FILE, Dataset, Sample, decode_images
+
+    path = run.path / SPLIT_FILE
+    files = [Path(f["path"]) for f in json.loads(path.read_text())["train"]] if path.is_file() else []
+    files = [f for f in files if f.is_file()]
+    if len(files) < MIN_TARGET_IMAGES:
+        raise DataError(f"adabn compares BatchNorm statistics with the run's training images, and only {len(files)} "
+                        f"of those listed in {path} are still there: restore them or use --method diag.")
+    ds = Dataset([Sample(p, 0) for p in _subset(files, MAX_BN_IMAGES)], ["source"], run.path)
+    images, _, _ = decode_images(ds, min_side=eval_resize_shorter(run.spec.input_size), workers=workers)
     return images
 
 
@@ -130,52 +368,9 @@ def _engine_features(run, images, workers, progress) -> np.ndarray:
                             progress=lambda d: progress("target features", d, len(images)))
 
 
-def _adabn(spec, images, progress) -> dict[str, np.ndarray]:
-    """BatchNorm running mean/var recomputed over the target images (cumulative average)."""
-    import torch
-
-    from toolkit.augment import eval_view
-    from toolkit.backbones import create_backbone
-    from toolkit.convert import with_normalization
-
-    backbone = create_backbone(spec.name)
-    model = with_normalization(backbone, spec).eval()
-    bns = [m for m in backbone.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    for bn in bns:
-        bn.reset_running_stats()
-        bn.momentum = None  # cumulative: every target image counts the same
-        bn.train()
-    with torch.no_grad():
-        for start in range(0, len(images), 32):
-            batch = np.stack([eval_view(im, spec.input_size) for im in images[start:start + 32]])
-            model(torch.from_numpy(batch.transpose(0, 3, 1, 2).astype(np.float32)))
-            progress("adabn", min(start + 32, len(images)), len(images))
-    return {f"backbone.{k}": v.numpy().copy() for k, v in backbone.state_dict().items()
-            if k.endswith(("running_mean", "running_var"))}
-
-
-def _torch_features(spec, tensors, images) -> np.ndarray:
-    import torch
-
-    from toolkit.augment import eval_view
-    from toolkit.backbones import create_backbone
-    from toolkit.convert import with_normalization
-    from toolkit.learners import load_tail
-
-    backbone = create_backbone(spec.name)
-    load_tail(backbone, {k[9:]: torch.from_numpy(v) for k, v in tensors.items() if k.startswith("backbone.")})
-    model = with_normalization(backbone, spec).eval()
-    out = []
-    with torch.no_grad():
-        for start in range(0, len(images), 32):
-            batch = np.stack([eval_view(im, spec.input_size) for im in images[start:start + 32]])
-            out.append(model(torch.from_numpy(batch.transpose(0, 3, 1, 2).astype(np.float32))).numpy())
-    return np.concatenate(out)
-
-
 def _write_run(run, out: Path, tensors: dict[str, np.ndarray], record: dict[str, Any]) -> None:
     """Config, labels, metrics and the adapted weights into out.partial/, renamed to out at the end;
-    state/ is linked by copy of the feature cache so the adapted run can be exported with memory."""
+    state/ (the feature cache) is copied so the adapted run can be exported with memory."""
     from toolkit.runs import RunDir
 
     tmp = out.with_name(out.name + ".partial")

@@ -226,16 +226,20 @@ def _print_train_summary(console, run_dir: Path, m: dict[str, Any]) -> None:
 @click.argument("run", type=click.Path(path_type=Path))
 @click.argument("unlabeled", type=click.Path(path_type=Path))
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="New run directory (RUN is never modified).")
-@click.option("--adabn", is_flag=True, help="Also re-estimate BatchNorm statistics on the new images (fp32 backbones).")
+@click.option("--method", type=click.Choice(["mean", "diag", "coral", "adabn", "adabn+mean", "adabn+diag"]),
+              default="diag", show_default=True,
+              help="diag: per-channel feature mean and std aligned, folded into the head (measured best; "
+                   "see BENCHMARKS.md 'Camera shift (adapt)'); mean: mean only; coral: full covariance; "
+                   "adabn[+...]: BatchNorm statistics re-estimated too (fp32 backbones).")
 @click.option("--workers", type=int, default=2, show_default=True, help="Decode threads.")
-def adapt(run: Path, unlabeled: Path, out: Path, adabn: bool, workers: int) -> None:
-    """Adapt RUN to a new camera from UNLABELED images of it (CORAL, optionally AdaBN); writes a new run."""
+def adapt(run: Path, unlabeled: Path, out: Path, method: str, workers: int) -> None:
+    """Adapt RUN to a new camera from UNLABELED images of it (no labels needed); writes a new run."""
     from toolkit.adapt import adapt as run_adapt
 
     with _RichProgress() as progress:
-        record = run_adapt(run, unlabeled, out, adabn=adabn, workers=workers, progress=progress)
-    _console().print(f"adapted {run} to {record['target_images']} images of {unlabeled} "
-                     f"({' + '.join(record['methods'])}; feature mean shift {record['relative_mean_shift']:.3f}) -> {out}")
+        record = run_adapt(run, unlabeled, out, method=method, workers=workers, progress=progress)
+    shift = f"; feature mean shift {record['relative_mean_shift']:.3f}" if "relative_mean_shift" in record else ""
+    _console().print(f"adapted {run} to {record['target_images']} images of {unlabeled} ({method}{shift}) -> {out}")
 
 
 # -- evaluate / predict -----------------------------------------------------------------------
