@@ -263,10 +263,10 @@ def _torch_path(kind: str):
 
 
 def _torch_folds(kind: str, x, y, rows, n_classes: int, seeds, *, epochs=None, views: int = 1, **options):
-    """One path per subset of rows of (x, y), all trained at once: the folds of a CV stack into one batched
-    model (a leading fold axis on every tensor), so each optimizer step serves every fold. The
-    per-step cost of these tiny heads is Python and dispatch, not arithmetic: 5 folds in one
-    batched run cost little more than one fold alone."""
+    """One path per subset of rows of (x, y), all trained at once: the folds of a CV stack into one
+    batched model (a leading fold axis on every tensor), so each optimizer step serves every fold.
+    Measured on ants/bees features (5 folds, loaded 2-core AVX2): the SGD linear head 1.5-2.5x
+    faster than fold by fold; the MLP, whose steps are arithmetic-bound, about even."""
     import torch
 
     threads = torch.get_num_threads()
