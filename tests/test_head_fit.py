@@ -163,16 +163,29 @@ def test_selection_falls_back_to_a_rule_below_two_images():
 
 
 def test_torch_heads_snapshot_every_checkpoint_and_fit_all_folds_at_once():
-    from toolkit.head_fit import _torch_folds
+    from toolkit.head_fit import SGD_EPOCH_CHECKPOINTS, _torch_folds
 
     x, y = blobs(n_per_class=40, n_classes=3, d=16, spread=0.5, views=2, seed=4)
     flat, labels = x.reshape(-1, x.shape[-1]), np.repeat(y, 2)
     rows = [np.flatnonzero(np.repeat(np.arange(len(y)) % 3 != f, 2)) for f in range(3)]
     paths = _torch_folds("mlp", flat, labels, rows, 3, [0, 1, 2], views=2, hidden=32, dropout=0.1)
-    assert len(paths) == 3 and [o["epochs"] for o, _ in paths[0]] == [5, 10, 20, 40, 60]
+    assert len(paths) == 3 and [o["epochs"] for o, _ in paths[0]] == list(SGD_EPOCH_CHECKPOINTS)
     weights = [p.tensors["layers.4.weight"] for _, p in paths[0]]
     # Snapshots are copies: a view of the live parameter would make every checkpoint the last one.
     assert not np.allclose(weights[0], weights[-1])
     for f, path in enumerate(paths):
         held_out = np.arange(len(y)) % 3 == f
         assert (head_logits(path[-1][1], x[held_out, 0]).argmax(1) == y[held_out]).mean() > 0.9
+
+
+def test_cross_validate_runs_torch_and_numpy_heads_side_by_side_with_the_same_result():
+    # The two lanes (batched torch heads beside the numpy / scikit-learn heads) run concurrently:
+    # every candidate must score exactly as when its head is cross-validated alone.
+    x, y = blobs(n_per_class=30, n_classes=3, d=16, spread=0.8, views=2, seed=5)
+    together = cross_validate(["prototypes", "logreg", "linear"], x, y, 3, folds=3)
+    alone = {c.label: c for name in ("prototypes", "logreg", "linear")
+             for c in cross_validate([name], x, y, 3, folds=3).candidates}
+    assert [c.label for c in together.candidates] == list(alone)  # caller's order kept
+    for c in together.candidates:
+        assert c.fold_accuracy == alone[c.label].fold_accuracy
+        np.testing.assert_array_equal(c.oof_logits, alone[c.label].oof_logits)

@@ -20,7 +20,10 @@ scored on the clean view of the held-out images, as it will be deployed.
 
 from __future__ import annotations
 
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -30,7 +33,9 @@ from toolkit.heads import MIN_FEATURE_STD
 
 LOGREG_C = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0)  # L2 strength path (sklearn C = 1 / lambda)
 IMPRINT_REG = (1.0, 0.1, 0.01)  # pull of the fine-tuned weights towards the imprinted prototypes
-SGD_EPOCH_CHECKPOINTS = (5, 10, 20, 40, 60)  # passes over the images CV may pick for the torch heads
+SGD_EPOCH_CHECKPOINTS = (5, 10, 20, 40)  # passes over the images CV may pick for the torch heads
+# (60 passes was dropped: on both visible sets it never beat 40 by more than one standard error,
+# so the 1-SE rule could not pick it, and it cost a third of the torch heads' CV time)
 COSINE_SCALE = 10.0  # softmax scale of the cosine heads: confident but not saturated
 
 
@@ -120,6 +125,23 @@ def model_tensors(params: HeadParams) -> dict[str, np.ndarray]:
 
 
 # -- shared pieces ------------------------------------------------------------------------------
+
+
+@contextmanager
+def one_blas_thread():
+    """Head fitting with one BLAS thread. Its products are a few thousand rows x D: with a thread
+    per core OpenBLAS spin-waits on the other cores, which cost 2.6x the wall time of head
+    selection (caltech50, 2-core x86, machine busy) and 10x the CPU time of `learn`. The limit is
+    process-wide, so it is set only after every library that brings its own BLAS (SciPy's and
+    scikit-learn's) is loaded: a library loaded later would start with a thread per core."""
+    import scipy.optimize  # noqa: F401 - loads SciPy's BLAS so the limit reaches it
+    import scipy.special  # noqa: F401
+    import sklearn.linear_model  # noqa: F401
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield
+
 
 
 def _standardizer(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -231,19 +253,22 @@ def _imprint_path(x, y, n_classes, seed, *, final=False, reg=None, **_):
     w0 = _class_means(xn, y, n_classes)
     present = np.unique(y)
     sw = _balanced_weights(y, n_classes)
-    sw = sw / sw.sum()
-    onehot = np.eye(n_classes)[y]
+    sw = (sw / sw.sum()).astype(np.float32)
+    # The two (rows x features) products run in float32: they are the whole cost (float64 doubled
+    # it), and the optimiser's own state, the pull and the loss stay float64.
+    xn32 = np.ascontiguousarray(xn, dtype=np.float32)
+    onehot = np.eye(n_classes, dtype=np.float32)[y]
     out = []
     w = w0.copy()
     for lam in ((reg,) if reg is not None else IMPRINT_REG):  # decreasing pull: warm starts
 
         def loss(flat, lam=lam):
             wm = flat.reshape(w0.shape)
-            logp = log_softmax(COSINE_SCALE * xn @ wm.T, axis=1)
+            logp = log_softmax(COSINE_SCALE * (xn32 @ wm.T.astype(np.float32)), axis=1)
             p = np.exp(logp)
             diff = wm - w0
-            value = -(sw * (onehot * logp).sum(1)).sum() + 0.5 * lam * (diff * diff).sum()
-            grad = COSINE_SCALE * ((p - onehot) * sw[:, None]).T @ xn + lam * diff
+            value = -float((sw * (onehot * logp).sum(1)).sum()) + 0.5 * lam * (diff * diff).sum()
+            grad = COSINE_SCALE * (((p - onehot) * sw[:, None]).T @ xn32).astype(np.float64) + lam * diff
             return value, grad.ravel()
 
         w = minimize(loss, w.ravel(), jac=True, method="L-BFGS-B", options={"maxiter": 100}).x.reshape(w0.shape)
@@ -493,11 +518,7 @@ def cross_validate(names, features: np.ndarray, labels: np.ndarray, n_classes: i
         ends = np.cumsum([len(y) for _, y in parts])
         rows = [np.arange(e - len(y), e) for e, (_, y) in zip(ends, parts)]
         group = 1  # generated rows belong to no image
-    acc: dict[tuple[str, str], list[float]] = {}
-    oof: dict[tuple[str, str], np.ndarray] = {}
-    opts_of: dict[tuple[str, str], dict[str, Any]] = {}
-    seconds: dict[str, float] = {}
-    for name in names:
+    def fit_paths(name: str) -> tuple[list, float]:
         fitter, opts_in = HEADS[name], options.get(name, {})
         t0 = time.perf_counter()
         if fitter.folds_path is not None:
@@ -505,7 +526,28 @@ def cross_validate(names, features: np.ndarray, labels: np.ndarray, n_classes: i
         else:
             paths = [fitter.path(x_all[r].astype(np.float32), y_all[r], n_classes, s, views=group, **opts_in)
                      for r, s in zip(rows, seeds)]
-        seconds[name] = (time.perf_counter() - t0) / len(splits)
+        return paths, (time.perf_counter() - t0) / len(splits)
+
+    # Two lanes on two cores, each single-threaded: the batched torch heads (one thread, see
+    # _torch_folds) beside the numpy / scikit-learn heads (one BLAS thread). Every fit is
+    # deterministic on its own, so the result does not depend on how the lanes interleave.
+    lanes = [[n for n in names if HEADS[n].folds_path is not None], [n for n in names if HEADS[n].folds_path is None]]
+    lanes = [lane for lane in lanes if lane]
+    fitted: dict[str, tuple[list, float]] = {}
+    with one_blas_thread():
+        if len(lanes) > 1 and (os.cpu_count() or 1) > 1:
+            with ThreadPoolExecutor(max_workers=len(lanes)) as pool:
+                for lane, done in zip(lanes, pool.map(lambda lane: [fit_paths(n) for n in lane], lanes)):
+                    fitted.update(zip(lane, done))
+        else:
+            fitted = {n: fit_paths(n) for n in names}
+    acc: dict[tuple[str, str], list[float]] = {}
+    oof: dict[tuple[str, str], np.ndarray] = {}
+    opts_of: dict[tuple[str, str], dict[str, Any]] = {}
+    seconds: dict[str, float] = {}
+    for name in names:  # in the caller's order: candidates are listed simplest first
+        opts_in = options.get(name, {})
+        paths, seconds[name] = fitted[name]
         for (_, te), path in zip(splits, paths):
             clean = views[te, 0]
             for opts, params in path:

@@ -238,11 +238,9 @@ def learn(bundle: Path, data: Path, out: Path, *, device: str = "auto", forget: 
     targets = np.concatenate([mem_y[keep], fit_y])
     n_classes = len(labels)
     progress("fit", 0, 1)
-    from threadpoolctl import threadpool_limits
+    from toolkit.head_fit import one_blas_thread
 
-    # A few hundred rows x D: too small to split between BLAS threads. With its default thread per
-    # core, OpenBLAS spin-waits on the other core: 10x the CPU time (2-core x86, 285 x 1280 features).
-    with threadpool_limits(limits=1, user_api="blas"):
+    with one_blas_thread():
         head_name, options, oof, note = _choose_head(manifest.get("head", "?"), features, targets, n_classes, seed)
         params = fit_head(head_name, features, targets, n_classes, seed=seed, **options)
     calibration = fit_calibration(*oof, source=f"out-of-fold logits of {head_name} on memory + DATA") if oof else \

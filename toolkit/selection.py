@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from toolkit.head_fit import HEADS, CVResult, HeadParams, cross_validate, fit_head
+from toolkit.head_fit import HEADS, CVResult, HeadParams, cross_validate, fit_head, one_blas_thread
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +73,8 @@ def select_head(requested: str, features: np.ndarray, labels: np.ndarray, n_clas
         logger.warning(reason)
         t0 = time.perf_counter()
         x, y = _with_generated(features, labels, n_classes, seed, augment)
-        params = fit_head(name, x, y, n_classes, seed=seed, **opts)
+        with one_blas_thread():
+            params = fit_head(name, x, y, n_classes, seed=seed, **opts)
         return Selection(params, requested, reason, fit_seconds=time.perf_counter() - t0)
     t0 = time.perf_counter()
     cv = cross_validate(names, features, labels, n_classes, folds=folds, seed=seed, options=options, augment=augment)
@@ -81,7 +82,8 @@ def select_head(requested: str, features: np.ndarray, labels: np.ndarray, n_clas
     best = cv.best
     t0 = time.perf_counter()
     x, y = _with_generated(features, labels, n_classes, seed, augment)
-    params = fit_head(best.name, x, y, n_classes, seed=seed, **best.options)
+    with one_blas_thread():
+        params = fit_head(best.name, x, y, n_classes, seed=seed, **best.options)
     reason = (f"best {cv.folds}-fold CV accuracy on the training features, at the simplest setting within one "
               f"standard error ({best.accuracy:.4f} ± {best.std:.4f})")
     return Selection(params, requested, reason, cv, cv_seconds, time.perf_counter() - t0)
