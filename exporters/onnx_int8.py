@@ -228,6 +228,8 @@ class OnnxInt8Exporter(Exporter):
         quantization costs and reverts the worst to fp32 until the loss fits the budget."""
         import nncf
         import onnx
+
+        from toolkit.features import int8_advanced_parameters
         import onnxruntime as ort
 
         from exporters.openvino_ir import agreement_check, batches, restorer_parameters
@@ -257,6 +259,7 @@ class OnnxInt8Exporter(Exporter):
                 drop_type=nncf.DropType.ABSOLUTE, subset_size=len(calib),
                 ignored_scope=nncf.IgnoredScope(types=["Gemm", "MatMul", "Softmax"], validate=False),
                 advanced_accuracy_restorer_parameters=restorer_parameters(),
+                advanced_quantization_parameters=int8_advanced_parameters(),
             )
         onnx.save(quantized, str(model))
         ctx.extra["quantizer"] = "nncf.quantize_with_accuracy_control"

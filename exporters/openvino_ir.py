@@ -93,6 +93,8 @@ class OpenVINOInt8Exporter(Exporter):
     def build_with_accuracy_control(self, run: RunDir, classifier, out_dir: Path, ctx: ExportContext) -> Path:
         import nncf
 
+        from toolkit.features import int8_advanced_parameters
+
         model = cached_classifier(run, ctx)
         calib = ctx.calibration_inputs()
         b = ctx.static_batch or 1
@@ -105,6 +107,7 @@ class OpenVINOInt8Exporter(Exporter):
                 model, calibration, nncf.Dataset(validation, lambda item: item[0]), accuracy, max_drop=max_drop,
                 drop_type=nncf.DropType.ABSOLUTE, subset_size=len(calib), ignored_scope=head_scope(),
                 advanced_accuracy_restorer_parameters=restorer_parameters(),
+                advanced_quantization_parameters=int8_advanced_parameters(),
             )
         ctx.extra["quantizer"] = "nncf.quantize_with_accuracy_control"
         return save(quantized, Path(out_dir) / MODEL_FILE, fp16=not ctx.fp32)
