@@ -29,6 +29,17 @@ def test_default_budget_is_half_a_point_98_percent_agreement_and_5_points_per_cl
     assert "class 'bees'" in budget.misses(_parity(worst_class="bees", worst_class_drop=6.0))[0]
 
 
+def test_budget_is_never_finer_than_one_val_image_except_zero():
+    # ants/bees has 153 val images: one image is 0.65 points, more than the 0.5-point budget.
+    one, two = 1 - 1 / 153, 1 - 2 / 153
+    assert Budget().misses(_parity(n=153, source_accuracy=1.0, export_accuracy=one, agreement=one)) == []
+    miss = Budget().misses(_parity(n=153, source_accuracy=1.0, export_accuracy=two, agreement=two))
+    assert miss and "one of the 153 val images" in miss[0]
+    assert Budget.from_options(0.0).misses(_parity(n=153, source_accuracy=1.0, export_accuracy=one, agreement=one))
+    # With enough images the budget is the budget: 0.6 points on 1,000 images is six images.
+    assert Budget().misses(_parity(n=1000, export_accuracy=0.894))
+
+
 def test_max_drop_sets_the_budget_and_loosens_agreement_with_it():
     assert Budget.from_options(0.0).misses(_parity(export_accuracy=0.895))  # one image of 200
     wide = Budget.from_options(2.0)
