@@ -61,8 +61,9 @@ class HeadFitter:
     # for the price of one fit.
     path: Callable[..., list[tuple[dict[str, Any], HeadParams]]]
     summary: str
-    # folds_path(x, y, [rows, ...], n_classes, seeds, **options) -> one path per row subset: fits
-    # every CV fold in one go where that is cheaper than fold by fold (the batched torch heads).
+    # folds_path(x, y, [rows, ...], n_classes, seeds, **options) -> one path per row subset of the
+    # shared (N*V, D) rows: every CV fold in one go where that is cheaper than fold by fold (the
+    # batched torch heads), or without copying the fold's rows (prototypes, which stream them).
     folds_path: Callable[..., list[list[tuple[dict[str, Any], HeadParams]]]] | None = None
 
 
@@ -78,8 +79,9 @@ def torch_free_heads() -> list[str]:
 
 
 def _flatten(features: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(N, V, D) views -> (N*V, D) rows with repeated labels; (N, D) passes through."""
-    features = np.asarray(features, dtype=np.float32)
+    """(N, V, D) views -> (N*V, D) rows with repeated labels; (N, D) passes through. The dtype is
+    kept (a float16 cache is not copied to float32 whole): each head casts what it needs."""
+    features = np.asarray(features)
     labels = np.asarray(labels, dtype=np.int64)
     if features.ndim == 3:
         n, v, d = features.shape
@@ -172,6 +174,7 @@ def _logreg_path(x, y, n_classes, seed, *, final=False, C=None, max_iter: int = 
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
 
+    x = np.asarray(x, dtype=np.float32)
     mean, inv_std = _standardizer(x)
     xs = (x - mean) * inv_std
     present = np.unique(y)
@@ -236,10 +239,29 @@ def _cosine_head(mean, inv_std, w_unit, typical_norm, name, options, n_classes, 
     return _linear(mean, inv_std, w_unit * (COSINE_SCALE / typical_norm), bias, name, options)
 
 
-def _prototypes_path(x, y, n_classes, seed, *, final=False, **_):
-    mean, inv_std, xn, typical = _cosine_frame(x)
-    protos = _class_means(xn, y, n_classes)
-    return [({}, _cosine_head(mean, inv_std, protos, typical, "prototypes", {}, n_classes, np.unique(y)))]
+CHUNK_ROWS = 8192  # rows cast to float32 at a time where a head can stream (prototypes)
+
+
+def _prototypes_path(x, y, n_classes, seed, *, final=False, rows=None, **_):
+    """Class means of the L2-normalised rows (all, or `rows`), CHUNK_ROWS at a time: memory stays
+    at the features' own size however many images there are."""
+    idx = np.arange(len(y)) if rows is None else np.asarray(rows)
+    sums = np.zeros((n_classes, x.shape[1]), np.float64)
+    norms = np.empty(len(idx), np.float32)
+    for start in range(0, len(idx), CHUNK_ROWS):
+        part = idx[start:start + CHUNK_ROWS]
+        chunk = np.asarray(x[part], dtype=np.float32)
+        norms[start:start + len(part)] = np.linalg.norm(chunk, axis=1)
+        chunk /= np.maximum(norms[start:start + len(part)], 1e-6)[:, None]
+        sums += np.eye(n_classes, dtype=np.float32)[y[part]].T @ chunk
+    protos = sums / np.maximum(np.linalg.norm(sums, axis=1, keepdims=True), 1e-6)
+    d = x.shape[1]
+    return [({}, _cosine_head(np.zeros(d, np.float32), np.ones(d, np.float32), protos, float(np.median(norms)),
+                              "prototypes", {}, n_classes, np.unique(y[idx])))]
+
+
+def _prototypes_folds(x, y, rows, n_classes, seeds, **_):
+    return [_prototypes_path(x, y, n_classes, s, rows=r) for r, s in zip(rows, seeds)]
 
 
 def _imprint_path(x, y, n_classes, seed, *, final=False, reg=None, **_):
@@ -249,7 +271,7 @@ def _imprint_path(x, y, n_classes, seed, *, final=False, reg=None, **_):
     from scipy.optimize import minimize
     from scipy.special import log_softmax
 
-    mean, inv_std, xn, typical = _cosine_frame(x)
+    mean, inv_std, xn, typical = _cosine_frame(np.asarray(x, dtype=np.float32))
     w0 = _class_means(xn, y, n_classes)
     present = np.unique(y)
     sw = _balanced_weights(y, n_classes)
@@ -403,7 +425,7 @@ def _train_torch(kind, x, y, rows, n_classes, seeds, checkpoints, *, views: int 
 
 
 register_head(HeadFitter("prototypes", "linear", True, _prototypes_path,
-                         "nearest class mean on centred, L2-normalised features"))
+                         "nearest class mean on L2-normalised features", _prototypes_folds))
 register_head(HeadFitter("imprint", "linear", True, _imprint_path,
                          "prototype-imprinted cosine softmax, lightly fine-tuned (few shots)"))
 register_head(HeadFitter("logreg", "linear", True, _logreg_path, "L2 logistic regression (L-BFGS), C swept"))
@@ -531,7 +553,7 @@ def cross_validate(names, features: np.ndarray, labels: np.ndarray, n_classes: i
     # Two lanes on two cores, each single-threaded: the batched torch heads (one thread, see
     # _torch_folds) beside the numpy / scikit-learn heads (one BLAS thread). Every fit is
     # deterministic on its own, so the result does not depend on how the lanes interleave.
-    lanes = [[n for n in names if HEADS[n].folds_path is not None], [n for n in names if HEADS[n].folds_path is None]]
+    lanes = [[n for n in names if not HEADS[n].torch_free], [n for n in names if HEADS[n].torch_free]]
     lanes = [lane for lane in lanes if lane]
     fitted: dict[str, tuple[list, float]] = {}
     with one_blas_thread():
