@@ -37,6 +37,7 @@ SGD_EPOCH_CHECKPOINTS = (5, 10, 20, 40)  # passes over the images CV may pick fo
 # (60 passes was dropped: on both visible sets it never beat 40 by more than one standard error,
 # so the 1-SE rule could not pick it, and it cost a third of the torch heads' CV time)
 COSINE_SCALE = 10.0  # softmax scale of the cosine heads: confident but not saturated
+CHUNK_ROWS = 8192  # feature rows cast to float32 at a time where the work streams (logits, prototypes)
 
 
 @dataclass
@@ -113,12 +114,19 @@ def fit_head(name: str, features: np.ndarray, labels: np.ndarray, n_classes: int
 
 
 def head_logits(params: HeadParams, features: np.ndarray) -> np.ndarray:
+    """(N, D) features (any float dtype) -> (N, C) float32 logits, CHUNK_ROWS rows at a time: a
+    float16 cache of any size is never copied to float32 whole."""
     t = params.tensors
-    x = (np.asarray(features, dtype=np.float32) - t["feature_mean"]) * t["feature_inv_std"]
-    if params.kind == "linear":
-        return x @ t["layers.1.weight"].T + t["layers.1.bias"]
-    h = np.maximum(x @ t["layers.1.weight"].T + t["layers.1.bias"], 0.0)
-    return h @ t["layers.4.weight"].T + t["layers.4.bias"]
+    last = "layers.1" if params.kind == "linear" else "layers.4"
+    out = np.empty((len(features), len(t[f"{last}.bias"])), np.float32)
+    for start in range(0, len(features), CHUNK_ROWS):
+        x = np.array(features[start:start + CHUNK_ROWS], dtype=np.float32)  # a copy, standardised in place
+        x -= t["feature_mean"]
+        x *= t["feature_inv_std"]
+        if params.kind == "mlp":
+            x = np.maximum(x @ t["layers.1.weight"].T + t["layers.1.bias"], 0.0)
+        out[start:start + len(x)] = x @ t[f"{last}.weight"].T + t[f"{last}.bias"]
+    return out
 
 
 def model_tensors(params: HeadParams) -> dict[str, np.ndarray]:
@@ -237,9 +245,6 @@ def _cosine_head(mean, inv_std, w_unit, typical_norm, name, options, n_classes, 
     bias = np.zeros(n_classes)
     bias[np.setdiff1d(np.arange(n_classes), present)] = -30.0
     return _linear(mean, inv_std, w_unit * (COSINE_SCALE / typical_norm), bias, name, options)
-
-
-CHUNK_ROWS = 8192  # rows cast to float32 at a time where a head can stream (prototypes)
 
 
 def _prototypes_path(x, y, n_classes, seed, *, final=False, rows=None, **_):
