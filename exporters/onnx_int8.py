@@ -228,11 +228,10 @@ class OnnxInt8Exporter(Exporter):
         quantization costs and reverts the worst to fp32 until the loss fits the budget."""
         import nncf
         import onnx
-
-        from toolkit.features import int8_advanced_parameters
         import onnxruntime as ort
 
         from exporters.openvino_ir import agreement_check, batches, restorer_parameters
+        from toolkit.features import int8_advanced_parameters
 
         model = Path(out_dir) / "model.onnx"
         calib = ctx.calibration_inputs()

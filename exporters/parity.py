@@ -91,9 +91,9 @@ MAX_CLASS_DROP = 5.0  # points any one class may lose by default
 class Budget:
     """How far an int8 export may stray from its source on the run's val images.
 
-    `--max-drop X` sets the overall drop (rounded up to one val image: `allowed_drop`); the agreement floor loosens with it (flips go both ways,
-    so a net drop of X comes with ~4X points of disagreement) but never tightens past 98%, and the
-    per-class limit is max(5, X). `allow` (--allow-drop) writes an over-budget export anyway, with
+    `--max-drop X` sets the overall drop (rounded up to one val image: `allowed_drop`); the
+    agreement floor loosens with it (flips go both ways, so a net drop of X comes with ~4X points of
+    disagreement) but never tightens past 98%, and the per-class limit is max(5, X). `allow` (--allow-drop) writes an over-budget export anyway, with
     the miss recorded in the manifest.
     """
 

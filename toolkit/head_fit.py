@@ -153,7 +153,6 @@ def one_blas_thread():
         yield
 
 
-
 def _standardizer(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     # Same floor as the torch head: a dead channel's 1/std would overflow an fp16 export.
     return x.mean(0).astype(np.float32), (1.0 / np.maximum(x.std(0), MIN_FEATURE_STD)).astype(np.float32)
@@ -545,6 +544,7 @@ def cross_validate(names, features: np.ndarray, labels: np.ndarray, n_classes: i
         ends = np.cumsum([len(y) for _, y in parts])
         rows = [np.arange(e - len(y), e) for e, (_, y) in zip(ends, parts)]
         group = 1  # generated rows belong to no image
+
     def fit_paths(name: str) -> tuple[list, float]:
         fitter, opts_in = HEADS[name], options.get(name, {})
         t0 = time.perf_counter()
