@@ -83,7 +83,7 @@ class OpenVINOInt8Exporter(Exporter):
             model = with_head(run.int8_backbone, run.build_head(), ctx)
         else:
             with ctx.stage("convert"):
-                model = cached_classifier(run, ctx)
+                model = cached_classifier(run, ctx, classifier)
             calib = ctx.calibration_inputs()
             with ctx.stage("calibrate + quantize"):
                 model = quantize(model, calib, batch=ctx.static_batch or 1)
@@ -95,7 +95,7 @@ class OpenVINOInt8Exporter(Exporter):
 
         from toolkit.features import int8_advanced_parameters
 
-        model = cached_classifier(run, ctx)
+        model = cached_classifier(run, ctx, classifier)
         calib = ctx.calibration_inputs()
         b = ctx.static_batch or 1
         calibration = nncf.Dataset(batches(calib, b))
@@ -154,12 +154,17 @@ def restorer_parameters():
     return nncf.AdvancedAccuracyRestorerParameters(ranking_subset_size=64, max_num_iterations=12)
 
 
-def cached_classifier(run: RunDir, ctx: ExportContext):
+def cached_classifier(run: RunDir, ctx: ExportContext, classifier=None):
     """The run's classifier as an openvino.Model built from the fp32 backbone IR that training
     converted once and cached (toolkit.features) plus the run's head: converting the whole torch
-    classifier again took longer than quantizing it. Same graph as `convert` (parity checks it)."""
+    classifier again took longer than quantizing it. Same graph as `convert` (parity checks it).
+
+    A run that carries backbone weights of its own (an --unfreeze tail, adapt's AdaBN statistics)
+    is not the pretrained backbone: its classifier is converted instead."""
     from toolkit.features import _openvino_backbone
 
+    if any(k.startswith("backbone.") for k in run.model_state()):
+        return convert(classifier if classifier is not None else run.build_classifier(), ctx)
     return with_head(_openvino_backbone(run.spec, "fp32", None), run.build_head(), ctx)
 
 

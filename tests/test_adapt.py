@@ -149,3 +149,39 @@ def test_adapt_bad_input_is_one_line_and_writes_nothing(case, small_run, tiny_da
     assert result.exit_code == 2 and "Traceback" not in result.output, result.output
     assert len(result.output.strip().splitlines()) == 1, result.output
     assert not out.exists() and not out.with_name("out.partial").exists()
+
+
+def test_openvino_int8_quantizes_the_adapted_backbone_not_the_pretrained_one(small_run, tiny_dataset, tmp_path):
+    """openvino-int8 starts from the cached pretrained backbone IR when a run has no backbone
+    weights of its own; an AdaBN-adapted run (or an --unfreeze one) has them, and its graph must be
+    its own classifier, or the export would ship without the adaptation."""
+    import cv2
+    import openvino as ov
+    import torch
+
+    from exporters.base import ExportContext
+    from exporters.openvino_ir import cached_classifier, with_head
+    from toolkit.cli import cli
+    from toolkit.features import _openvino_backbone
+    from toolkit.runs import RunDir
+
+    dark = tmp_path / "dark"
+    dark.mkdir()
+    for i, path in enumerate(sorted((tiny_dataset / "train").rglob("*.*"))):  # a darker camera
+        cv2.imwrite(str(dark / f"{i}.png"), (cv2.imread(str(path)) * 0.35).astype(np.uint8))
+    out = tmp_path / "adapted"
+    result = CliRunner().invoke(cli, ["adapt", str(small_run), str(dark), "--out", str(out), "--method", "adabn"])
+    assert result.exit_code == 0, result.output
+    adapted = RunDir.open(out)
+    x = np.random.default_rng(0).uniform(0, 255, (2, 3, adapted.spec.input_size, adapted.spec.input_size))
+    x = x.astype(np.float32)
+
+    def run_graph(model):
+        return ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})(x)[0]
+
+    with torch.no_grad():
+        expected = adapted.build_classifier()(torch.from_numpy(x)).numpy()
+    ctx = ExportContext(adapted)
+    pretrained = run_graph(with_head(_openvino_backbone(adapted.spec, "fp32", None), adapted.build_head(), ctx))
+    assert np.abs(pretrained - expected).max() > 1e-2, "the dark camera must move the BatchNorm statistics"
+    np.testing.assert_allclose(run_graph(cached_classifier(adapted, ctx)), expected, atol=1e-3)
