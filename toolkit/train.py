@@ -72,7 +72,8 @@ class TrainConfig:
     # auto: int8 where this machine runs it >= 1.5x faster than fp32 with faithful features
     # (toolkit.precision, measured once per machine); int8: train on the quantized backbone you ship.
     # Not the default yet: the int8 Lite1 backbone lost 0.4-0.8 CV points on both visible sets
-    # (fidelity 0.937 < 0.97), so auto chose fp32 on every machine measured, after paying NNCF once.
+    # (recipe v1, AVX2; v2 on a VNNI CPU: 0.3 on caltech50, still 0.8 on ants/bees), so auto chose
+    # fp32 on every machine measured, after paying NNCF once.
     backbone_precision: str = "fp32"
     unfreeze: int = 0  # fine-tune the last N backbone blocks in torch (opt-in, much slower)
     workers: int = 2  # decode / augmentation threads
