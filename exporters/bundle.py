@@ -109,14 +109,19 @@ MEMORY_PER_CLASS = 128  # enough to keep old classes when `learn` refits; ~2.5 k
 MEMORY_TOTAL = 1024
 
 
-def _memory_samples(train, n_classes: int, cap: int, total: int = MEMORY_TOTAL):
-    """Up to `cap` training samples per class and `total` in all, spread evenly over each class's
-    files (deterministic)."""
-    import dataclasses
-
+def memory_picks(labels, cap: int = MEMORY_PER_CLASS, total: int = MEMORY_TOTAL) -> list[int]:
+    """Indices of the rows a feature memory keeps: at most `cap` a class and `total` in all, spread
+    evenly over each class (deterministic). Export and `learn` both cap with it."""
     from exporters.base import stratified_subset
 
-    picks = stratified_subset([s.label for s in train.samples], min(total, cap * n_classes), per_class=cap)
+    labels = [int(c) for c in labels]
+    return stratified_subset(labels, min(total, cap * len(set(labels))), per_class=cap)
+
+
+def _memory_samples(train, cap: int):
+    import dataclasses
+
+    picks = memory_picks([s.label for s in train.samples], cap)
     return dataclasses.replace(train, samples=[train.samples[i] for i in picks])
 
 
@@ -137,7 +142,7 @@ def write_feature_memory(run, model: Path, runtime: str, stage: Path, *, static_
     from toolkit.runtime import run_batched, to_nchw_float
 
     size = run.spec.input_size
-    subset = _memory_samples(_splits(run).train, len(run.labels), cap)
+    subset = _memory_samples(_splits(run).train, cap)
     decoded = decoded or {}
     if all(s.path in decoded for s in subset.samples):
         views, kept = np.stack([decoded[s.path] for s in subset.samples]), subset

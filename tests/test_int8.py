@@ -84,11 +84,18 @@ def test_feature_memory_is_bounded_in_total_so_export_time_does_not_grow_with_th
     def train(per_class: list[int]):
         return Split([SimpleNamespace(label=c) for c, n in enumerate(per_class) for _ in range(n)])
 
-    many = _memory_samples(train([100] * 50), 50, MEMORY_PER_CLASS)  # 5,000 images in 50 classes
+    many = _memory_samples(train([100] * 50), MEMORY_PER_CLASS)  # 5,000 images in 50 classes
     counts = np.bincount([s.label for s in many.samples])
     assert len(many.samples) <= MEMORY_TOTAL and counts.min() >= MEMORY_TOTAL // 50 - 1
-    few = _memory_samples(train([500, 30]), 2, MEMORY_PER_CLASS)  # few classes: the per-class cap rules
+    few = _memory_samples(train([500, 30]), MEMORY_PER_CLASS)  # few classes: the per-class cap rules
     assert list(np.bincount([s.label for s in few.samples])) == [MEMORY_PER_CLASS, 30]
+    # `learn` caps memory + new images with the same rule: a full memory plus a new class stays
+    # within the total the manifest states, and the new class gets its share.
+    from exporters.bundle import memory_picks
+
+    labels = np.repeat(np.arange(9), [MEMORY_PER_CLASS] * 8 + [50])  # 8 full old classes + 50 new images
+    kept = np.bincount(labels[memory_picks(labels)])
+    assert kept.sum() <= MEMORY_TOTAL and kept[8] == 50
 
 
 def _conv_chain(path: Path) -> None:

@@ -123,17 +123,6 @@ def _encode_memory(features: np.ndarray, labels: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _cap(features: np.ndarray, labels: np.ndarray, cap: int) -> tuple[np.ndarray, np.ndarray]:
-    keep = []
-    for c in np.unique(labels):
-        idx = np.flatnonzero(labels == c)
-        if len(idx) > cap:  # evenly spread, new images (appended last) keep their share
-            idx = idx[np.linspace(0, len(idx) - 1, cap).round().astype(int)]
-        keep.append(idx)
-    order = np.sort(np.concatenate(keep))
-    return features[order], labels[order]
-
-
 def _dataset_views(dataset, size: int, what: str) -> tuple[np.ndarray, np.ndarray]:
     from toolkit.data import decode_images
     from toolkit.preprocess import eval_resize_shorter, resize_and_crop
@@ -262,7 +251,10 @@ def learn(bundle: Path, data: Path, out: Path, *, device: str = "auto", forget: 
         table.append(row)
 
     # The new bundle: the same model with only the head replaced, verified, staged, moved into place.
-    mem_f, mem_l = _cap(features, targets, int(manifest["feature_memory"].get("per_class_cap", 128)))
+    memory_info = manifest["feature_memory"]
+    cap = int(memory_info.get("per_class_cap", bundle_io.MEMORY_PER_CLASS))
+    keep_rows = bundle_io.memory_picks(targets, cap, int(memory_info.get("total_cap", bundle_io.MEMORY_TOTAL)))
+    mem_f, mem_l = features[keep_rows], targets[keep_rows]
     # The backbone is the old one byte for byte: a few images check the rewritten head exactly.
     check_x = np.concatenate([held_x, fit_x])[:VERIFY_IMAGES]
     check_f = np.concatenate([held_f, fit_f])[:VERIFY_IMAGES]
@@ -293,8 +285,7 @@ def learn(bundle: Path, data: Path, out: Path, *, device: str = "auto", forget: 
         new_manifest = {
             **manifest, "labels": labels, "head": head_name, "head_options": options, "bundle_version": BUNDLE_VERSION,
             "calibration": calibration.to_json(),
-            "feature_memory": {**manifest["feature_memory"], **bundle_io.memory_manifest(mem_f, mem_l, labels,
-                               cap=int(manifest["feature_memory"].get("per_class_cap", 128)))},
+            "feature_memory": {**memory_info, **bundle_io.memory_manifest(mem_f, mem_l, labels, cap=cap)},
             "learned": {"from": str(bundle.resolve()), "data": str(Path(data).resolve()), "head_note": note,
                         "forgot": list(forget), "replaced": list(replace),
                         "added": [c for c in labels if c not in old_labels], "n_new_images": int(len(fit_f)),
