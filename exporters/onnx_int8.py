@@ -113,8 +113,8 @@ def _minmax_ranges(prep: Path, calib: np.ndarray, batch: int):
     hi: dict[str, float] = {}
     for i in range(0, len(calib), batch):
         chunk = calib[i : i + batch]
-        if len(chunk) < batch:  # a static-shape graph takes full batches only
-            chunk = np.concatenate([chunk, calib[: batch - len(chunk)]])
+        if len(chunk) < batch:  # a static-shape graph takes full batches only: repeat images (min/max unchanged)
+            chunk = np.concatenate([chunk, np.resize(calib, (batch - len(chunk), *calib.shape[1:]))])
         result = request.infer({0: np.ascontiguousarray(chunk)})
         for name, port in ports.items():
             tensor, _, kind = name.rpartition("_")
