@@ -60,7 +60,8 @@ class ExportContext:
 
     @contextlib.contextmanager
     def stage(self, name: str):
-        """Time a stage of the export (recorded in manifest.json as export_seconds) and report it."""
+        """Time a stage of the export and report it. manifest.json's export_seconds holds every stage
+        that ended before the manifest was written (not "embed + verify", which writes it; "total" stops there too)."""
         self.progress(name, 0, 1)
         start = time.perf_counter()
         try:
