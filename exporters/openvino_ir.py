@@ -163,7 +163,7 @@ def cached_classifier(run: RunDir, ctx: ExportContext, classifier=None):
     is not the pretrained backbone: its classifier is converted instead."""
     from toolkit.features import _openvino_backbone
 
-    if any(k.startswith("backbone.") for k in run.model_state()):
+    if run.has_backbone_weights:
         return convert(classifier if classifier is not None else run.build_classifier(), ctx)
     return with_head(_openvino_backbone(run.spec, "fp32", None), run.build_head(), ctx)
 

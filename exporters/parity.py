@@ -93,8 +93,8 @@ class Budget:
 
     `--max-drop X` sets the overall drop (rounded up to one val image: `allowed_drop`); the
     agreement floor loosens with it (flips go both ways, so a net drop of X comes with ~4X points of
-    disagreement) but never tightens past 98%, and the per-class limit is max(5, X). `allow` (--allow-drop) writes an over-budget export anyway, with
-    the miss recorded in the manifest.
+    disagreement) but never tightens past 98%, and the per-class limit is max(5, X). `allow`
+    (--allow-drop) writes an over-budget export anyway, with the miss recorded in the manifest.
     """
 
     max_drop: float = DEFAULT_MAX_DROP

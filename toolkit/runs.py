@@ -107,6 +107,12 @@ class RunDir:
 
     # -- models --------------------------------------------------------------------------------
     @property
+    def has_backbone_weights(self) -> bool:
+        """True when model.safetensors carries backbone.* tensors (an --unfreeze tail, adapt's
+        AdaBN statistics): the backbone is then not the pretrained one."""
+        return any(k.startswith("backbone.") for k in self.model_state())
+
+    @property
     def int8_backbone(self) -> Path | None:
         """The quantized backbone the head was trained on (--backbone-precision int8), else None.
 
@@ -114,7 +120,7 @@ class RunDir:
         """
         if self.config["train"].get("backbone_precision") != "int8":
             return None
-        if any(k.startswith("backbone.") for k in self.model_state()):
+        if self.has_backbone_weights:
             return None
         from toolkit.learners import INT8_BACKBONE
 
