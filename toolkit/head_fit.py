@@ -23,7 +23,7 @@ from __future__ import annotations
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -66,6 +66,9 @@ class HeadFitter:
     # shared (N*V, D) rows: every CV fold in one go where that is cheaper than fold by fold (the
     # batched torch heads), or without copying the fold's rows (prototypes, which stream them).
     folds_path: Callable[..., list[list[tuple[dict[str, Any], HeadParams]]]] | None = None
+    # Rank of its CV time among the heads (higher = longer): cross-validation starts the longest
+    # first, so two workers finish together (measured on ants/bees and caltech50 features).
+    cost: int = 0
 
 
 HEADS: dict[str, HeadFitter] = {}
@@ -151,6 +154,21 @@ def one_blas_thread():
 
     with threadpool_limits(limits=1, user_api="blas"):
         yield
+
+
+@contextmanager
+def one_torch_thread():
+    """The torch heads on one intra-op thread: batches of 64 rows are too small to share between
+    threads (one thread was 4x faster on a loaded 2-core machine), and the other core fits
+    another head meanwhile. Set once around concurrent fits, as torch's thread count is global."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _standardizer(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -320,15 +338,9 @@ def _torch_folds(kind: str, x, y, rows, n_classes: int, seeds, *, epochs=None, v
     faster than fold by fold; the MLP, whose steps are arithmetic-bound, about even."""
     import torch
 
-    threads = torch.get_num_threads()
-    # Batches of 64 rows are too small to share between threads: one thread is faster (4x
-    # here on a loaded 2-core machine) and leaves the other core free.
-    torch.set_num_threads(1)
-    try:
+    with one_torch_thread():
         return _train_torch(kind, x, y, rows, n_classes, seeds, (epochs,) if epochs else SGD_EPOCH_CHECKPOINTS,
                             views=views, **options)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _train_torch(kind, x, y, rows, n_classes, seeds, checkpoints, *, views: int = 1, hidden: int = 256,
@@ -375,8 +387,19 @@ def _train_torch(kind, x, y, rows, n_classes, seeds, checkpoints, *, views: int 
         return torch.from_numpy(w).requires_grad_(), torch.from_numpy(b).requires_grad_()
 
     layers = [linear_init(hidden, d), linear_init(n_classes, hidden)] if kind == "mlp" else [linear_init(n_classes, d)]
-    opt = torch.optim.AdamW([{"params": [w for w, _ in layers], "weight_decay": weight_decay},
-                             {"params": [b for _, b in layers], "weight_decay": 0.0}], lr=lr, fused=True)
+    # torch.optim.AdamW's functional form, fused, as the optimizer object would call it: building
+    # that object first imports torch._dynamo (1.4 s of a 3.9 s head selection on ants/bees here).
+    from torch.optim.adamw import adamw
+
+    groups = [([w for w, _ in layers], weight_decay), ([b for _, b in layers], 0.0)]
+    moments = [([torch.zeros_like(p) for p in ps], [torch.zeros_like(p) for p in ps], [torch.zeros(()) for _ in ps])
+               for ps, _ in groups]
+
+    def step():
+        for (ps, decay), (avg, avg_sq, steps) in zip(groups, moments):
+            adamw(ps, [p.grad for p in ps], avg, avg_sq, [], steps, fused=True, amsgrad=False, beta1=0.9,
+                  beta2=0.999, lr=lr, weight_decay=decay, eps=1e-8, maximize=False)
+
     fold_of = torch.arange(folds)[:, None]
     base = {"hidden": hidden} if kind == "mlp" else {}
     snapshots: list[list[tuple[dict[str, Any], HeadParams]]] = [[] for _ in rows]
@@ -416,9 +439,11 @@ def _train_torch(kind, x, y, rows, n_classes, seeds, checkpoints, *, views: int 
             per_row = -(t * torch.log_softmax(h, dim=2)).sum(2) * wb
             # Each fold's loss is the mean over its own real rows, as if it trained alone.
             loss = (per_row.sum(1) / real.clamp(min=1)).sum()
-            opt.zero_grad(set_to_none=True)
+            for w, b in layers:
+                w.grad = b.grad = None
             loss.backward()
-            opt.step()
+            with torch.no_grad():
+                step()
         if epoch in checkpoints:
             opts = {**base, "epochs": epoch}
             names = ["layers.1", "layers.4"]
@@ -432,15 +457,16 @@ def _train_torch(kind, x, y, rows, n_classes, seeds, checkpoints, *, views: int 
 
 
 register_head(HeadFitter("prototypes", "linear", True, _prototypes_path,
-                         "nearest class mean on L2-normalised features", _prototypes_folds))
+                         "nearest class mean on L2-normalised features", _prototypes_folds, cost=1))
 register_head(HeadFitter("imprint", "linear", True, _imprint_path,
-                         "prototype-imprinted cosine softmax, lightly fine-tuned (few shots)"))
-register_head(HeadFitter("logreg", "linear", True, _logreg_path, "L2 logistic regression (L-BFGS), C swept"))
+                         "prototype-imprinted cosine softmax, lightly fine-tuned (few shots)", cost=4))
+register_head(HeadFitter("logreg", "linear", True, _logreg_path, "L2 logistic regression (L-BFGS), C swept",
+                         cost=3))
 register_head(HeadFitter("linear", "linear", False, _torch_path("linear"),
                          "SGD linear head: dropout, label smoothing, mixup; epochs by CV",
-                         lambda *a, **k: _torch_folds("linear", *a, **k)))
+                         lambda *a, **k: _torch_folds("linear", *a, **k), cost=2))
 register_head(HeadFitter("mlp", "mlp", False, _torch_path("mlp"), "linear-ReLU-linear, trained like the SGD head",
-                         lambda *a, **k: _torch_folds("mlp", *a, **k)))
+                         lambda *a, **k: _torch_folds("mlp", *a, **k), cost=5))
 
 
 # -- cross-validation ------------------------------------------------------------------------------
@@ -558,17 +584,19 @@ def cross_validate(names, features: np.ndarray, labels: np.ndarray, n_classes: i
                      for r, s in zip(rows, seeds)]
         return paths, (time.perf_counter() - t0) / len(splits)
 
-    # Two lanes on two cores, each single-threaded: the batched torch heads (one thread, see
-    # _torch_folds) beside the numpy / scikit-learn heads (one BLAS thread). Every fit is
-    # deterministic on its own, so the result does not depend on how the lanes interleave.
-    lanes = [[n for n in names if not HEADS[n].torch_free], [n for n in names if HEADS[n].torch_free]]
-    lanes = [lane for lane in lanes if lane]
-    fitted: dict[str, tuple[list, float]] = {}
-    with one_blas_thread():
-        if len(lanes) > 1 and (os.cpu_count() or 1) > 1:
-            with ThreadPoolExecutor(max_workers=len(lanes)) as pool:
-                for lane, done in zip(lanes, pool.map(lambda lane: [fit_paths(n) for n in lane], lanes)):
-                    fitted.update(zip(lane, done))
+    # Two single-threaded workers (one BLAS thread, one torch thread), longest head first, so both
+    # cores stay busy to the end. Two, not one per core: each fit holds its own fold copies, and
+    # two is what the memory figures were measured with. Every fit is deterministic on its own,
+    # so the result does not depend on how the workers interleave.
+    order = sorted(names, key=lambda n: -HEADS[n].cost)
+    workers = min(2, len(names), len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
+    with ExitStack() as limits:
+        limits.enter_context(one_blas_thread())
+        if not all(HEADS[n].torch_free for n in names):
+            limits.enter_context(one_torch_thread())  # the robot's torch-free refit never imports torch
+        if workers > 1:
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                fitted = dict(zip(order, pool.map(fit_paths, order)))
         else:
             fitted = {n: fit_paths(n) for n in names}
     acc: dict[tuple[str, str], list[float]] = {}
