@@ -45,26 +45,16 @@ def child(run_dir: Path) -> list[dict]:
     import nncf
     import openvino as ov
 
-    from exporters.base import MAX_CALIBRATION, _splits, stratified_subset
+    from benchmarks.bench_int8 import heldout_split
+    from exporters.base import MAX_CALIBRATION, stratified_subset
     from toolkit.convert import nncf_verbosity
     from toolkit.features import _openvino_backbone, float_input
     from toolkit.head_fit import fit_head, head_logits
-    from toolkit.preprocess import model_input
     from toolkit.runs import RunDir
-    from toolkit.runtime import to_nchw_float
 
     run = RunDir.open(run_dir)
-    samples = _splits(run).train.samples
-    labels = [s.label for s in samples]
-    pool = stratified_subset(labels, len(labels) // 2)
-    rest = [i for i in range(len(labels)) if i not in set(pool)]
-    held = [rest[i] for i in stratified_subset([labels[i] for i in rest], 500)]
+    labels, pool, held, pool_x, held_x = heldout_split(run, 500)
     calib_pos = stratified_subset([labels[i] for i in pool], MAX_CALIBRATION)
-
-    def views(idx):
-        return to_nchw_float(np.stack([model_input(samples[i].path, run.spec.input_size) for i in idx]))
-
-    pool_x, held_x = views(pool), views(held)
     core = ov.Core()
 
     def feats(model, x):  # f32 compute for the float parts: bf16 would hide what int8 does

@@ -336,8 +336,6 @@ def _torch_folds(kind: str, x, y, rows, n_classes: int, seeds, *, epochs=None, v
     batched model (a leading fold axis on every tensor), so each optimizer step serves every fold.
     Measured on ants/bees features (5 folds, loaded 2-core AVX2): the SGD linear head 1.5-2.5x
     faster than fold by fold; the MLP, whose steps are arithmetic-bound, about even."""
-    import torch
-
     with one_torch_thread():
         return _train_torch(kind, x, y, rows, n_classes, seeds, (epochs,) if epochs else SGD_EPOCH_CHECKPOINTS,
                             views=views, **options)
@@ -589,7 +587,8 @@ def cross_validate(names, features: np.ndarray, labels: np.ndarray, n_classes: i
     # two is what the memory figures were measured with. Every fit is deterministic on its own,
     # so the result does not depend on how the workers interleave.
     order = sorted(names, key=lambda n: -HEADS[n].cost)
-    workers = min(2, len(names), len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    workers = min(2, len(names), cores)
     with ExitStack() as limits:
         limits.enter_context(one_blas_thread())
         if not all(HEADS[n].torch_free for n in names):
