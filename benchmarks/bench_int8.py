@@ -155,7 +155,7 @@ def pool_head_run(run, pool_x: np.ndarray, pool_labels: np.ndarray, work: Path):
     record = copy.config
     record["train"].update(head=params.kind, hidden=params.hidden or record["train"].get("hidden"))
     copy.write_config(record)
-    return RunDir.open(dst)
+    return copy
 
 
 def size_rows(name: str, run_dir: Path, sizes: tuple[int, ...] = (32, 64, 128, 256)) -> list[tuple]:
@@ -249,6 +249,7 @@ def method_rows(name: str, run_dir: Path, entropy: bool) -> list[tuple]:
                              f"{seconds:.0f} s", f"{ratio:.2f}", str(casts)))
         model = openvino_ir.convert(classifier, ctx)
         data = nncf.Dataset(openvino_ir.batches(calib, 1))
+
         def fix(mode):
             return nncf.AdvancedQuantizationParameters(overflow_fix=getattr(nncf.OverflowFix, mode))
 

@@ -26,6 +26,7 @@ if __package__ in (None, ""):
 from benchmarks._common import (cpu_flags, Row, command_line, load_average, machine_description, median, print_table,  # noqa: E402
                                 run_child, update_benchmarks_md)
 from benchmarks.naive_loop import DEFAULT_DATA  # noqa: E402
+from devices.probe import usable_cores  # noqa: E402
 
 SECTION = "Robotics"
 REPO = Path(__file__).resolve().parents[1]
@@ -91,7 +92,7 @@ def import_rows(args, scratch: Path) -> list[Row]:
         bag = write_bag(scratch, fmt, encoding, n)
         rate = import_rate(bag, n, args.runs, scratch)
         kind = "compressed JPEG, stored as is" if encoding == "jpeg" else "raw rgb8 -> lossless PNG"
-        note = f"{n} frames, median of {args.runs}, read + decode + write, {_cores()} encoder threads"
+        note = f"{n} frames, median of {args.runs}, read + decode + write, {usable_cores()} encoder threads"
         rows.append(Row(f"import-bag {kind} 640x480, {fmt}", f"{rate:.0f} frames/s", f">= {target:.0f} frames/s",
                         rate >= target, note))
         if encoding == "rgb8" and fmt == "ros2-mcap":
@@ -113,11 +114,6 @@ def _bag_mb(bag: Path) -> float:
     files = [bag] if bag.is_file() else list(bag.iterdir())
     return sum(f.stat().st_size for f in files) / 1e6
 
-
-def _cores() -> int:
-    from toolkit.robotics.import_bag import _cores
-
-    return _cores()
 
 
 def main() -> None:

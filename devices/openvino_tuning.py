@@ -47,13 +47,9 @@ def tuning_file() -> Path:
 
 def machine_key() -> str:
     """What makes timings on one machine valid on another: CPU model, the flags that matter, cores."""
-    from devices.probe import cpu_flags, cpu_name
+    from devices.probe import cpu_flags, cpu_name, usable_cores
 
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count() or 1
-    return f"{cpu_name()} [{' '.join(cpu_flags())}] x{cores}"
+    return f"{cpu_name()} [{' '.join(cpu_flags())}] x{usable_cores()}"
 
 
 def _load() -> dict[str, Any]:

@@ -149,6 +149,16 @@ def cpu_flags() -> tuple[str, ...]:
     return ()
 
 
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity, e.g. a container's share), not the host's."""
+    import os
+
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 _cache: dict[tuple[Runtime, ...], ProbeReport] = {}
 _cache_lock = threading.Lock()
 

@@ -20,7 +20,6 @@ scored on the clean view of the held-out images, as it will be deployed.
 
 from __future__ import annotations
 
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
@@ -587,8 +586,9 @@ def cross_validate(names, features: np.ndarray, labels: np.ndarray, n_classes: i
     # two is what the memory figures were measured with. Every fit is deterministic on its own,
     # so the result does not depend on how the workers interleave.
     order = sorted(names, key=lambda n: -HEADS[n].cost)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    workers = min(2, len(names), cores)
+    from devices.probe import usable_cores
+
+    workers = min(2, len(names), usable_cores())
     with ExitStack() as limits:
         limits.enter_context(one_blas_thread())
         if not all(HEADS[n].torch_free for n in names):

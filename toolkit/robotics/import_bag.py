@@ -12,7 +12,6 @@ from __future__ import annotations
 import csv
 import io
 import logging
-import os
 from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -84,13 +83,6 @@ class _Pending:
     message: BagMessage
     label: str | None
     future: Future
-
-
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 def _check_out(out: Path, overwrite: bool) -> None:
@@ -169,7 +161,9 @@ def _selected(bag: Bag, topic: str, labeller, options: ImportOptions, summary: I
 
 def _write_images(bag: Bag, topic: str, stage: Path, labeller, options: ImportOptions, summary: ImportSummary,
                   total: int, progress: Progress | None) -> list[dict]:
-    workers = options.workers or _cores()
+    from devices.probe import usable_cores
+
+    workers = options.workers or usable_cores()
     rows: list[dict] = []
     window: deque[_Pending] = deque()
     stem = bag.path.stem if bag.path.is_file() else bag.path.name
