@@ -108,6 +108,8 @@ def main() -> None:
     if args.child:
         print(json.dumps(child(args.child)))
         return
+    from exporters.base import MAX_CALIBRATION
+
     load_start = load_average()
     with tempfile.TemporaryDirectory() as tmp:
         runs = dict(r.split("=", 1) for r in args.run) if args.run else default_runs(args.work or Path(tmp))
@@ -123,7 +125,7 @@ def main() -> None:
                 print(f"{name} {isa} done", flush=True)
     lines = [f"`{command_line()}`; {machine_description()}; load average {load_start} at start, {load_average()} at end.",
              "",
-             "Each run's backbone quantized by NNCF (performance preset, fast bias correction, 300 stratified training "
+             f"Each run's backbone quantized by NNCF (performance preset, fast bias correction, {MAX_CALIBRATION} stratified training "
              "images), with three weight recipes; the int8 backbone then runs on this CPU's own ISA and with oneDNN held to "
              "AVX2 (`ONEDNN_MAX_CPU_ISA=AVX2`: a robot CPU without VNNI, emulated). Scored on held-out TRAINING images "
              "(half of each class; the run's head refit on the other half's fp32 features): top-1 agreement of that head "

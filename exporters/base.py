@@ -12,6 +12,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import dataclasses
+import functools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -28,7 +29,11 @@ from toolkit.runtime import run_batched
 logger = logging.getLogger(__name__)
 
 Progress = Callable[[str, int, int], None]
-MAX_CALIBRATION = 300  # NNCF's default subset: more images barely move int8 ranges
+# Images an int8 export calibrates on (class-stratified). Measured on held-out training images of
+# ants/bees, caltech50 and 128-px caltech50 (BENCHMARKS.md "int8 calibration subset size"): 128
+# agree as well as 300 or every training image, within one image of 500 for either format and
+# within the spread between random subsets of one size, at 1/2 of 300's calibration time.
+MAX_CALIBRATION = 128
 
 
 @dataclass
@@ -43,7 +48,8 @@ class ExportResult:
 
 @dataclass
 class ExportContext:
-    """What an exporter may need besides the classifier; data loads lazily and once."""
+    """What an exporter needs besides the run: its classifier and its val and calibration inputs,
+    each made on first use and once."""
 
     run: RunDir
     calibration: Path | None = None
@@ -53,6 +59,7 @@ class ExportContext:
     fp32: bool = False
     progress: Progress = lambda *_: None
     _val: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)
+    val_files: str | None = field(default=None, repr=False)  # toolkit.data.files_key of the val images read
     _calib: np.ndarray | None = field(default=None, repr=False)
     _calib_paths: list[Path] = field(default_factory=list, repr=False)
     extra: dict[str, Any] = field(default_factory=dict)  # exporter notes for the manifest
@@ -68,6 +75,12 @@ class ExportContext:
             yield
         finally:
             self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - start, 3)
+
+    @functools.cached_property
+    def classifier(self):
+        """The run's classifier as one torch module, built on first use: int8 exports of a frozen
+        backbone start from the cached backbone IR and may never need it."""
+        return self.run.build_classifier()
 
     @property
     def budget(self):
@@ -86,8 +99,11 @@ class ExportContext:
     def val_inputs(self) -> tuple[np.ndarray, np.ndarray]:
         """(float32 NCHW 0-255 eval views, labels) of the run's validation split."""
         if self._val is None:
+            from toolkit.data import files_key
+
             with self.stage("val images"):
-                self._val = val_set(self.run)
+                views, kept = _val_views(self.run)
+                self._val, self.val_files = (views, kept.labels()), files_key(kept.samples)
         return self._val
 
     def calibration_inputs(self) -> np.ndarray:
@@ -121,13 +137,14 @@ class Exporter(abc.ABC):
         self.effective_precision = self.precision
 
     @abc.abstractmethod
-    def build(self, run: RunDir, classifier, out_dir: Path, ctx: ExportContext) -> Path:
-        """Write the model (and any companion files) into `out_dir`; return the model file path."""
+    def build(self, run: RunDir, out_dir: Path, ctx: ExportContext) -> Path:
+        """Write the model (and any companion files) into `out_dir`; return the model file path.
+        The run's torch classifier is `ctx.classifier`."""
 
     def tolerance_for(self, ctx: ExportContext) -> float | None:
         return self.tolerance
 
-    def build_with_accuracy_control(self, run: RunDir, classifier, out_dir: Path, ctx: ExportContext) -> Path | None:
+    def build_with_accuracy_control(self, run: RunDir, out_dir: Path, ctx: ExportContext) -> Path | None:
         """int8 only: redo `build` keeping the layers that cost most in float, for when the plain
         quantization misses the accuracy budget. None: this format has no such path."""
         return None
@@ -156,14 +173,13 @@ class Exporter(abc.ABC):
         _check_out_dir(out_dir)
         started = time.perf_counter()
         inputs, labels = ctx.val_inputs()
-        classifier = run.build_classifier()
         int8 = self.tolerance_for(ctx) is None
         with ctx.stage("reference"):
-            reference = parity.reference_logits(run, classifier, inputs, int8=int8)
+            reference = parity.reference_logits(ctx, inputs, int8=int8)
         try:
             with staged_dir(out_dir) as stage:
                 with ctx.stage("build"):
-                    model = Path(self.build(run, classifier, stage, ctx))
+                    model = Path(self.build(run, stage, ctx))
                 with ctx.stage("parity"):
                     exported = run_batched(self.runner(model, ctx), inputs, batch=ctx.static_batch)
                     measured = parity.measure(reference, exported, labels, run.labels)
@@ -172,7 +188,7 @@ class Exporter(abc.ABC):
                     logger.warning("%s: plain int8 quantization misses the accuracy budget (%s): trying "
                                    "accuracy-controlled quantization", self.name, "; ".join(misses))
                     with ctx.stage("accuracy control"):
-                        controlled = self.build_with_accuracy_control(run, classifier, stage, ctx)
+                        controlled = self.build_with_accuracy_control(run, stage, ctx)
                         if controlled is not None:
                             model = Path(controlled)
                             exported = run_batched(self.runner(model, ctx), inputs, batch=ctx.static_batch)
@@ -256,6 +272,12 @@ def _splits(run: RunDir):
 
 def val_set(run: RunDir) -> tuple[np.ndarray, np.ndarray]:
     """The run's own validation split, exactly as training validated it."""
+    views, kept = _val_views(run)
+    return views, kept.labels()
+
+
+def _val_views(run: RunDir):
+    """(float32 NCHW eval views, the val Dataset without unreadable files)."""
     from toolkit.data import decode_images
 
     size = run.spec.input_size
@@ -263,7 +285,7 @@ def val_set(run: RunDir) -> tuple[np.ndarray, np.ndarray]:
     if val is None or not len(val):
         raise EdgetuneError(f"The run's dataset {run.config['data']} has no validation images to check parity on.")
     images, kept, _ = decode_images(val, min_side=eval_resize_shorter(size), workers=2)
-    return _views(images, size), kept.labels()
+    return _views(images, size), kept
 
 
 def calibration_set(run: RunDir, calibration: Path | None, limit: int) -> np.ndarray:

@@ -107,6 +107,7 @@ MEMORY_PER_CLASS = 128  # enough to keep old classes when `learn` refits; ~2.5 k
 # ...and at most this many in all, spread over the classes (50 classes keep ~20 each): every one
 # runs through the exported model, so without a total the export time grew with the dataset.
 MEMORY_TOTAL = 1024
+MEMORY_CHUNK = 128  # images decoded and run at a time
 
 
 def memory_picks(labels, cap: int = MEMORY_PER_CLASS, total: int = MEMORY_TOTAL) -> list[int]:
@@ -129,8 +130,10 @@ def write_feature_memory(run, model: Path, runtime: str, stage: Path, *, static_
                          cap: int = MEMORY_PER_CLASS, decoded: dict[Path, Any] | None = None) -> tuple[Any, Any]:
     """features.npz: the bundle's own backbone features of (up to `cap` per class of) the run's
     training images, fp16, so `learn` keeps the old classes without their images. `decoded`: eval
-    views (float32 CHW) by file already made for calibration; when they cover the memory's images
-    they are used instead of decoding again. Returns (features float32, labels)."""
+    views (float32 CHW) by file already made for calibration, used instead of decoding those files
+    again. Images are decoded and run a chunk at a time, never all held. Returns (features float32,
+    labels)."""
+    import dataclasses
     import io
 
     import numpy as np
@@ -144,19 +147,30 @@ def write_feature_memory(run, model: Path, runtime: str, stage: Path, *, static_
     size = run.spec.input_size
     subset = _memory_samples(_splits(run).train, cap)
     decoded = decoded or {}
-    if all(s.path in decoded for s in subset.samples):
-        views, kept = np.stack([decoded[s.path] for s in subset.samples]), subset
-    else:
-        images, kept, _ = decode_images(subset, min_side=eval_resize_shorter(size), workers=2)
-        views = to_nchw_float(np.stack([resize_and_crop(img, size) for img in images]))
     device = "CPUExecutionProvider" if runtime == "onnxruntime" else "CPU"
     runner = feature_runner(model, runtime, device=device, feature_dim=run.spec.feature_dim, batch=static_batch)
-    features = run_batched(runner, views, batch=static_batch)
-    labels = kept.labels().astype(np.int16)
+    chunks, labels = [], []
+    for start in range(0, len(subset), MEMORY_CHUNK):
+        samples = subset.samples[start : start + MEMORY_CHUNK]
+        todo = dataclasses.replace(subset, samples=[s for s in samples if s.path not in decoded])
+        fresh = {}
+        if todo.samples:
+            images, kept, _ = decode_images(todo, min_side=eval_resize_shorter(size), workers=2)
+            fresh = {s.path: resize_and_crop(img, size) for s, img in zip(kept.samples, images)}
+        samples = [s for s in samples if s.path in decoded or s.path in fresh]  # unreadable files left out
+        if not samples:
+            continue
+        views = np.stack([decoded[s.path] if s.path in decoded else to_nchw_float(fresh[s.path][None])[0]
+                          for s in samples])
+        chunks.append(run_batched(runner, views, batch=static_batch).astype(np.float16))
+        labels += [s.label for s in samples]
+    if not chunks:
+        raise EdgetuneError(f"none of the run's training images in {run.config['data']} can be read")
+    features, labels = np.concatenate(chunks), np.array(labels, np.int16)
     buf = io.BytesIO()
-    np.savez_compressed(buf, features=features.astype(np.float16), labels=labels)
+    np.savez_compressed(buf, features=features, labels=labels)
     atomic.write_bytes(Path(stage) / MEMORY_FILE, buf.getvalue())
-    return features.astype(np.float16).astype(np.float32), labels.astype(np.int64)
+    return features.astype(np.float32), labels.astype(np.int64)
 
 
 def memory_manifest(features, labels, labels_names: list[str], *, cap: int = MEMORY_PER_CLASS) -> dict[str, Any]:

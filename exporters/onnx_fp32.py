@@ -47,5 +47,5 @@ class OnnxExporter(Exporter):
     tolerance = 1e-3
     description = "ONNX fp32, runs on ONNX Runtime / OpenVINO / TensorRT"
 
-    def build(self, run: RunDir, classifier, out_dir: Path, ctx: ExportContext) -> Path:
-        return write_onnx(classifier, Path(out_dir) / "model.onnx", ctx)
+    def build(self, run: RunDir, out_dir: Path, ctx: ExportContext) -> Path:
+        return write_onnx(ctx.classifier, Path(out_dir) / "model.onnx", ctx)

@@ -204,7 +204,7 @@ class OnnxInt8Exporter(Exporter):
     tolerance = None
     description = "ONNX int8 (QDQ, per-channel), for ORT CPU / NPU execution providers"
 
-    def build(self, run: RunDir, classifier, out_dir: Path, ctx: ExportContext) -> Path:
+    def build(self, run: RunDir, out_dir: Path, ctx: ExportContext) -> Path:
         if run.int8_backbone is not None:
             logger.warning(
                 "This run trained its head on an OpenVINO int8 backbone, which has no ONNX form: onnx-int8 "
@@ -215,7 +215,7 @@ class OnnxInt8Exporter(Exporter):
         model = Path(out_dir) / "model.onnx"
         with tempfile.TemporaryDirectory(dir=out_dir, prefix=".work.") as work:
             with ctx.stage("convert"):
-                prep = preprocessed(classifier, Path(work), ctx)
+                prep = preprocessed(ctx.classifier, Path(work), ctx)
             calib = ctx.calibration_inputs()
             with ctx.stage("calibrate"):
                 ranges = calibrate(prep, calib, batch=ctx.static_batch or 8)
@@ -223,7 +223,7 @@ class OnnxInt8Exporter(Exporter):
                 quantize(prep, model, ranges)
         return model
 
-    def build_with_accuracy_control(self, run: RunDir, classifier, out_dir: Path, ctx: ExportContext) -> Path:
+    def build_with_accuracy_control(self, run: RunDir, out_dir: Path, ctx: ExportContext) -> Path:
         """NNCF's accuracy-controlled quantization on the ONNX graph: it ranks layers by what their
         quantization costs and reverts the worst to fp32 until the loss fits the budget."""
         import nncf
@@ -237,7 +237,7 @@ class OnnxInt8Exporter(Exporter):
         calib = ctx.calibration_inputs()
         b = ctx.static_batch or 1
         with tempfile.TemporaryDirectory(dir=out_dir, prefix=".work.") as work:
-            graph = onnx.load(str(preprocessed(classifier, Path(work), ctx)))
+            graph = onnx.load(str(preprocessed(ctx.classifier, Path(work), ctx)))
         name = graph.graph.input[0].name
 
         sessions: dict[int, tuple] = {}  # one session per candidate model NNCF hands us (protobufs take no attributes)

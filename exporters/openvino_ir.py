@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from exporters import register
-from exporters.base import MAX_CALIBRATION, ExportContext, Exporter
+from exporters.base import ExportContext, Exporter
 from exporters.onnx_fp32 import with_probabilities
 from toolkit.convert import nncf_verbosity
 from toolkit.runs import RunDir
@@ -63,9 +63,9 @@ class OpenVINOExporter(Exporter):
     def tolerance_for(self, ctx: ExportContext) -> float | None:
         return self.fp32_tolerance if ctx.fp32 else self.tolerance
 
-    def build(self, run: RunDir, classifier, out_dir: Path, ctx: ExportContext) -> Path:
+    def build(self, run: RunDir, out_dir: Path, ctx: ExportContext) -> Path:
         self.effective_precision = "fp32" if ctx.fp32 else "fp16"
-        return save(convert(classifier, ctx), Path(out_dir) / MODEL_FILE, fp16=not ctx.fp32)
+        return save(convert(ctx.classifier, ctx), Path(out_dir) / MODEL_FILE, fp16=not ctx.fp32)
 
 
 @register
@@ -76,26 +76,26 @@ class OpenVINOInt8Exporter(Exporter):
     tolerance = None
     description = "OpenVINO IR int8 (NNCF post-training quantization)"
 
-    def build(self, run: RunDir, classifier, out_dir: Path, ctx: ExportContext) -> Path:
+    def build(self, run: RunDir, out_dir: Path, ctx: ExportContext) -> Path:
         if run.int8_backbone is not None:
             # The head learned on this exact quantized backbone: ship it, never a re-quantization.
             ctx.extra["quantizer"] = "the run's own int8 backbone (--backbone-precision int8)"
-            model = with_head(run.int8_backbone, run.build_head(), ctx)
+            model = with_head(run.int8_backbone, run, ctx)
         else:
             with ctx.stage("convert"):
-                model = cached_classifier(run, ctx, classifier)
+                model = cached_classifier(run, ctx)
             calib = ctx.calibration_inputs()
             with ctx.stage("calibrate + quantize"):
                 model = quantize(model, calib, batch=ctx.static_batch or 1)
         # Remaining float constants (biases, scales) as fp16: smaller file, same int8 compute.
         return save(model, Path(out_dir) / MODEL_FILE, fp16=not ctx.fp32)
 
-    def build_with_accuracy_control(self, run: RunDir, classifier, out_dir: Path, ctx: ExportContext) -> Path:
+    def build_with_accuracy_control(self, run: RunDir, out_dir: Path, ctx: ExportContext) -> Path:
         import nncf
 
         from toolkit.features import int8_advanced_parameters
 
-        model = cached_classifier(run, ctx, classifier)
+        model = cached_classifier(run, ctx)
         calib = ctx.calibration_inputs()
         b = ctx.static_batch or 1
         calibration = nncf.Dataset(batches(calib, b))
@@ -154,7 +154,7 @@ def restorer_parameters():
     return nncf.AdvancedAccuracyRestorerParameters(ranking_subset_size=64, max_num_iterations=12)
 
 
-def cached_classifier(run: RunDir, ctx: ExportContext, classifier=None):
+def cached_classifier(run: RunDir, ctx: ExportContext):
     """The run's classifier as an openvino.Model built from the fp32 backbone IR that training
     converted once and cached (toolkit.features) plus the run's head: converting the whole torch
     classifier again took longer than quantizing it. Same graph as `convert` (parity checks it).
@@ -164,17 +164,17 @@ def cached_classifier(run: RunDir, ctx: ExportContext, classifier=None):
     from toolkit.features import _openvino_backbone
 
     if run.has_backbone_weights:
-        return convert(classifier if classifier is not None else run.build_classifier(), ctx)
-    return with_head(_openvino_backbone(run.spec, "fp32", None), run.build_head(), ctx)
+        return convert(ctx.classifier, ctx)
+    return with_head(_openvino_backbone(run.spec, "fp32", None), run, ctx)
 
 
-def with_head(backbone_ir, head, ctx: ExportContext):
+def with_head(backbone_ir, run: RunDir, ctx: ExportContext):
     """An OpenVINO backbone (image -> features; an IR path or an openvino.Model, which is copied)
-    followed by the torch `head`, as one openvino.Model with the same inputs/outputs as `convert`."""
+    followed by the run's head, built in OpenVINO ops from its tensors (toolkit.bundle_model, the
+    graph `learn` writes), as one openvino.Model with the same inputs/outputs as `convert`."""
     import openvino as ov
-    import openvino.opset13 as ops
-    import torch
 
+    from toolkit.bundle_model import openvino_classifier
     from toolkit.features import float_input
 
     if isinstance(backbone_ir, ov.Model):
@@ -184,15 +184,6 @@ def with_head(backbone_ir, head, ctx: ExportContext):
     if ctx.static_batch:
         backbone.reshape([ctx.static_batch, *list(backbone.inputs[0].get_partial_shape())[1:]])
     features = backbone.get_results()[0].input_value(0)  # the tensor the Result reads, not the Result
-    dim = features.get_partial_shape()[1].get_length()
-    with torch.no_grad():
-        head_model = ov.convert_model(with_probabilities(head), example_input=torch.zeros(1, dim),
-                                      input=[(-1, dim)])
-    head_input = head_model.parameters[0]
-    for target in head_input.output(0).get_target_inputs():
-        target.replace_source_output(features)
-    model = ov.Model([ops.result(r.input_value(0)) for r in head_model.results], backbone.parameters, "classifier")
+    model = openvino_classifier(backbone, features, run.head_tensors(), run.config["train"]["head"])
     model.inputs[0].get_tensor().set_names({"image"})
-    for port, name in zip(model.outputs, ("logits", "probabilities")):
-        port.get_tensor().set_names({name})
     return model

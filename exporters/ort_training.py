@@ -86,13 +86,13 @@ class OrtTrainingExporter(Exporter):
     tolerance = 1e-3
     description = "ONNX Runtime on-device training artifacts (head trainable) + inference.onnx"
 
-    def build(self, run: RunDir, classifier, out_dir: Path, ctx: ExportContext) -> Path:
+    def build(self, run: RunDir, out_dir: Path, ctx: ExportContext) -> Path:
         import onnx
 
         artifacts = require_training_api()
         from onnxruntime.training import api
 
-        out_dir = Path(out_dir)
+        out_dir, classifier = Path(out_dir), ctx.classifier
         trainable = [n for n, p in classifier.named_parameters() if n.startswith(HEAD_PREFIX)]
         with tempfile.TemporaryDirectory(dir=out_dir, prefix=".work.") as work:
             base = Path(work) / "base.onnx"

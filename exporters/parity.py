@@ -188,14 +188,32 @@ def run_dir_logits(run, inputs: np.ndarray) -> np.ndarray:
     return run_batched(predictor.logits, views, batch=None)
 
 
-def reference_logits(run, classifier, inputs: np.ndarray, *, int8: bool) -> np.ndarray:
-    """What an export is checked against. fp32/fp16 exports: the torch source classifier (a
-    converter check, to 1e-3). int8 exports: the run-dir model, the one `edgetune evaluate RUN`
-    scored (for a run trained on an int8 backbone, that backbone + its head); its fp32 form is the
-    torch source to ~1e-4, and it runs ~10x faster than eager torch, which keeps int8 exports fast."""
+def reference_logits(ctx, inputs: np.ndarray, *, int8: bool) -> np.ndarray:
+    """What an export (its ExportContext `ctx`) is checked against. fp32/fp16 exports: the torch
+    source classifier (a converter check, to 1e-3). int8 exports: the run-dir model, the one
+    `edgetune evaluate RUN` scored (for a run trained on an int8 backbone, that backbone + its
+    head); its fp32 form is the torch source to ~1e-4, and it runs ~10x faster than eager torch.
+    While the val files are those training extracted (ctx.val_files), the run's own cached val
+    features give those logits without running the backbone at all."""
     if int8:
-        return run_dir_logits(run, inputs)
-    return cached_source_logits(run, classifier, inputs)
+        cached = cached_val_logits(ctx.run, ctx.val_files) if ctx.val_files else None
+        return cached if cached is not None and len(cached) == len(inputs) else run_dir_logits(ctx.run, inputs)
+    return cached_source_logits(ctx.run, ctx.classifier, inputs)
+
+
+def cached_val_logits(run, val_files: str) -> np.ndarray | None:
+    """The run-dir head on the val features training cached in state/ (the logits metrics.json's
+    val accuracy scored), or None when they may not be this model's: other val files, no cache,
+    or a backbone with weights of its own (adapt's AdaBN, --unfreeze), which the cache predates."""
+    record = run.config.get("features_cache") or {}
+    if record.get("val_files") != val_files or run.has_backbone_weights:
+        return None
+    try:
+        with np.load(run.path / "state" / record["file"]) as z:
+            features = z["val"].astype(np.float32)
+    except (OSError, KeyError, ValueError):
+        return None
+    return np.asarray(run.numpy_head()(features), np.float32)
 
 
 # Source logits per (run, weights file state, inputs): exporting several formats of one run in a

@@ -182,6 +182,6 @@ def test_openvino_int8_quantizes_the_adapted_backbone_not_the_pretrained_one(sma
     with torch.no_grad():
         expected = adapted.build_classifier()(torch.from_numpy(x)).numpy()
     ctx = ExportContext(adapted)
-    pretrained = run_graph(with_head(_openvino_backbone(adapted.spec, "fp32", None), adapted.build_head(), ctx))
+    pretrained = run_graph(with_head(_openvino_backbone(adapted.spec, "fp32", None), adapted, ctx))
     assert np.abs(pretrained - expected).max() > 1e-2, "the dark camera must move the BatchNorm statistics"
     np.testing.assert_allclose(run_graph(cached_classifier(adapted, ctx)), expected, atol=1e-3)

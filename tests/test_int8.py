@@ -295,6 +295,21 @@ def test_feature_memory_reuses_the_calibration_views_bit_identically(trained_run
     decoding, _ = bundle.write_feature_memory(run, model, "onnxruntime", tmp_path / "a", static_batch=None)
     views, paths = calibration_views(run, None, 1000)
 
+    # Half of them decoded already (a calibration subset smaller than the memory): only the rest
+    # is decoded, and the memory is the same file.
+    (tmp_path / "c").mkdir()
+    real_decode, asked = data.decode_images, []
+
+    def counting(dataset, **k):
+        asked.extend(s.path for s in dataset.samples)
+        return real_decode(dataset, **k)
+
+    monkeypatch.setattr(data, "decode_images", counting)
+    half = dict(zip(paths[::2], views[::2]))
+    partly, _ = bundle.write_feature_memory(run, model, "onnxruntime", tmp_path / "c", static_batch=None, decoded=half)
+    assert asked and not set(asked) & set(half)
+    np.testing.assert_array_equal(decoding, partly)
+
     def no_decoding(*a, **k):
         raise AssertionError("decoded the training images a second time")
 
@@ -302,4 +317,44 @@ def test_feature_memory_reuses_the_calibration_views_bit_identically(trained_run
     reusing, labels = bundle.write_feature_memory(run, model, "onnxruntime", tmp_path / "b", static_batch=None,
                                                   decoded=dict(zip(paths, views)))
     np.testing.assert_array_equal(decoding, reusing)
-    assert (tmp_path / "a" / bundle.MEMORY_FILE).read_bytes() == (tmp_path / "b" / bundle.MEMORY_FILE).read_bytes()
+    for other in ("b", "c"):
+        assert (tmp_path / "a" / bundle.MEMORY_FILE).read_bytes() == (tmp_path / other / bundle.MEMORY_FILE).read_bytes()
+
+
+def test_int8_reference_is_the_runs_cached_val_logits_while_its_val_files_are_unchanged(trained_run):
+    """int8 exports are checked against the run-dir model on the val images: the run's own cached
+    val features give those logits (what metrics.json's val accuracy scored) without the backbone."""
+    from exporters import parity
+    from exporters.base import ExportContext
+    from toolkit.runs import RunDir
+
+    run = RunDir.open(trained_run)
+    ctx = ExportContext(run)
+    inputs, labels = ctx.val_inputs()
+    cached = parity.cached_val_logits(run, ctx.val_files)
+    assert cached is not None and cached.shape == (len(labels), len(run.labels))
+    fresh = parity.run_dir_logits(run, inputs)
+    np.testing.assert_array_equal(cached.argmax(1), fresh.argmax(1))
+    assert np.abs(cached - fresh).max() <= 0.02 * max(1.0, np.abs(fresh).max())  # fp16 cache, bf16 CPUs
+    assert (cached.argmax(1) == labels).mean() == pytest.approx(run.metrics["val_accuracy"], abs=1e-4)
+    np.testing.assert_array_equal(parity.reference_logits(ctx, inputs, int8=True), cached)
+    # Other val files than training extracted: the cache does not describe them.
+    assert parity.cached_val_logits(run, "0" * 16) is None
+
+
+def test_files_key_changes_when_a_file_is_rewritten(tmp_path):
+    import os
+    from types import SimpleNamespace
+
+    from toolkit.data import files_key
+
+    a, b = tmp_path / "a.jpg", tmp_path / "b.jpg"
+    a.write_bytes(b"1234")
+    b.write_bytes(b"5678")
+    samples = [SimpleNamespace(path=a, label=0), SimpleNamespace(path=b, label=1)]
+    key = files_key(samples)
+    assert files_key(samples) == key and files_key(samples[::-1]) != key
+    assert files_key([SimpleNamespace(path=a, label=1), samples[1]]) != key  # relabelled
+    st = b.stat()
+    os.utime(b, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    assert files_key(samples) != key

@@ -127,17 +127,23 @@ def openvino_with_head(model_path: Path, out_xml: Path, tensors: dict[str, np.nd
                        feature_dim: int) -> None:
     """Write the IR with its head replaced (head constants fp32; the backbone's stay as they are)."""
     import openvino as ov
-    import openvino.opset13 as ops
 
     from toolkit.convert import save_ir
 
     model = ov.Core().read_model(str(model_path))
-    x = _ov_feature_output(model, feature_dim)
+    save_ir(openvino_classifier(model, _ov_feature_output(model, feature_dim), tensors, kind), out_xml)
+
+
+def openvino_classifier(model, features, tensors: dict[str, np.ndarray], kind: str):
+    """An openvino.Model: `model`'s inputs, its `features` output (N, D) through the head built
+    from `tensors` (state-dict names; constants fp32), outputs "logits" and "probabilities"."""
+    import openvino as ov
+    import openvino.opset13 as ops
 
     def const(name: str):
         return ops.constant(np.ascontiguousarray(tensors[name], np.float32), name=f"edgetune.head.{name}")
 
-    x = ops.multiply(ops.subtract(x, const("feature_mean")), const("feature_inv_std"))
+    x = ops.multiply(ops.subtract(features, const("feature_mean")), const("feature_inv_std"))
     x = ops.add(ops.matmul(x, const("layers.1.weight"), False, True), const("layers.1.bias"))
     if kind == "mlp":
         x = ops.add(ops.matmul(ops.relu(x), const("layers.4.weight"), False, True), const("layers.4.bias"))
@@ -145,8 +151,7 @@ def openvino_with_head(model_path: Path, out_xml: Path, tensors: dict[str, np.nd
     probs = ops.softmax(logits, 1).output(0)
     logits.get_tensor().set_names({"logits"})
     probs.get_tensor().set_names({"probabilities"})
-    new = ov.Model([ops.result(logits), ops.result(probs)], model.get_parameters(), "edgetune_classifier")
-    save_ir(new, out_xml)
+    return ov.Model([ops.result(logits), ops.result(probs)], model.get_parameters(), "edgetune_classifier")
 
 
 # -- both --------------------------------------------------------------------------------------------

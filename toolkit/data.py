@@ -315,6 +315,16 @@ def read_eval_layout(path: Path, classes: list[str]) -> tuple[Dataset, bool]:
 SPLIT_FILE = "split.json"  # in a run dir: which files trained it and which validated it
 
 
+def files_key(samples) -> str:
+    """Fingerprint of the files behind `samples` (path, label, size, mtime): what a features cache
+    was extracted from, to tell whether it still describes the files on disk."""
+    key = hashlib.sha1()
+    for s in samples:
+        st = s.path.stat()
+        key.update(f"{s.path}|{s.label}|{st.st_size}|{st.st_mtime_ns}".encode())
+    return key.hexdigest()[:16]
+
+
 def file_digest(path: Path) -> str:
     """sha1 of the file's bytes: recognises a training image copied into another folder."""
     with open(path, "rb") as f:

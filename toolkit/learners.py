@@ -188,7 +188,7 @@ class CachedFeatures:
 
     def _features(self) -> tuple[np.ndarray, np.ndarray]:
         """(train: N x (1+K) x D, val: M x D), from the run's cache when the inputs match."""
-        path = self.state_dir / f"features-{self._cache_key()}.npz"
+        path = self.cache_path = self.state_dir / f"features-{self._cache_key()}.npz"
         if path.exists():
             with np.load(path) as z:
                 logger.info("Using cached features from %s", path)

@@ -143,6 +143,16 @@ class RunDir:
         head.load_state_dict(state)
         return head.eval()
 
+    def head_tensors(self) -> dict[str, np.ndarray]:
+        """The trained head's tensors by state-dict name (feature_mean, layers.1.weight, ...)."""
+        return {k[len("head."):]: v for k, v in self.model_state().items() if k.startswith("head.")}
+
+    def numpy_head(self):
+        """The trained head as a numpy function (features -> logits): no torch needed."""
+        from toolkit.heads import numpy_head
+
+        return numpy_head(self.head_tensors(), self.config["train"]["head"])
+
     def build_classifier(self):
         """The trained classifier as one torch module: float32 NCHW RGB 0-255 in, logits out.
 

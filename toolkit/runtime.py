@@ -213,7 +213,6 @@ def openvino_runner(model: Path, *, device: str = "CPU", batch: int | None = Non
 
 def _run_predictor(path: Path, device: str) -> Predictor:
     """A run directory on any runtime: OpenVINO by default, torch or ONNX Runtime when asked."""
-    from toolkit.heads import numpy_head
     from toolkit.learners import INT8_BACKBONE
     from toolkit.runs import RunDir
 
@@ -238,7 +237,7 @@ def _run_predictor(path: Path, device: str) -> Predictor:
             logger.warning("This run's head was trained on its int8 backbone (%s), which only OpenVINO runs: "
                            "%s runs the fp32 backbone, so predictions can differ from the evaluated run. "
                            "Use --device openvino:CPU (or auto) for the backbone it learned on.", INT8_BACKBONE, dev.id)
-    head = numpy_head({k[len("head."):]: v for k, v in state.items() if k.startswith("head.")}, cfg["train"]["head"])
+    head = run.numpy_head()
     trained = " trained on the int8 backbone" if int8 is not None else ""
     mismatch = ", NOT the int8 backbone the head trained on" if int8 is not None and engine.precision != "int8" else ""
     desc = f"run {path} ({engine.name}{mismatch} + numpy {cfg['train']['head']} head{trained})"

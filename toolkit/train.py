@@ -15,7 +15,6 @@ optimizer state, so a resumed run ends exactly where an uninterrupted one would.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import shutil
@@ -192,6 +191,7 @@ def train(
 
 def _fit_on_features(run: RunDir, config: TrainConfig, prep: Prepared, plan, progress: Progress, t0: float):
     """Cached features -> head chosen by CV on the training features -> val reported once."""
+    from toolkit.data import files_key
     from toolkit.head_fit import head_logits, model_tensors
     from toolkit.learners import CachedFeatures
     from toolkit.selection import select_head
@@ -224,6 +224,9 @@ def _fit_on_features(run: RunDir, config: TrainConfig, prep: Prepared, plan, pro
         record["calibration"] = fit_calibration(
             best.oof_logits, selection.cv.labels,
             source=f"{selection.cv.folds}-fold out-of-fold logits of {best.label} (head selection)").to_json()
+    # Exports check int8 against the run-dir model on the val images: these very features, when
+    # the val files are unchanged, instead of running the backbone over them again.
+    record["features_cache"] = {"file": feats.cache_path.name, "val_files": files_key(prep.val.samples)}
     run.write_config(record)
     logits = head_logits(params, feats.val_feats)
     pred = logits.argmax(1)
@@ -265,7 +268,7 @@ def _resolve(run: RunDir, data, config, resume: bool):
 
 
 def _prepare_data(data: Path, config: TrainConfig, size: int, progress: Progress) -> Prepared:
-    from toolkit.data import check_images, discover, split_record
+    from toolkit.data import check_images, discover, files_key, split_record
     from toolkit.preprocess import eval_resize_shorter
 
     splits = discover(data, val_fraction=config.val_fraction, seed=config.seed)
@@ -286,10 +289,6 @@ def _prepare_data(data: Path, config: TrainConfig, size: int, progress: Progress
     train_ds, skipped_t = check_images(splits.train, workers=config.workers, progress=tick)
     done[0] = len(splits.train)
     val_ds, skipped_v = check_images(splits.val, workers=config.workers, progress=tick)
-    key = hashlib.sha1()
-    for s in train_ds.samples + val_ds.samples:
-        st = s.path.stat()
-        key.update(f"{s.path}|{s.label}|{st.st_size}|{st.st_mtime_ns}".encode())
     return Prepared(
         classes=train_ds.classes,
         train=train_ds,
@@ -297,7 +296,7 @@ def _prepare_data(data: Path, config: TrainConfig, size: int, progress: Progress
         # A bit larger than the eval view, so random crops still have real detail.
         min_side=eval_resize_shorter(size),
         skipped=[{"path": str(s.path), "reason": s.reason} for s in skipped_t + skipped_v],
-        data_key=key.hexdigest()[:16],
+        data_key=files_key(train_ds.samples + val_ds.samples),
         split=split_record(splits),
     )
 
