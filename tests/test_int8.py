@@ -358,3 +358,98 @@ def test_files_key_changes_when_a_file_is_rewritten(tmp_path):
     st = b.stat()
     os.utime(b, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
     assert files_key(samples) != key
+
+
+# -- the head's weights in int8 -------------------------------------------------------------------
+
+
+def test_int8_rows_round_trip_within_half_a_step_per_row():
+    from exporters.int8_head import int8_rows
+
+    w = np.random.default_rng(0).normal(0, 1, (6, 50)).astype(np.float32) * np.arange(1, 7)[:, None]
+    w[3] = 0.0
+    q, scale = int8_rows(w)
+    assert q.dtype == np.int8 and scale.shape == (6,) and np.abs(q).max() <= 127
+    assert np.all(np.abs(q * scale[:, None] - w) <= scale[:, None] / 2 + 1e-7)
+    assert not q[3].any()
+
+
+@pytest.mark.parametrize("trans_b", [0, 1])
+def test_onnx_head_weights_become_int8_and_the_logits_hardly_move(tmp_path, trans_b):
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from exporters.int8_head import onnx_int8_head
+
+    rng = np.random.default_rng(1)
+    w = rng.normal(0, 0.1, (5, 32) if trans_b else (32, 5)).astype(np.float32)
+    b = rng.normal(0, 1, 5).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "w", "b"], ["logits"], transB=trans_b),
+         helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1)], "head",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 32])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [None, 5]),
+         helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, [None, 5])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    x = rng.normal(0, 1, (64, 32)).astype(np.float32)
+    before = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert onnx_int8_head(model) == 1
+    onnx.checker.check_model(model)
+    assert {numpy_helper.to_array(i).dtype for i in model.graph.initializer if i.name.startswith("w")} \
+        == {np.dtype(np.int8), np.dtype(np.float32)}  # int8 weight, float scale
+    from exporters.int8_head import int8_rows
+
+    q, scale = int8_rows(w if trans_b else w.T)
+    after = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    dequantized = x @ (q * scale[:, None]).T + b
+    np.testing.assert_allclose(after, dequantized, atol=1e-4)
+    np.testing.assert_allclose(after, before, atol=0.01 * np.abs(before).max())
+
+
+@pytest.mark.parametrize("transpose_b", [False, True])
+def test_openvino_head_weights_become_int8_and_the_logits_hardly_move(transpose_b):
+    import openvino as ov
+    import openvino.opset13 as ops
+
+    from exporters.int8_head import openvino_int8_head
+
+    rng = np.random.default_rng(2)
+    w = rng.normal(0, 0.1, (5, 32) if transpose_b else (32, 5)).astype(np.float32)
+    x = ops.parameter([-1, 32], ov.Type.f32)
+    model = ov.Model([ops.result(ops.matmul(x, ops.constant(w), False, transpose_b))], [x])
+    data = rng.normal(0, 1, (64, 32)).astype(np.float32)
+    before = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})(data)[0]
+    assert openvino_int8_head(model) == 1
+    consts = [op for op in model.get_ops() if op.get_type_name() == "Constant"]
+    assert any(c.get_element_type() == ov.Type.i8 for c in consts)
+    assert not any(c.get_element_type().is_real() and c.get_byte_size() >= w.nbytes for c in consts)
+    from exporters.int8_head import int8_rows
+
+    q, scale = int8_rows(w if transpose_b else w.T)
+    dequantized = data @ (q * scale[:, None]).T  # float compute on the int8 weights, nothing else
+    after = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})(data)[0]
+    np.testing.assert_allclose(after, dequantized, atol=1e-4)
+    np.testing.assert_allclose(after, before, atol=0.01 * np.abs(before).max())
+
+
+@pytest.mark.parametrize("fmt", ["onnx-int8", "openvino-int8"])
+def test_int8_exports_store_no_float_weight_matrix(fmt, exported):
+    """Every 2-D weight of an int8 export is int8: the head's too (its float weights were a fifth
+    of the file with the MLP head)."""
+    model = exported(fmt).model
+    if fmt == "onnx-int8":
+        import onnx
+        from onnx import numpy_helper
+
+        arrays = [numpy_helper.to_array(i) for i in onnx.load(str(model)).graph.initializer]
+        floats = [a.shape for a in arrays if a.dtype == np.float32 and a.ndim == 2]
+    else:
+        import openvino as ov
+
+        floats = [tuple(op.get_output_shape(0)) for op in ov.Core().read_model(str(model)).get_ops()
+                  if op.get_type_name() == "Constant" and op.get_element_type().is_real()
+                  and len(op.get_output_shape(0)) == 2 and min(op.get_output_shape(0)) > 1]
+    assert floats == []

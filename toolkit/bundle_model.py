@@ -44,6 +44,16 @@ def _onnx_head_nodes(graph, feature: str) -> set[int]:
     return head
 
 
+def _needed(nodes: list, outputs: set[str]) -> list:
+    """The nodes that `outputs` depend on (the old head's int8 weight dequantization does not)."""
+    needed, kept = set(outputs), []
+    for node in reversed(nodes):
+        if any(o in needed for o in node.output):
+            kept.append(node)
+            needed.update(node.input)
+    return kept[::-1]
+
+
 def onnx_features_model(model_path: Path) -> bytes:
     """The ONNX model with its feature tensor as an extra output named "features"."""
     import onnx
@@ -65,7 +75,7 @@ def onnx_with_head(model_path: Path, out_path: Path, tensors: dict[str, np.ndarr
     g = model.graph
     feature = _onnx_feature_tensor(g)
     head = _onnx_head_nodes(g, feature)
-    keep = [n for i, n in enumerate(g.node) if i not in head]
+    keep = _needed([n for i, n in enumerate(g.node) if i not in head], {feature})
     used = {x for n in keep for x in n.input}
     prefix = "edgetune.head."
     weights = {k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()}
