@@ -5,9 +5,9 @@ ORT recommends), then calibrated (MinMax, measured best against percentile and e
 BENCHMARKS.md) on a class-stratified subset of the run's training images (or --calib). Two weight
 fixes make the result hold on every dataset and CPU (`weight_overrides`): int32-safe biases and
 7-bit first-layer weights. The head (Gemm) and softmax compute in float: a sliver of the compute,
-and int8 logits would round near-ties; the head's weights are stored in int8 (exporters.int8_head). When the export misses its accuracy budget, NNCF's
-accuracy-controlled quantization redoes it on the same ONNX graph, keeping the layers that cost
-most in fp32.
+and int8 logits would round near-ties; the head's weights are stored compressed
+(exporters.head_weights). When the export misses its accuracy budget, NNCF's accuracy-controlled
+quantization redoes it on the same ONNX graph, keeping the layers that cost most in fp32.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import numpy as np
 
 from exporters import register
 from exporters.base import ExportContext, Exporter
-from exporters.int8_head import onnx_int8_head
+from exporters.head_weights import compress_onnx_head
 from exporters.onnx_fp32 import write_onnx
 from toolkit.convert import nncf_verbosity
 from toolkit.runs import RunDir
@@ -194,7 +194,7 @@ def quantize(prep: Path, out: Path, ranges, *, exclude: tuple[str, ...] = (), ov
         [], head, sorted(set(QLinearOpsRegistry) | set(QDQRegistry)), options,  # quantize_static's defaults
     )
     quantizer.quantize_model()
-    onnx_int8_head(quantizer.model.model)
+    compress_onnx_head(quantizer.model.model)
     quantizer.model.save_model_to_file(str(out))
 
 
@@ -262,7 +262,7 @@ class OnnxInt8Exporter(Exporter):
                 advanced_accuracy_restorer_parameters=restorer_parameters(),
                 advanced_quantization_parameters=int8_advanced_parameters(),
             )
-        onnx_int8_head(quantized)
+        compress_onnx_head(quantized)
         onnx.save(quantized, str(model))
         ctx.extra["quantizer"] = "nncf.quantize_with_accuracy_control"
         return model

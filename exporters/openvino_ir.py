@@ -4,7 +4,7 @@ fp16 IR halves the file; the CPU plugin decompresses the weights to fp32 at load
 compute in fp16. int8 uses NNCF post-training quantization calibrated on eval views of the run's
 training images (or --calib); with --max-drop, NNCF's accuracy-controlled quantization reverts
 the most harmful layers to fp32 until the val accuracy drop is within budget. The head computes in
-float with its weights stored in int8 (exporters.int8_head).
+float with its weights stored compressed (exporters.head_weights).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import numpy as np
 
 from exporters import register
 from exporters.base import ExportContext, Exporter
-from exporters.int8_head import openvino_int8_head
+from exporters.head_weights import compress_openvino_head
 from exporters.onnx_fp32 import with_probabilities
 from toolkit.convert import nncf_verbosity
 from toolkit.runs import RunDir
@@ -89,7 +89,7 @@ class OpenVINOInt8Exporter(Exporter):
             calib = ctx.calibration_inputs()
             with ctx.stage("calibrate + quantize"):
                 model = quantize(model, calib, batch=ctx.static_batch or 1)
-        openvino_int8_head(model)
+        compress_openvino_head(model)
         # Remaining float constants (biases, scales) as fp16: smaller file, same int8 compute.
         return save(model, Path(out_dir) / MODEL_FILE, fp16=not ctx.fp32)
 
@@ -113,7 +113,7 @@ class OpenVINOInt8Exporter(Exporter):
                 advanced_quantization_parameters=int8_advanced_parameters(),
             )
         ctx.extra["quantizer"] = "nncf.quantize_with_accuracy_control"
-        openvino_int8_head(quantized)
+        compress_openvino_head(quantized)
         return save(quantized, Path(out_dir) / MODEL_FILE, fp16=not ctx.fp32)
 
 

@@ -360,11 +360,11 @@ def test_files_key_changes_when_a_file_is_rewritten(tmp_path):
     assert files_key(samples) != key
 
 
-# -- the head's weights in int8 -------------------------------------------------------------------
+# -- the head's weights, compressed ----------------------------------------------------------------
 
 
 def test_int8_rows_round_trip_within_half_a_step_per_row():
-    from exporters.int8_head import int8_rows
+    from exporters.head_weights import int8_rows
 
     w = np.random.default_rng(0).normal(0, 1, (6, 50)).astype(np.float32) * np.arange(1, 7)[:, None]
     w[3] = 0.0
@@ -374,82 +374,93 @@ def test_int8_rows_round_trip_within_half_a_step_per_row():
     assert not q[3].any()
 
 
+def _mlp_weights(rng, transposed: bool):
+    """(w1, b1, w2, b2): 32 -> 16 -> 5, each W as (out, in) when `transposed` else (in, out)."""
+    w1, w2 = rng.normal(0, 0.2, (16, 32)).astype(np.float32), rng.normal(0, 0.2, (5, 16)).astype(np.float32)
+    b1, b2 = rng.normal(0, 0.1, 16).astype(np.float32), rng.normal(0, 0.1, 5).astype(np.float32)
+    return (w1 if transposed else w1.T.copy()), b1, (w2 if transposed else w2.T.copy()), b2
+
+
+def _decompressed_mlp(x, w1, b1, w2, b2, transposed: bool):
+    """The MLP on the weights as stored: the hidden layer int8 per output row, the logits layer fp16."""
+    from exporters.head_weights import int8_rows
+
+    q, scale = int8_rows(w1 if transposed else w1.T)
+    h = np.maximum(x @ (q * scale[:, None]).T + b1, 0)
+    w2 = w2.astype(np.float16).astype(np.float32)
+    return h @ (w2.T if transposed else w2) + b2
+
+
 @pytest.mark.parametrize("trans_b", [0, 1])
-def test_onnx_head_weights_become_int8_and_the_logits_hardly_move(tmp_path, trans_b):
+def test_onnx_head_hidden_weights_become_int8_logits_weights_fp16(trans_b):
     import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    from exporters.int8_head import onnx_int8_head
+    from exporters.head_weights import compress_onnx_head
 
     rng = np.random.default_rng(1)
-    w = rng.normal(0, 0.1, (5, 32) if trans_b else (32, 5)).astype(np.float32)
-    b = rng.normal(0, 1, 5).astype(np.float32)
+    w1, b1, w2, b2 = _mlp_weights(rng, bool(trans_b))
     graph = helper.make_graph(
-        [helper.make_node("Gemm", ["x", "w", "b"], ["logits"], transB=trans_b),
+        [helper.make_node("Gemm", ["x", "w1", "b1"], ["h"], transB=trans_b), helper.make_node("Relu", ["h"], ["r"]),
+         helper.make_node("Gemm", ["r", "w2", "b2"], ["logits"], transB=trans_b),
          helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1)], "head",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 32])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [None, 5]),
          helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, [None, 5])],
-        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")])
+        [numpy_helper.from_array(v, k) for k, v in {"w1": w1, "b1": b1, "w2": w2, "b2": b2}.items()])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     x = rng.normal(0, 1, (64, 32)).astype(np.float32)
     before = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
-    assert onnx_int8_head(model) == 1
+    assert compress_onnx_head(model) == 2
     onnx.checker.check_model(model)
-    assert {numpy_helper.to_array(i).dtype for i in model.graph.initializer if i.name.startswith("w")} \
-        == {np.dtype(np.int8), np.dtype(np.float32)}  # int8 weight, float scale
-    from exporters.int8_head import int8_rows
-
-    q, scale = int8_rows(w if trans_b else w.T)
+    stored = {i.name: numpy_helper.to_array(i).dtype for i in model.graph.initializer if i.name.startswith("w")}
+    assert stored["w1_int8"] == np.int8 and stored["w2_fp16"] == np.float16 and "w1" not in stored
     after = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
-    dequantized = x @ (q * scale[:, None]).T + b
-    np.testing.assert_allclose(after, dequantized, atol=1e-4)
+    np.testing.assert_allclose(after, _decompressed_mlp(x, w1, b1, w2, b2, bool(trans_b)), atol=1e-4)
     np.testing.assert_allclose(after, before, atol=0.01 * np.abs(before).max())
 
 
 @pytest.mark.parametrize("transpose_b", [False, True])
-def test_openvino_head_weights_become_int8_and_the_logits_hardly_move(transpose_b):
+def test_openvino_head_hidden_weights_become_int8_logits_weights_fp16(transpose_b):
     import openvino as ov
     import openvino.opset13 as ops
 
-    from exporters.int8_head import openvino_int8_head
+    from exporters.head_weights import compress_openvino_head
 
     rng = np.random.default_rng(2)
-    w = rng.normal(0, 0.1, (5, 32) if transpose_b else (32, 5)).astype(np.float32)
+    w1, b1, w2, b2 = _mlp_weights(rng, transpose_b)
     x = ops.parameter([-1, 32], ov.Type.f32)
-    model = ov.Model([ops.result(ops.matmul(x, ops.constant(w), False, transpose_b))], [x])
+    h = ops.relu(ops.add(ops.matmul(x, ops.constant(w1), False, transpose_b), ops.constant(b1)))
+    model = ov.Model([ops.result(ops.add(ops.matmul(h, ops.constant(w2), False, transpose_b), ops.constant(b2)))], [x])
     data = rng.normal(0, 1, (64, 32)).astype(np.float32)
-    before = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})(data)[0]
-    assert openvino_int8_head(model) == 1
-    consts = [op for op in model.get_ops() if op.get_type_name() == "Constant"]
-    assert any(c.get_element_type() == ov.Type.i8 for c in consts)
-    assert not any(c.get_element_type().is_real() and c.get_byte_size() >= w.nbytes for c in consts)
-    from exporters.int8_head import int8_rows
-
-    q, scale = int8_rows(w if transpose_b else w.T)
-    dequantized = data @ (q * scale[:, None]).T  # float compute on the int8 weights, nothing else
-    after = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})(data)[0]
-    np.testing.assert_allclose(after, dequantized, atol=1e-4)
+    exact = {"INFERENCE_PRECISION_HINT": "f32"}
+    before = ov.Core().compile_model(model, "CPU", exact)(data)[0]
+    assert compress_openvino_head(model) == 2
+    kinds = {c.get_element_type() for c in model.get_ops() if c.get_type_name() == "Constant" and c.get_byte_size() > 64}
+    assert ov.Type.i8 in kinds and ov.Type.f16 in kinds
+    # No on-the-fly int8 activations for the int8-weight MatMul: float compute on the stored weights.
+    after = ov.Core().compile_model(model, "CPU", exact)(data)[0]
+    np.testing.assert_allclose(after, _decompressed_mlp(data, w1, b1, w2, b2, transpose_b), atol=1e-4)
     np.testing.assert_allclose(after, before, atol=0.01 * np.abs(before).max())
 
 
 @pytest.mark.parametrize("fmt", ["onnx-int8", "openvino-int8"])
-def test_int8_exports_store_no_float_weight_matrix(fmt, exported):
-    """Every 2-D weight of an int8 export is int8: the head's too (its float weights were a fifth
-    of the file with the MLP head)."""
+def test_int8_exports_store_no_float32_weight_matrix(fmt, exported):
+    """Every 2-D weight of an int8 export is stored in int8 or fp16, the head's too (its float32
+    weights were a fifth of the file with the MLP head)."""
     model = exported(fmt).model
     if fmt == "onnx-int8":
         import onnx
         from onnx import numpy_helper
 
         arrays = [numpy_helper.to_array(i) for i in onnx.load(str(model)).graph.initializer]
-        floats = [a.shape for a in arrays if a.dtype == np.float32 and a.ndim == 2]
+        floats = [a.shape for a in arrays if a.dtype == np.float32 and a.ndim == 2 and min(a.shape) > 1]
     else:
         import openvino as ov
 
         floats = [tuple(op.get_output_shape(0)) for op in ov.Core().read_model(str(model)).get_ops()
-                  if op.get_type_name() == "Constant" and op.get_element_type().is_real()
+                  if op.get_type_name() == "Constant" and op.get_element_type() == ov.Type.f32
                   and len(op.get_output_shape(0)) == 2 and min(op.get_output_shape(0)) > 1]
     assert floats == []
