@@ -32,8 +32,7 @@ def compress_onnx_head(model) -> int:
     g = model.graph
     inits = {i.name: i for i in g.initializer}
     layers = [n for n in g.node if n.op_type in ("Gemm", "MatMul") and len(n.input) > 1 and n.input[1] in inits
-              and numpy_helper.to_array(inits[n.input[1]]).dtype == np.float32
-              and len(inits[n.input[1]].dims) == 2]
+              and inits[n.input[1]].data_type == TensorProto.FLOAT and len(inits[n.input[1]].dims) == 2]
     decode = []
     for k, node in enumerate(layers):
         name = node.input[1]

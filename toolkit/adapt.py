@@ -268,11 +268,11 @@ def adapt(run_path: Path, unlabeled: Path, out: Path, *, method: str = DEFAULT_M
     out = Path(out)
     if out.exists():
         raise EdgetuneError(f"{out} already exists: pick another --out (the adapted run is written new).")
-    cfg, state = run.config, run.model_state()
+    cfg = run.config
     precision = cfg["train"]["backbone_precision"]
     if precision == "int8" and not (run.path / INT8_BACKBONE).is_file():
         raise RunDirError(f"{run.path / INT8_BACKBONE} is missing: the run's int8 backbone is gone; retrain the run.")
-    if any(k.startswith("backbone.") for k in state):
+    if run.has_backbone_weights:
         raise EdgetuneError(f"{run.path} has a fine-tuned backbone (--unfreeze or adapted with adabn): "
                             "adapt the run it came from.")
     if adabn and precision != "fp32":
@@ -281,7 +281,7 @@ def adapt(run_path: Path, unlabeled: Path, out: Path, *, method: str = DEFAULT_M
     source, _ = cached_train_features(run)
     source = source[:, 0]
     images = _target_images(Path(unlabeled), run.spec.input_size, workers)
-    head = {k[5:]: v for k, v in state.items() if k.startswith("head.")}
+    head = run.head_tensors()
     tensors: dict[str, np.ndarray] = {}
     if adabn:
         from toolkit.augment import eval_view

@@ -218,13 +218,12 @@ def _run_predictor(path: Path, device: str) -> Predictor:
 
     run = RunDir.open(path)
     spec, labels, cfg = run.spec, run.labels, run.config
-    state = run.model_state()
     request = device.lower()
     runtime = ("onnxruntime" if request.startswith("ort:") else
                "openvino" if request == "auto" or request.startswith("openvino:") else "torch")
     dev = _pick_device(device, runtime)
     name = dev.id.partition(":")[2] if runtime != "torch" else dev.id
-    if any(k.startswith("backbone.") for k in state):
+    if run.has_backbone_weights:
         return _finetuned_predictor(run, runtime, name, dev.id)
     from toolkit.features import create_engine
 
