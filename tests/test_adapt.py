@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 
 from toolkit.adapt import DEFAULT_METHOD, METHODS, align_head, channel_stats, coral_map
@@ -73,6 +74,35 @@ def test_diag_alignment_bounds_a_silent_channel():
     p = fit_head("logreg", source.astype(np.float32), y, 3)
     inv = align_head(p.tensors, "diag", source, target)["feature_inv_std"]
     assert np.isfinite(inv).all() and inv[0] <= 10.0 * p.tensors["feature_inv_std"][0] * (1 + 1e-6)
+
+
+def _layer_stats(rng, images, shift=0.0):
+    from toolkit.adapt import _Moments
+
+    # Per image a content-dependent offset (what the image shows) plus pixel noise; `shift`
+    # moves every pixel, as a camera change does.
+    x = rng.normal(0, 1, (images, 8, 1, 1)) + rng.normal(0, 0.5, (images, 8, 6, 6)) + shift
+    m = _Moments()
+    for half in (x[: images // 2], x[images // 2:]):  # in batches, as bn_statistics reads them
+        m.add(_Moments.of(torch.from_numpy(half)))
+    return m.stats()
+
+
+def test_adabn_moves_statistics_by_a_real_shift_not_by_the_noise_of_another_sample():
+    """Two samples of the same camera differ by chance; AdaBN must not move BatchNorm by that
+    difference (3.8 val points on 50 classes), but must still follow a real camera change."""
+    from toolkit.adapt import _moved
+
+    rng = np.random.default_rng(0)
+    source = _layer_stats(rng, 64)
+    base = (torch.zeros(8, dtype=torch.float64), torch.ones(8, dtype=torch.float64))
+    same = _layer_stats(rng, 64)
+    assert float((same[0] - source[0]).abs().max()) > 0.1  # the two samples do differ by chance
+    mean, var = _moved(base, source, same, 1)
+    assert torch.equal(mean, base[0]) and torch.allclose(var, base[1])  # ... and nothing moves
+    shifted = _layer_stats(rng, 64, shift=2.0)
+    mean, _ = _moved(base, source, shifted, 1)
+    np.testing.assert_allclose(mean.numpy(), (shifted[0] - source[0]).numpy(), rtol=0.1)  # a real shift: moved in full
 
 
 def test_cli_offers_every_method_with_the_measured_default():

@@ -14,7 +14,7 @@ import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -101,14 +101,16 @@ class OpenVINOEngine(FeatureEngine):
         *,
         calibration: Sequence[np.ndarray] | None = None,
         batch: int | None = None,
-        ir: Path | None = None,
+        ir: Path | Any | None = None,
     ) -> None:
         super().__init__(spec, device, precision)
         import openvino as ov
 
         from devices.openvino_compile import compile_model, needs_static_shapes
 
-        if ir is not None:
+        if isinstance(ir, ov.Model):
+            model = float_input(ir)
+        elif ir is not None:
             model = float_input(ov.Core().read_model(str(ir)))
         else:
             model = _openvino_backbone(spec, precision, calibration)
@@ -213,13 +215,14 @@ def create_engine(
     *,
     precision: str = "fp32",
     calibration: Sequence[np.ndarray] | None = None,
-    ir: Path | None = None,
+    ir: Path | Any | None = None,
 ) -> FeatureEngine:
     """Build the feature engine for `backbone` on `runtime`/`device`.
 
     precision "int8" (OpenVINO only) quantizes the backbone with NNCF on `calibration` views, so
-    the head learns on the same int8 features an int8 export will produce. `ir` loads an already
-    converted (or quantized) OpenVINO backbone instead, e.g. the one a run trained on.
+    the head learns on the same int8 features an int8 export will produce. `ir` (an IR path or an
+    openvino.Model) is an already converted (or quantized) OpenVINO backbone to run instead, e.g.
+    the one a run trained on.
     """
     spec = get_spec(backbone)
     if precision not in ("fp32", "fp16", "int8"):
