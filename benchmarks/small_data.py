@@ -221,7 +221,7 @@ def camera_shifts(name: str, out: Path, adabn_shifts=("none", *SHIFTS),
                 tr = eval_views("train")
                 if source_stats is None:  # what adapt measures on the run's training images (unshifted)
                     source_stats = ad.bn_statistics(spec, [tr[i] for i in ad._subset(list(range(len(tr))), ad.MAX_BN_IMAGES)])
-                engine = ad.adapted_engine(spec, ad.adabn_tensors(spec, source_stats, [shifted(tr[i]) for i in bn_idx]))
+                engine = ad.adapted_engine(spec, ad.adabn_tensors(spec, source_stats, [shifted(tr[i]) for i in bn_idx])[0])
                 return {"train": ad.backbone_features(engine, [shifted(tr[i]) for i in target_idx]),
                         "val": ad.backbone_features(engine, [shifted(v) for v in eval_views("val")])}
 

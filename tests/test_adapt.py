@@ -138,6 +138,11 @@ def test_adapt_writes_a_new_run_that_predicts(method, small_run, tiny_dataset, t
     assert adapted.config["adapted"]["method"] == method
     assert any(k.startswith("backbone.") for k in adapted.model_state()) == method.startswith("adabn")
     assert evaluate(load_predictor(out), tiny_dataset / "val")["accuracy"] >= 0.9
+    if method.startswith("adabn"):
+        # The target is the run's own training images: no layer differs beyond chance, none moves.
+        record = adapted.config["adapted"]
+        assert record["batchnorm_layers"] > 20 and record["batchnorm_layers_moved"] == 0
+        assert "BatchNorm layers moved 0 of" in result.output
     if method.startswith("adabn"):  # the re-estimated BatchNorm ships as backbone.* tensors: export keeps parity
         from exporters import export
 

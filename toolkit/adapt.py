@@ -218,14 +218,16 @@ def bn_statistics(spec, views: list[np.ndarray], progress: Callable[[int], None]
 
 
 def adabn_tensors(spec, source_stats: list, target_views: list[np.ndarray],
-                  progress: Callable[[int], None] | None = None) -> dict[str, np.ndarray]:
-    """backbone.*running_mean / running_var after moving every BatchNorm's statistics by what the
-    target views change in them (see the module doc; `source_stats` from bn_statistics on the
+                  progress: Callable[[int], None] | None = None) -> tuple[dict[str, np.ndarray], int]:
+    """(backbone.*running_mean / running_var, how many BatchNorm layers moved) after moving every
+    BatchNorm's statistics by what the target views change in them (see the module doc; `source_stats` from bn_statistics on the
     training images). All layers are adapted in one pass over ONE batch of every view (at most
     MAX_BN_IMAGES): each layer is normalised with the whole set's moved statistics before the next
     is measured, so a later layer sees adapted earlier ones, and target == training images gives
     back the pretrained statistics exactly. (Batches of 32, as train-mode AdaBN runs, measured
     -1.3 pt on unshifted ants/bees val: the per-batch statistics' noise reached the deep layers.)"""
+    import torch
+
     model, bns = _bn_model(spec)
     base = [(bn.running_mean.double().clone(), bn.running_var.double().clone()) for bn in bns]
     acc = [_Moments() for _ in bns]
@@ -244,12 +246,15 @@ def adabn_tensors(spec, source_stats: list, target_views: list[np.ndarray],
     finally:
         for h in handles:
             h.remove()
+    moved = 0
     for i, bn in enumerate(bns):
         mean, var = _moved(base[i], source_stats[i], acc[i].stats(), len(bns))
         bn.running_mean.copy_(mean)
         bn.running_var.copy_(var)
-    return {f"backbone.{k}": v.numpy().astype(np.float32) for k, v in model.inner.state_dict().items()
-            if k.endswith(("running_mean", "running_var"))}
+        moved += not (torch.equal(mean, base[i][0]) and torch.equal(var, base[i][1]))
+    tensors = {f"backbone.{k}": v.numpy().astype(np.float32) for k, v in model.inner.state_dict().items()
+               if k.endswith(("running_mean", "running_var"))}
+    return tensors, moved
 
 
 def _moved(base, source, target, layers: int):
@@ -326,6 +331,7 @@ def adapt(run_path: Path, unlabeled: Path, out: Path, *, method: str = DEFAULT_M
     images = _target_images(Path(unlabeled), run.spec.input_size, workers)
     head = run.head_tensors()
     tensors: dict[str, np.ndarray] = {}
+    bn_record: dict[str, int] = {}
     if adabn:
         from toolkit.augment import eval_view
 
@@ -333,7 +339,9 @@ def adapt(run_path: Path, unlabeled: Path, out: Path, *, method: str = DEFAULT_M
         source_views = [eval_view(im, run.spec.input_size) for im in _source_images(run, workers)]
         stats = bn_statistics(run.spec, source_views, lambda d: progress("training statistics", d, len(source_views)))
         bn_views = _subset(views, MAX_BN_IMAGES)
-        tensors.update(adabn_tensors(run.spec, stats, bn_views, lambda d: progress("adabn", d, len(bn_views))))
+        bn_tensors, moved = adabn_tensors(run.spec, stats, bn_views, lambda d: progress("adabn", d, len(bn_views)))
+        tensors.update(bn_tensors)
+        bn_record = {"batchnorm_layers_moved": moved, "batchnorm_layers": sum(k.endswith("running_mean") for k in bn_tensors)}
         target = None
         if step is not None:
             target = backbone_features(adapted_engine(run.spec, tensors), views, workers=workers,
@@ -345,6 +353,7 @@ def adapt(run_path: Path, unlabeled: Path, out: Path, *, method: str = DEFAULT_M
     tensors.update({f"head.{k}": v for k, v in head.items()})
     record = {"from": str(run.path.resolve()), "target": str(Path(unlabeled).resolve()), "target_images": len(images),
               "method": method}
+    record.update(bn_record)
     if target is not None:
         mu_s, mu_t = source.astype(np.float64).mean(0), target.astype(np.float64).mean(0)
         record["relative_mean_shift"] = round(float(np.linalg.norm(mu_t - mu_s) / max(np.linalg.norm(mu_s), 1e-9)), 4)

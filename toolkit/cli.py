@@ -239,6 +239,8 @@ def adapt(run: Path, unlabeled: Path, out: Path, method: str, workers: int) -> N
     with _RichProgress() as progress:
         record = run_adapt(run, unlabeled, out, method=method, workers=workers, progress=progress)
     shift = f"; feature mean shift {record['relative_mean_shift']:.3f}" if "relative_mean_shift" in record else ""
+    if "batchnorm_layers" in record:  # none moved: the new camera's statistics are the training images', within chance
+        shift += f"; BatchNorm layers moved {record['batchnorm_layers_moved']} of {record['batchnorm_layers']}"
     _console().print(f"adapted {run} to {record['target_images']} images of {unlabeled} ({method}{shift}) -> {out}")
 
 
