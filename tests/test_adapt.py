@@ -143,7 +143,7 @@ def test_adapt_writes_a_new_run_that_predicts(method, small_run, tiny_dataset, t
         record = adapted.config["adapted"]
         assert record["batchnorm_layers"] > 20 and record["batchnorm_layers_moved"] == 0
         assert "BatchNorm layers moved 0 of" in result.output
-    if method.startswith("adabn"):  # the re-estimated BatchNorm ships as backbone.* tensors: export keeps parity
+        # The re-estimated BatchNorm ships as backbone.* tensors: export keeps parity.
         from exporters import export
 
         result = export(out, "onnx", tmp_path / "onnx")

@@ -220,8 +220,8 @@ def bn_statistics(spec, views: list[np.ndarray], progress: Callable[[int], None]
 def adabn_tensors(spec, source_stats: list, target_views: list[np.ndarray],
                   progress: Callable[[int], None] | None = None) -> tuple[dict[str, np.ndarray], int]:
     """(backbone.*running_mean / running_var, how many BatchNorm layers moved) after moving every
-    BatchNorm's statistics by what the target views change in them (see the module doc; `source_stats` from bn_statistics on the
-    training images). All layers are adapted in one pass over ONE batch of every view (at most
+    BatchNorm's statistics by what the target views change in them (see the module doc;
+    `source_stats` from bn_statistics on the training images). All layers are adapted in one pass over ONE batch of every view (at most
     MAX_BN_IMAGES): each layer is normalised with the whole set's moved statistics before the next
     is measured, so a later layer sees adapted earlier ones, and target == training images gives
     back the pretrained statistics exactly. (Batches of 32, as train-mode AdaBN runs, measured
@@ -229,13 +229,15 @@ def adabn_tensors(spec, source_stats: list, target_views: list[np.ndarray],
     import torch
 
     model, bns = _bn_model(spec)
-    base = [(bn.running_mean.double().clone(), bn.running_var.double().clone()) for bn in bns]
-    acc = [_Moments() for _ in bns]
+    moved = [False] * len(bns)
 
     def adapt_layer(i):
-        def hook(bn, args):
-            acc[i].add(_Moments.of(args[0]))
-            mean, var = _moved(base[i], source_stats[i], acc[i].stats(), len(bns))
+        def hook(bn, args):  # runs once: the pass is one batch
+            base = (bn.running_mean.double(), bn.running_var.double())
+            seen = _Moments()
+            seen.add(_Moments.of(args[0]))
+            mean, var = _moved(base, source_stats[i], seen.stats(), len(bns))
+            moved[i] = not (torch.equal(mean, base[0]) and torch.equal(var, base[1]))
             bn.running_mean.copy_(mean)
             bn.running_var.copy_(var)
         return hook
@@ -246,15 +248,9 @@ def adabn_tensors(spec, source_stats: list, target_views: list[np.ndarray],
     finally:
         for h in handles:
             h.remove()
-    moved = 0
-    for i, bn in enumerate(bns):
-        mean, var = _moved(base[i], source_stats[i], acc[i].stats(), len(bns))
-        bn.running_mean.copy_(mean)
-        bn.running_var.copy_(var)
-        moved += not (torch.equal(mean, base[i][0]) and torch.equal(var, base[i][1]))
     tensors = {f"backbone.{k}": v.numpy().astype(np.float32) for k, v in model.inner.state_dict().items()
                if k.endswith(("running_mean", "running_var"))}
-    return tensors, moved
+    return tensors, sum(moved)
 
 
 def _moved(base, source, target, layers: int):
