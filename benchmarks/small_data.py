@@ -136,7 +136,10 @@ SHIFT_INTRO = [
     "shift applied to the TRAINING images (never val). Methods (toolkit/adapt.py): mean / diag / coral =",
     "per-channel mean, per-channel mean + std, full-covariance (Ledoit-Wolf) alignment of the backbone",
     "features, folded into the head; adabn = BatchNorm statistics moved by the target-minus-training",
-    "difference (fp32 backbone), alone or followed by a feature alignment.", ""]
+    "difference (fp32 backbone), alone or followed by a feature alignment; camera = a camera model (blur,",
+    "exposure, white balance, noise, JPEG) fitted to 64 of the target images against 64 OTHER training images,",
+    "the training images rendered through it, the run's head refitted on them beside its own views (+diag:",
+    "then aligned).", ""]
 
 
 def _cached(path: Path, compute) -> dict[str, np.ndarray]:
@@ -149,14 +152,18 @@ def _cached(path: Path, compute) -> dict[str, np.ndarray]:
     return arrays
 
 
-def camera_shifts(name: str, out: Path, adabn_shifts=("none", *SHIFTS),
-                  steps=("mean", "diag", "coral")) -> tuple[list[tuple[str, dict[str, float]]], dict]:
+def camera_shifts(name: str, out: Path, adabn_shifts=("none", *SHIFTS), steps=("mean", "diag", "coral"),
+                  camera=True) -> tuple[list[tuple[str, dict[str, float]]], dict]:
     """Val accuracy of the run's head on each shifted val set, before and after every adapt method.
 
     The target of every method is what `adapt` would be given: the shifted TRAINING images (the
     same seeded subset of at most adapt.MAX_TARGET_IMAGES; AdaBN's statistics from at most
     MAX_BN_IMAGES of them), never val; AdaBN only for `adabn_shifts` (slow: torch passes). The first row adapts to the unshifted training images and
-    scores the unshifted val: what adapt costs when the camera did not change."""
+    scores the unshifted val: what adapt costs when the camera did not change.
+
+    The camera method fits its model to MAX_BN_IMAGES of the shifted training images against as many
+    OTHER training images (clean): in use the new camera never shows the training images, and the
+    same images on both sides would make the fit trivially exact."""
     from toolkit import adapt as ad
     from toolkit.augment import eval_resize_shorter, eval_view
     from toolkit.data import decode_images, discover
@@ -168,10 +175,11 @@ def camera_shifts(name: str, out: Path, adabn_shifts=("none", *SHIFTS),
     spec = run.spec
     state = run.model_state()
     head = HeadParams(run.config["train"]["head"], {k[5:]: v for k, v in state.items() if k.startswith("head.")}, "run")
-    train, _, val, yva, _ = run_features(out)
+    train, ytr, val, yva, _ = run_features(out)
     source = train[:, 0]
     target_idx = ad._subset(list(range(len(source))), ad.MAX_TARGET_IMAGES)
     bn_idx = ad._subset(target_idx, ad.MAX_BN_IMAGES)
+    camera_source_idx = ad._subset(sorted(set(range(len(source))) - set(bn_idx)), ad.MAX_BN_IMAGES)
     source_stats = None
     views: dict[str, list[np.ndarray]] = {}
 
@@ -193,10 +201,18 @@ def camera_shifts(name: str, out: Path, adabn_shifts=("none", *SHIFTS),
     def acc(tensors, x):
         return float((head_logits(HeadParams(head.kind, tensors, "adapted"), x).argmax(1) == yva).mean())
 
-    def methods(xt, xv, bt, bv) -> dict[str, float]:
+    def methods(xt, xv, bt, bv, cam) -> dict[str, float]:
         res = {"none": acc(head.tensors, xv)}
         for step in steps:
             res[step] = acc(ad.align_head(head.tensors, step, source, xt), xv)
+        if cam is not None:
+            cam_head = head.tensors
+            if cam["rendered"].size:
+                cam_head = ad.refit_head(run, np.concatenate([train, cam["rendered"][:, None]], axis=1), ytr)
+            res["camera"] = acc(cam_head, xv)
+            # As adapt aligns: from the target onto what the (refitted) head expects, all training images.
+            res["camera+diag"] = acc(ad.align_head(cam_head, "diag", cam["rendered"] if cam["rendered"].size else source,
+                                                   xt), xv)
         if bv is None:
             return res
         res["adabn"] = acc(head.tensors, bv)
@@ -225,11 +241,22 @@ def camera_shifts(name: str, out: Path, adabn_shifts=("none", *SHIFTS),
                 return {"train": ad.backbone_features(engine, [shifted(tr[i]) for i in target_idx]),
                         "val": ad.backbone_features(engine, [shifted(v) for v in eval_views("val")])}
 
+            def fit_camera():
+                tr = eval_views("train")
+                engine = create_engine(spec.name, "openvino", "CPU")
+                fit = ad.fit_run_camera(engine, [tr[i] for i in camera_source_idx], ov["train"][bn_idx])
+                rendered = np.zeros((0,), np.float16) if fit.camera.is_identity else \
+                    ad.rendered_features(engine, fit.camera, lambda k: tr[k], len(tr))
+                print(f"    camera: {fit.camera.describe()} (distance {fit.identity_distance:.2f} -> {fit.distance:.2f}, "
+                      f"{fit.evaluations} renderings)", flush=True)
+                return {"rendered": rendered, "fit": np.array(json.dumps(fit.to_json()))}
+
             bn = {"train": None, "val": None}
             if shift_name in adabn_shifts:
                 bn = _cached(cache / f"adabn-{tag}.npz", adabn)
+            cam = _cached(cache / f"camera-{tag}.npz", fit_camera) if camera else None
             label = "none (unshifted val; adapted to unshifted train)" if fn is None else f"{shift_name} {['mild', 'strong'][s]}"
-            rows.append((label, methods(ov["train"][target_idx], ov["val"], bn["train"], bn["val"])))
+            rows.append((label, methods(ov["train"][target_idx], ov["val"], bn["train"], bn["val"], cam)))
             print(f"  {label:22s} ({time.perf_counter() - t0:.0f} s) " +
                   ", ".join(f"{k} {v:.4f}" for k, v in rows[-1][1].items()), flush=True)
     info = {"head": run.config["train"]["head"], "selected": run.config.get("head_selection", {}).get("selected"),
@@ -255,6 +282,8 @@ def main() -> None:
                     help="camera shifts: also measure AdaBN (torch + OpenVINO backbone passes per shift: slow)")
     ap.add_argument("--adabn-shifts", nargs="*", default=["none", *SHIFTS],
                     help="camera shifts given AdaBN ('none' = the unshifted row)")
+    ap.add_argument("--camera-datasets", nargs="*", default=list(DATASETS),
+                    help="camera shifts: also measure --method camera (a camera fit per shift: tens of seconds)")
     ap.add_argument("--no-coral", nargs="*", default=[], metavar="NAME",
                     help="camera shifts: skip full-covariance CORAL on these sets (seconds of eigh per shift)")
     ap.add_argument("--only", choices=("grid", "shift"), default=None,
@@ -293,7 +322,7 @@ def main() -> None:
             out = Path(runs[name]) if name in runs else default_run(name)[1]
             adabn_shifts = args.adabn_shifts if name in args.adabn_datasets else ()
             steps = [s for s in ad_steps if not (s == "coral" and name in args.no_coral)]
-            shift_md += shift_lines(name, *camera_shifts(name, out, adabn_shifts, steps))
+            shift_md += shift_lines(name, *camera_shifts(name, out, adabn_shifts, steps, name in args.camera_datasets))
     for part, section, lines in (("grid", SECTION, md), ("shift", SHIFT_SECTION, shift_md)):
         if part in parts:
             print("\n".join(lines))

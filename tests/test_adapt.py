@@ -150,7 +150,38 @@ def test_adapt_writes_a_new_run_that_predicts(method, small_run, tiny_dataset, t
         assert result.parity["max_abs_diff"] < 1e-3
 
 
-@pytest.mark.parametrize("case", ["empty", "no_run", "missing_int8", "thumbnails", "adabn_on_int8", "no_source"])
+def test_adapt_camera_fits_a_darker_camera_and_refits_the_head(small_run, tiny_dataset, tmp_path):
+    """--method camera: the target is the training scenes under a darker exposure; adapt fits a
+    camera that darkens, refits the head on the training images rendered through it, and says so.
+    Adapting to the run's own images fits no camera and leaves the head as it was."""
+    import cv2
+
+    from toolkit.cli import cli
+    from toolkit.runs import RunDir
+
+    dark = tmp_path / "dark"
+    dark.mkdir()
+    for f in sorted((tiny_dataset / "train").rglob("*.*")):
+        img = cv2.imread(str(f))
+        cv2.imwrite(str(dark / f"{f.parent.name}_{f.stem}.png"), np.clip((img / 255.0) ** 1.6 * 0.5 * 255, 0, 255).astype(np.uint8))
+    result = CliRunner().invoke(cli, ["adapt", str(small_run), str(dark), "--out", str(tmp_path / "a"), "--method", "camera"])
+    assert result.exit_code == 0, result.output
+    fitted = RunDir.open(tmp_path / "a").config["adapted"]["camera"]
+    assert fitted["settings"]["level"] < 0.8 and fitted["distance"] < 0.5 * fitted["identity_distance"], fitted
+    assert f"camera: {fitted['fitted']}" in " ".join(result.output.split())
+    head = RunDir.open(small_run).head_tensors()
+    assert not np.array_equal(RunDir.open(tmp_path / "a").head_tensors()["layers.1.weight"], head["layers.1.weight"])
+
+    result = CliRunner().invoke(cli, ["adapt", str(small_run), str(tiny_dataset / "train"), "--out", str(tmp_path / "b"),
+                                      "--method", "camera"])
+    assert result.exit_code == 0, result.output
+    assert RunDir.open(tmp_path / "b").config["adapted"]["camera"]["fitted"] == "unchanged"
+    for k, v in RunDir.open(tmp_path / "b").head_tensors().items():
+        np.testing.assert_array_equal(v, head[k])
+
+
+@pytest.mark.parametrize("case", ["empty", "no_run", "missing_int8", "thumbnails", "adabn_on_int8", "no_source",
+                                  "camera_no_source"])
 def test_adapt_bad_input_is_one_line_and_writes_nothing(case, small_run, tiny_dataset, tmp_path):
     import cv2
 
@@ -164,21 +195,21 @@ def test_adapt_bad_input_is_one_line_and_writes_nothing(case, small_run, tiny_da
             cv2.imwrite(str(target / f"{i}.png"), np.full((side, side, 3), 20 * i, np.uint8))
     if case == "no_run":
         run = tmp_path / "nothing"
-    if case in ("missing_int8", "adabn_on_int8", "no_source"):
+    if case in ("missing_int8", "adabn_on_int8", "no_source", "camera_no_source"):
         run = tmp_path / "copy"
         shutil.copytree(small_run, run)
         cfg = json.loads((run / "config.json").read_text())
-        if case != "no_source":
+        if not case.endswith("no_source"):
             cfg["train"]["backbone_precision"] = "int8"
             (run / "config.json").write_text(json.dumps(cfg))
         if case == "adabn_on_int8":
             (run / "backbone-int8.xml").write_text("<net/>")
-        if case == "no_source":  # adabn compares with the training images: they moved away
+        if case.endswith("no_source"):  # adabn and camera read the training images: they moved away
             split = json.loads((run / "split.json").read_text())
             for f in split["train"]:
                 f["path"] = str(tmp_path / "gone" / Path(f["path"]).name)
             (run / "split.json").write_text(json.dumps(split))
-        method = "adabn" if case in ("adabn_on_int8", "no_source") else method
+        method = {"adabn_on_int8": "adabn", "no_source": "adabn", "camera_no_source": "camera"}.get(case, method)
     out = tmp_path / "out"
     result = CliRunner().invoke(cli, ["adapt", str(run), str(target), "--out", str(out), "--method", method])
     assert result.exit_code == 2 and "Traceback" not in result.output, result.output

@@ -19,6 +19,11 @@ benchmark, benchmarks/small_data.py, on both visible sets):
             own, `adapted_engine`). Plain AdaBN (the target's own
             statistics) would also move an unshifted camera away from the ImageNet statistics the
             head was trained under; the difference form leaves it where it was.
+  head:
+    camera  a camera model (blur, exposure, white balance, noise, JPEG; toolkit.camera) fitted to
+            the target images, the training images rendered through it, and the run's selected
+            head refitted on them beside the views it had: the head has seen the new camera with
+            labels. The backbone is untouched; with +diag the refitted head is aligned too.
 
 Only the unlabelled target images are read from the new camera; labels never enter. The new run
 is written beside the old one (never modified), atomically: a temporary folder renamed at the end.
@@ -54,16 +59,17 @@ MAX_STD_RATIO = 10.0
 LAYER_ALPHA = 0.01
 
 FEATURE_STEPS = ("mean", "diag", "coral")
-METHODS = ("mean", "diag", "coral", "adabn", "adabn+mean", "adabn+diag")
+METHODS = ("mean", "diag", "coral", "adabn", "adabn+mean", "adabn+diag", "camera", "camera+diag")
 DEFAULT_METHOD = "diag"
 
 
-def split_method(method: str) -> tuple[bool, str | None]:
-    """(re-estimate BatchNorm?, feature step or None) of a METHODS name."""
+def split_method(method: str) -> tuple[str | None, str | None]:
+    """(first step: "adabn", "camera" or None; feature step or None) of a METHODS name."""
     if method not in METHODS:
         raise EdgetuneError(f"Unknown adapt method '{method}'. Use one of: {', '.join(METHODS)}.")
     parts = method.split("+")
-    return parts[0] == "adabn", next((p for p in parts if p in FEATURE_STEPS), None)
+    first = parts[0] if parts[0] in ("adabn", "camera") else None
+    return first, next((p for p in parts if p in FEATURE_STEPS), None)
 
 
 # -- feature alignment folded into the head -----------------------------------------------------
@@ -297,6 +303,81 @@ def backbone_features(engine, views: list[np.ndarray], *, workers: int = 2,
     return extract_features(engine, lambda k: views[k], len(views), workers=workers, progress=progress)
 
 
+# -- a fitted camera model (toolkit.camera) --------------------------------------------------------
+
+
+def fit_run_camera(engine, source_views: list[np.ndarray], target: np.ndarray, *, workers: int = 2,
+                   progress: Callable[[int], None] | None = None):
+    """toolkit.camera.fit_camera with the run's engine: `source_views` (training images, eval views)
+    rendered until their features match `target` (the target images' features) in mean."""
+    from toolkit.camera import fit_camera
+    from toolkit.features import extract_features
+
+    def features(views: list[np.ndarray]) -> np.ndarray:
+        return extract_features(engine, lambda k: views[k], len(views), workers=workers)
+
+    return fit_camera(features, source_views, target, progress=progress)
+
+
+def rendered_features(engine, camera, make_view: Callable[[int], np.ndarray], count: int, *, workers: int = 2,
+                      progress: Callable[[int], None] | None = None) -> np.ndarray:
+    """Features of views 0..count-1 (`make_view`, eval views) rendered by `camera`, each with its
+    own noise seed (its index), so the result does not depend on thread timing."""
+    from toolkit.features import extract_features
+
+    return extract_features(engine, lambda k: camera.render(make_view(k), seed=k), count, workers=workers,
+                            progress=progress)
+
+
+def refit_head(run, features: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
+    """The run's selected head (same kind and options, config.json head_selection) fitted again on
+    `features` ((N, V, D) views of its training images): the layout the exporters already ship."""
+    from toolkit.head_fit import fit_head, one_blas_thread
+
+    cfg = run.config
+    chosen = cfg.get("head_selection") or {}
+    if "selected" not in chosen:
+        raise RunDirError(f"{run.path / 'config.json'} does not say which head the run selected: retrain the run "
+                          "with this version, or use --method diag.")
+    with one_blas_thread():
+        params = fit_head(chosen["selected"], features, labels, len(run.labels), seed=int(cfg["train"]["seed"]),
+                          **chosen.get("options", {}))
+    return params.tensors
+
+
+def _training_files(run, count: int) -> list[Path]:
+    """The run's training files (split.json, in the order of its feature cache), all still there."""
+    from toolkit.data import SPLIT_FILE
+
+    path = run.path / SPLIT_FILE
+    files = [Path(f["path"]) for f in json.loads(path.read_text())["train"]] if path.is_file() else []
+    if len(files) != count:
+        raise RunDirError(f"{path} lists {len(files)} training images and the run's feature cache holds {count}: "
+                          "--method camera re-renders the training images; retrain the run or use --method diag.")
+    missing = [f for f in files if not f.is_file()]
+    if missing:
+        raise DataError(f"{missing[0]} (one of {len(missing)} training images of the run) is gone: --method camera "
+                        "re-renders the training images; restore them or use --method diag.")
+    return files
+
+
+def _stream_views(run, files: list[Path]) -> Callable[[int], np.ndarray]:
+    """Eval view k of `files`, decoded on demand (memory flat in the number of images)."""
+    from toolkit.augment import eval_resize_shorter, eval_view
+    from toolkit.data import Dataset, ImageStream, Sample
+
+    size = run.spec.input_size
+    stream = ImageStream(Dataset([Sample(p, 0) for p in files], ["train"], run.path), min_side=eval_resize_shorter(size))
+
+    def view(k: int) -> np.ndarray:
+        img = stream.get(k)
+        if img is None:
+            raise DataError(f"{files[k]} cannot be read any more ({stream.failed.get(k)}): restore it or use --method diag.")
+        return eval_view(img, size)
+
+    return view
+
+
 # -- the command ----------------------------------------------------------------------------------
 
 
@@ -307,7 +388,7 @@ def adapt(run_path: Path, unlabeled: Path, out: Path, *, method: str = DEFAULT_M
     from toolkit.runs import RunDir
 
     progress = progress or (lambda *_: None)
-    adabn, step = split_method(method)
+    first, step = split_method(method)
     run = RunDir.open(run_path)
     out = Path(out)
     if out.exists():
@@ -319,16 +400,18 @@ def adapt(run_path: Path, unlabeled: Path, out: Path, *, method: str = DEFAULT_M
     if run.has_backbone_weights:
         raise EdgetuneError(f"{run.path} has a fine-tuned backbone (--unfreeze or adapted with adabn): "
                             "adapt the run it came from.")
-    if adabn and precision != "fp32":
+    if first == "adabn" and precision != "fp32":
         raise EdgetuneError(f"--method {method} re-estimates BatchNorm in the fp32 backbone: this run uses an "
                             f"{precision} backbone; use --method {step or 'diag'}.")
-    source, _ = cached_train_features(run)
-    source = source[:, 0]
+    cached, labels = cached_train_features(run)
+    if first == "camera":
+        train_files = _training_files(run, len(labels))  # before any image is read: a missing file fails fast
+    source = cached[:, 0]
     images = _target_images(Path(unlabeled), run.spec.input_size, workers)
     head = run.head_tensors()
     tensors: dict[str, np.ndarray] = {}
-    bn_record: dict[str, int] = {}
-    if adabn:
+    record: dict[str, Any] = {}
+    if first == "adabn":
         from toolkit.augment import eval_view
 
         views = [eval_view(im, run.spec.input_size) for im in images]
@@ -337,19 +420,33 @@ def adapt(run_path: Path, unlabeled: Path, out: Path, *, method: str = DEFAULT_M
         bn_views = _subset(views, MAX_BN_IMAGES)
         bn_tensors, moved = adabn_tensors(run.spec, stats, bn_views, lambda d: progress("adabn", d, len(bn_views)))
         tensors.update(bn_tensors)
-        bn_record = {"batchnorm_layers_moved": moved, "batchnorm_layers": sum(k.endswith("running_mean") for k in bn_tensors)}
+        record = {"batchnorm_layers_moved": moved, "batchnorm_layers": sum(k.endswith("running_mean") for k in bn_tensors)}
         target = None
         if step is not None:
             target = backbone_features(adapted_engine(run.spec, tensors), views, workers=workers,
                                        progress=lambda d: progress("target features", d, len(views)))
     else:
-        target = _engine_features(run, images, workers, progress)
+        engine = _run_engine(run)
+        target = _engine_features(run, engine, images, workers, progress)
+        if first == "camera":
+            from toolkit.augment import eval_view
+
+            source_views = [eval_view(im, run.spec.input_size) for im in _source_images(run, workers)]
+            fit_target = target[_subset(list(range(len(target))), MAX_BN_IMAGES)]
+            fit = fit_run_camera(engine, source_views, fit_target, workers=workers,
+                                 progress=lambda d: progress("camera fit", d, None))
+            record = {"camera": fit.to_json()}
+            if not fit.camera.is_identity:
+                rendered = rendered_features(engine, fit.camera, _stream_views(run, train_files), len(train_files),
+                                             workers=workers,
+                                             progress=lambda d: progress("rendered training images", d, len(train_files)))
+                head = refit_head(run, np.concatenate([cached, rendered[:, None]], axis=1), labels)
     if step is not None:
-        head = align_head(head, step, source, target)
+        # A refitted head expects the new camera's features to look like the rendered ones.
+        head = align_head(head, step, rendered if first == "camera" and not fit.camera.is_identity else source, target)
     tensors.update({f"head.{k}": v for k, v in head.items()})
     record = {"from": str(run.path.resolve()), "target": str(Path(unlabeled).resolve()), "target_images": len(images),
-              "method": method}
-    record.update(bn_record)
+              "method": method, **record}
     if target is not None:
         mu_s, mu_t = source.astype(np.float64).mean(0), target.astype(np.float64).mean(0)
         record["relative_mean_shift"] = round(float(np.linalg.norm(mu_t - mu_s) / max(np.linalg.norm(mu_s), 1e-9)), 4)
@@ -402,17 +499,23 @@ def _source_images(run, workers: int) -> list[np.ndarray]:
     return images
 
 
-def _engine_features(run, images, workers, progress) -> np.ndarray:
-    from toolkit.augment import eval_view
-    from toolkit.features import create_engine, extract_features
+def _run_engine(run):
+    """The feature engine the run's own features came from (its backbone precision, its int8 IR)."""
+    from toolkit.features import create_engine
     from toolkit.learners import INT8_BACKBONE
 
     spec, precision = run.spec, run.config["train"]["backbone_precision"]
     if precision == "int8":
-        engine = create_engine(spec.name, "openvino", "CPU", precision="int8", ir=run.path / INT8_BACKBONE)
-    else:
-        engine = create_engine(spec.name, "openvino", "CPU", precision=precision)
-    return extract_features(engine, lambda k: eval_view(images[k], spec.input_size), len(images), workers=workers,
+        return create_engine(spec.name, "openvino", "CPU", precision="int8", ir=run.path / INT8_BACKBONE)
+    return create_engine(spec.name, "openvino", "CPU", precision=precision)
+
+
+def _engine_features(run, engine, images, workers, progress) -> np.ndarray:
+    from toolkit.augment import eval_view
+    from toolkit.features import extract_features
+
+    size = run.spec.input_size
+    return extract_features(engine, lambda k: eval_view(images[k], size), len(images), workers=workers,
                             progress=lambda d: progress("target features", d, len(images)))
 
 

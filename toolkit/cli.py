@@ -226,11 +226,14 @@ def _print_train_summary(console, run_dir: Path, m: dict[str, Any]) -> None:
 @click.argument("run", type=click.Path(path_type=Path))
 @click.argument("unlabeled", type=click.Path(path_type=Path))
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="New run directory (RUN is never modified).")
-@click.option("--method", type=click.Choice(["mean", "diag", "coral", "adabn", "adabn+mean", "adabn+diag"]),
+@click.option("--method", type=click.Choice(["mean", "diag", "coral", "adabn", "adabn+mean", "adabn+diag", "camera",
+                                            "camera+diag"]),
               default="diag", show_default=True,
               help="diag: per-channel feature mean and std aligned, folded into the head (measured best; "
                    "see BENCHMARKS.md 'Camera shift (adapt)'); mean: mean only; coral: full covariance; "
-                   "adabn[+...]: BatchNorm statistics re-estimated too (fp32 backbones).")
+                   "adabn[+...]: BatchNorm statistics re-estimated too (fp32 backbones); camera[+diag]: a camera "
+                   "model (blur, exposure, colour, noise, JPEG) fitted to the images, the head refitted on the "
+                   "training images rendered through it (needs the training images).")
 @click.option("--workers", type=int, default=2, show_default=True, help="Decode threads.")
 def adapt(run: Path, unlabeled: Path, out: Path, method: str, workers: int) -> None:
     """Adapt RUN to a new camera from UNLABELED images of it (no labels needed); writes a new run."""
@@ -241,6 +244,8 @@ def adapt(run: Path, unlabeled: Path, out: Path, method: str, workers: int) -> N
     shift = f"; feature mean shift {record['relative_mean_shift']:.3f}" if "relative_mean_shift" in record else ""
     if "batchnorm_layers" in record:  # none moved: the new camera's statistics are the training images', within chance
         shift += f"; BatchNorm layers moved {record['batchnorm_layers_moved']} of {record['batchnorm_layers']}"
+    if "camera" in record:  # what the new camera does to the images, as far as the backbone can tell
+        shift += f"; camera: {record['camera']['fitted']}"
     _console().print(f"adapted {run} to {record['target_images']} images of {unlabeled} ({method}{shift}) -> {out}")
 
 
