@@ -331,7 +331,9 @@ def rendered_features(engine, camera, make_view: Callable[[int], np.ndarray], co
 
 def refit_head(run, features: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
     """The run's selected head (same kind and options, config.json head_selection) fitted again on
-    `features` ((N, V, D) views of its training images): the layout the exporters already ship."""
+    `features` ((N, V, D) views of its training images): the layout the exporters already ship.
+    A run trained with --generate vae is refitted without generated points (CV kept them only where
+    they helped, and the rendered views are the new points here)."""
     from toolkit.head_fit import fit_head, one_blas_thread
 
     cfg = run.config
