@@ -138,7 +138,7 @@ SHIFT_INTRO = [
     "features, folded into the head; adabn = BatchNorm statistics moved by the target-minus-training",
     "difference (fp32 backbone), alone or followed by a feature alignment; camera = a camera model (blur,",
     "exposure, white balance, noise, JPEG) fitted to 64 of the target images against 64 OTHER training images,",
-    "the training images rendered through it, the run's head refitted on them beside its own views (+diag:",
+    "every training view rendered through it, the run's head refitted on them beside its own views (+diag:",
     "then aligned).", ""]
 
 
@@ -206,13 +206,13 @@ def camera_shifts(name: str, out: Path, adabn_shifts=("none", *SHIFTS), steps=("
         for step in steps:
             res[step] = acc(ad.align_head(head.tensors, step, source, xt), xv)
         if cam is not None:
-            cam_head = head.tensors
+            cam_head, expected = head.tensors, source
             if cam["rendered"].size:
-                cam_head = ad.refit_head(run, np.concatenate([train, cam["rendered"][:, None]], axis=1), ytr)
+                cam_head = ad.refit_head(run, np.concatenate([train, cam["rendered"]], axis=1), ytr)
+                expected = cam["rendered"][:, 0]
             res["camera"] = acc(cam_head, xv)
             # As adapt aligns: from the target onto what the (refitted) head expects, all training images.
-            res["camera+diag"] = acc(ad.align_head(cam_head, "diag", cam["rendered"] if cam["rendered"].size else source,
-                                                   xt), xv)
+            res["camera+diag"] = acc(ad.align_head(cam_head, "diag", expected, xt), xv)
         if bv is None:
             return res
         res["adabn"] = acc(head.tensors, bv)
@@ -245,8 +245,11 @@ def camera_shifts(name: str, out: Path, adabn_shifts=("none", *SHIFTS), steps=("
                 tr = eval_views("train")
                 engine = create_engine(spec.name, "openvino", "CPU")
                 fit = ad.fit_run_camera(engine, [tr[i] for i in camera_source_idx], ov["train"][bn_idx])
-                rendered = np.zeros((0,), np.float16) if fit.camera.is_identity else \
-                    ad.rendered_features(engine, fit.camera, lambda k: tr[k], len(tr))
+                rendered = np.zeros((0,), np.float16)
+                if not fit.camera.is_identity:  # every training view, as adapt renders them
+                    n, v = train.shape[:2]
+                    make = ad._training_views(run, ad._training_files(run, n), v, engine.batch, 2)
+                    rendered = ad.rendered_features(engine, fit.camera, make, n * v).reshape(n, v, -1)
                 print(f"    camera: {fit.camera.describe()} (distance {fit.identity_distance:.2f} -> {fit.distance:.2f}, "
                       f"{fit.evaluations} renderings)", flush=True)
                 return {"rendered": rendered, "fit": np.array(json.dumps(fit.to_json()))}

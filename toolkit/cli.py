@@ -228,12 +228,12 @@ def _print_train_summary(console, run_dir: Path, m: dict[str, Any]) -> None:
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="New run directory (RUN is never modified).")
 @click.option("--method", type=click.Choice(["mean", "diag", "coral", "adabn", "adabn+mean", "adabn+diag", "camera",
                                             "camera+diag"]),
-              default="diag", show_default=True,
-              help="diag: per-channel feature mean and std aligned, folded into the head (measured best; "
-                   "see BENCHMARKS.md 'Camera shift (adapt)'); mean: mean only; coral: full covariance; "
-                   "adabn[+...]: BatchNorm statistics re-estimated too (fp32 backbones); camera[+diag]: a camera "
-                   "model (blur, exposure, colour, noise, JPEG) fitted to the images, the head refitted on the "
-                   "training images rendered through it (needs the training images).")
+              default="camera", show_default=True,
+              help="camera: a camera model (blur, exposure, colour, noise, JPEG) fitted to the images, the head "
+                   "refitted on the training images rendered through it (measured best, BENCHMARKS.md 'Camera shift "
+                   "(adapt)'; needs the run's training images); diag: per-channel feature mean and std aligned, "
+                   "folded into the head (fast, no training images); mean: mean only; coral: full covariance; "
+                   "adabn[+...]: BatchNorm statistics re-estimated too (fp32 backbones).")
 @click.option("--workers", type=int, default=2, show_default=True, help="Decode threads.")
 def adapt(run: Path, unlabeled: Path, out: Path, method: str, workers: int) -> None:
     """Adapt RUN to a new camera from UNLABELED images of it (no labels needed); writes a new run."""

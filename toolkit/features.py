@@ -480,6 +480,16 @@ def batches_ahead(workers: int) -> int:
     return max(2, workers * 2)
 
 
+def stream_capacity(batch: int, views: int, workers: int) -> int:
+    """Decoded images an ImageStream must keep so that `extract_features` over `views` consecutive
+    views per image decodes each image once. An image's views may straddle two batches built by
+    two threads; between its first and last view only batches within batches_ahead of those two
+    are built, each spanning at most batch/views + 1 images: a cache that size decodes every image
+    once, whatever the thread timing, and holds a few dozen images at most. Without repeated
+    views one will do."""
+    return (2 * batches_ahead(workers) + 2) * (-(-batch // views) + 1) if views > 1 else 1
+
+
 def extract_features(
     engine: FeatureEngine,
     make_view: Callable[[int], np.ndarray],

@@ -216,17 +216,12 @@ class CachedFeatures:
         """(N, views, D) float16 features of the `which` images; view 0 is the clean view, the
         others augmented. Images are decoded as their views are built, never all held."""
         from toolkit.augment import build_augmentation, eval_view
-        from toolkit.features import batches_ahead, extract_features
+        from toolkit.features import extract_features, stream_capacity
 
         c, size = self.config, self.spec.input_size
         aug = build_augmentation(c.augment, size=size, overrides=c.augment_overrides)
         engine = self.engine()
-        # An image's views may straddle two batches built by two threads. Between its first and last
-        # view only batches within batches_ahead of those two are built, each spanning at most
-        # batch/views + 1 images: a cache that size decodes every image once, whatever the thread
-        # timing, and holds a few dozen images at most. Without repeated views one will do.
-        per_batch = -(-engine.batch // views) + 1
-        images = self.prep.stream(which, capacity=(2 * batches_ahead(c.workers) + 2) * per_batch if views > 1 else 1)
+        images = self.prep.stream(which, capacity=stream_capacity(engine.batch, views, c.workers))
         blank = np.zeros((size, size, 3), np.uint8)
 
         def make_view(k: int) -> np.ndarray:
