@@ -22,9 +22,10 @@ benchmarks/small_data.py, reports it):
             head was trained under; the difference form leaves it where it was.
   head:
     camera  a camera model (blur, exposure, white balance, noise, JPEG; toolkit.camera) fitted to
-            the target images, the training images rendered through it, and the run's selected
-            head refitted on them beside the views it had: the head has seen the new camera with
-            labels. The backbone is untouched; with +diag the refitted head is aligned too.
+            the target images, every training view (clean and augmented) rendered through it, and
+            the run's selected head refitted on them beside the views it had: the head has seen
+            the new camera with labels. The backbone is untouched; with +diag the refitted head is
+            aligned too. Needs the run's training images (split.json).
 
 Only the unlabelled target images are read from the new camera; labels never enter. The new run
 is written beside the old one (never modified), atomically: a temporary folder renamed at the end.
@@ -322,8 +323,8 @@ def fit_run_camera(engine, source_views: list[np.ndarray], target: np.ndarray, *
 
 def rendered_features(engine, camera, make_view: Callable[[int], np.ndarray], count: int, *, workers: int = 2,
                       progress: Callable[[int], None] | None = None) -> np.ndarray:
-    """Features of views 0..count-1 (`make_view`, eval views) rendered by `camera`, each with its
-    own noise seed (its index), so the result does not depend on thread timing."""
+    """Features of views 0..count-1 (`make_view`: uint8 views as the backbone reads them) rendered
+    by `camera`, each with its own noise seed (its index): the result never depends on thread timing."""
     from toolkit.features import extract_features
 
     return extract_features(engine, lambda k: camera.render(make_view(k), seed=k), count, workers=workers,
