@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from small_data import SHIFTS, DATASETS
 from toolkit import adapt as ad
-from toolkit.augment import eval_resize_shorter, eval_view, build_augmentation
+from toolkit.augment import build_augmentation, eval_resize_shorter, eval_view, training_view
 from toolkit.data import decode_images, discover
 from toolkit.features import create_engine, extract_features
 from toolkit.head_fit import fit_head, head_logits, HeadParams, one_blas_thread
@@ -52,7 +52,6 @@ eng = create_engine(spec.name, 'openvino', 'CPU')
 F = lambda vs: extract_features(eng, lambda k: vs[k], len(vs))
 acc = lambda t, x: float((head_logits(HeadParams(c['head'], t, 'x'), x).argmax(1) == y[B]).mean())
 clean = acc(head, tr[B, 0].astype(np.float32))
-def view_of(i, v): return views[i] if v == 0 else aug(images[i], np.random.default_rng([c['seed'], i, v]))
 rows = []
 for sname, fn in {'none': None, **SHIFTS}.items():
     for s in ((0,) if fn is None else (0, 1)):
@@ -64,7 +63,11 @@ for sname, fn in {'none': None, **SHIFTS}.items():
         h51 = h55 = head
         if not cf.camera.is_identity:
             cam = cf.camera
-            rend = extract_features(eng, lambda k: cam.render(view_of(A[k // V], k % V), seed=k), len(A) * V).reshape(len(A), V, -1)
+            def rendered_view(k, cam=cam):
+                i = A[k // V]
+                return cam.render(training_view(images[i], i, k % V, aug, seed=c['seed'], size=size), seed=k)
+
+            rend = extract_features(eng, rendered_view, len(A) * V).reshape(len(A), V, -1)
             with one_blas_thread():
                 h51 = fit(np.concatenate([tr[A], rend[:, :1]], 1), y[A])
                 h55 = fit(np.concatenate([tr[A], rend], 1), y[A])

@@ -299,7 +299,7 @@ def adapted_engine(spec, tensors: dict[str, np.ndarray]):
 
 def backbone_features(engine, views: list[np.ndarray], *, workers: int = 2,
                       progress: Callable[[int], None] | None = None) -> np.ndarray:
-    """Features of `views` (eval views) through `engine` (`adapted_engine`)."""
+    """Features of `views` (eval views) through `engine` (`adapted_engine`, or the run's own)."""
     from toolkit.features import extract_features
 
     return extract_features(engine, lambda k: views[k], len(views), workers=workers, progress=progress)
@@ -313,12 +313,9 @@ def fit_run_camera(engine, source_views: list[np.ndarray], target: np.ndarray, *
     """toolkit.camera.fit_camera with the run's engine: `source_views` (training images, eval views)
     rendered until their features match `target` (the target images' features) in mean."""
     from toolkit.camera import fit_camera
-    from toolkit.features import extract_features
 
-    def features(views: list[np.ndarray]) -> np.ndarray:
-        return extract_features(engine, lambda k: views[k], len(views), workers=workers)
-
-    return fit_camera(features, source_views, target, progress=progress)
+    return fit_camera(lambda views: backbone_features(engine, views, workers=workers), source_views, target,
+                      progress=progress)
 
 
 def rendered_features(engine, camera, make_view: Callable[[int], np.ndarray], count: int, *, workers: int = 2,
@@ -368,7 +365,7 @@ def _training_files(run, count: int) -> list[Path]:
 def _training_views(run, files: list[Path], views: int, batch: int, workers: int) -> Callable[[int], np.ndarray]:
     """View k = image * views + v of `files` as training drew it: v = 0 the eval view, the others
     the run's own augmentation with the same seeds (toolkit.learners), decoded on demand."""
-    from toolkit.augment import build_augmentation, eval_resize_shorter, eval_view
+    from toolkit.augment import build_augmentation, eval_resize_shorter, training_view
     from toolkit.data import Dataset, ImageStream, Sample
     from toolkit.features import stream_capacity
 
@@ -382,7 +379,7 @@ def _training_views(run, files: list[Path], views: int, batch: int, workers: int
         img = stream.get(i)
         if img is None:
             raise DataError(f"{files[i]} cannot be read any more ({stream.failed.get(i)}): restore it or use --method diag.")
-        return eval_view(img, size) if v == 0 else aug(img, np.random.default_rng([c["seed"], i, v]))
+        return training_view(img, i, v, aug, seed=c["seed"], size=size)
 
     return view
 
@@ -420,11 +417,12 @@ def adapt(run_path: Path, unlabeled: Path, out: Path, *, method: str = DEFAULT_M
     head = run.head_tensors()
     tensors: dict[str, np.ndarray] = {}
     record: dict[str, Any] = {}
+    expected = source  # the features the head expects; a refitted head expects the rendered ones
     if first == "adabn":
         from toolkit.augment import eval_view
 
         views = [eval_view(im, run.spec.input_size) for im in images]
-        source_views = [eval_view(im, run.spec.input_size) for im in _source_images(run, workers)]
+        source_views = _source_views(run, workers)
         stats = bn_statistics(run.spec, source_views, lambda d: progress("training statistics", d, len(source_views)))
         bn_views = _subset(views, MAX_BN_IMAGES)
         bn_tensors, moved = adabn_tensors(run.spec, stats, bn_views, lambda d: progress("adabn", d, len(bn_views)))
@@ -438,11 +436,8 @@ def adapt(run_path: Path, unlabeled: Path, out: Path, *, method: str = DEFAULT_M
         engine = _run_engine(run)
         target = _engine_features(run, engine, images, workers, progress)
         if first == "camera":
-            from toolkit.augment import eval_view
-
-            source_views = [eval_view(im, run.spec.input_size) for im in _source_images(run, workers)]
             fit_target = target[_subset(list(range(len(target))), MAX_BN_IMAGES)]
-            fit = fit_run_camera(engine, source_views, fit_target, workers=workers,
+            fit = fit_run_camera(engine, _source_views(run, workers), fit_target, workers=workers,
                                  progress=lambda d: progress("camera fit", d, None))
             record = {"camera": fit.to_json()}
             if not fit.camera.is_identity:
@@ -457,10 +452,9 @@ def adapt(run_path: Path, unlabeled: Path, out: Path, *, method: str = DEFAULT_M
                                              progress=lambda d: progress("rendered training views", d, n * v))
                 rendered = rendered.reshape(n, v, -1)
                 head = refit_head(run, np.concatenate([cached, rendered], axis=1), labels)
+                expected = rendered[:, 0]
     if step is not None:
-        # A refitted head expects the new camera's features to look like the rendered ones.
-        head = align_head(head, step, rendered[:, 0] if first == "camera" and not fit.camera.is_identity else source,
-                          target)
+        head = align_head(head, step, expected, target)
     tensors.update({f"head.{k}": v for k, v in head.items()})
     record = {"from": str(run.path.resolve()), "target": str(Path(unlabeled).resolve()), "target_images": len(images),
               "method": method, **record}
@@ -498,6 +492,14 @@ def _target_images(folder: Path, size: int, workers: int) -> list[np.ndarray]:
                         f"reads {size}x{size} views, so they would be mostly interpolation: give the camera's "
                         f"full frames (at least {-(-size // MIN_SIDE_FRACTION)} px).")
     return images
+
+
+def _source_views(run, workers: int) -> list[np.ndarray]:
+    """Eval views of MAX_BN_IMAGES of the run's training images: what the head was trained under,
+    for AdaBN's statistics and the camera fit's reference."""
+    from toolkit.augment import eval_view
+
+    return [eval_view(im, run.spec.input_size) for im in _source_images(run, workers)]
 
 
 def _source_images(run, workers: int) -> list[np.ndarray]:

@@ -530,6 +530,15 @@ def build_augmentation(preset: str = "default", *, size: int, overrides: dict | 
     return Compose(transforms, size)
 
 
+def training_view(img: np.ndarray, image: int, view: int, aug: Compose, *, seed: int, size: int) -> np.ndarray:
+    """View `view` of training image number `image` as the training features see it: 0 is the
+    eval view, the others `aug` drawn from (seed, image, view) alone, never from thread timing,
+    so `adapt` can re-draw exactly the views a run was trained on."""
+    if view == 0:
+        return eval_view(img, size)
+    return aug(img, np.random.default_rng([seed, image, view]))
+
+
 def augment_grid(images: list[np.ndarray], aug: Compose, *, seed: int, cols: int = 8,
                  rows: int = 4) -> np.ndarray:
     """Preview mosaic: one row per image, eval_view in the first column, augmented views after."""

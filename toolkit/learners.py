@@ -215,7 +215,7 @@ class CachedFeatures:
     def _extract(self, which: str, views: int, unreadable: dict[str, dict[int, str]]) -> np.ndarray:
         """(N, views, D) float16 features of the `which` images; view 0 is the clean view, the
         others augmented. Images are decoded as their views are built, never all held."""
-        from toolkit.augment import build_augmentation, eval_view
+        from toolkit.augment import build_augmentation, training_view
         from toolkit.features import extract_features, stream_capacity
 
         c, size = self.config, self.spec.input_size
@@ -229,10 +229,7 @@ class CachedFeatures:
             img = images.get(i)
             if img is None:
                 return blank  # unreadable after all: its rows are dropped below
-            if v == 0:
-                return eval_view(img, size)
-            # The view's randomness depends only on (seed, image, view), never on threads.
-            return aug(img, np.random.default_rng([c.seed, i, v]))
+            return training_view(img, i, v, aug, seed=c.seed, size=size)
 
         total = len(images) * views
         feats = extract_features(engine, make_view, total, workers=c.workers,
