@@ -97,6 +97,17 @@ def test_evaluate_missing_run_is_a_clear_error(runner, tmp_path, tiny_dataset):
     _one_line_error(runner.invoke(cli, ["evaluate", str(tmp_path), str(tiny_dataset)]), "edgetune train")
 
 
+def test_corrupt_weights_are_a_one_line_error_naming_the_file(trained, runner, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(trained, broken)
+    (broken / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00not json")
+    result = runner.invoke(cli, ["export", str(broken), "--format", "onnx"])
+    _one_line_error(result, "model.safetensors", "retrain")
+    assert sorted(p.name for p in broken.iterdir()) == sorted(p.name for p in trained.iterdir()), "nothing written"
+
+
 def test_predict_files_and_folders_with_bad_files_skipped(trained, runner, tiny_dataset, tmp_path):
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"")

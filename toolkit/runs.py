@@ -89,6 +89,16 @@ class RunDir:
         except Exception as e:  # safetensors raises its own error types for truncated files
             raise RunDirError(f"{self.path / MODEL_FILE} cannot be read ({e}): retrain the run.") from None
 
+    def model_keys(self) -> list[str]:
+        """Tensor names of model.safetensors from its header alone (no tensor is read)."""
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(self.path / MODEL_FILE), framework="np") as f:
+                return list(f.keys())
+        except Exception as e:
+            raise RunDirError(f"{self.path / MODEL_FILE} cannot be read ({e}): retrain the run.") from None
+
     # -- writing results -----------------------------------------------------------------------
     def write_model(self, tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> None:
         write_safetensors(self.path / MODEL_FILE, tensors, metadata)
@@ -110,7 +120,7 @@ class RunDir:
     def has_backbone_weights(self) -> bool:
         """True when model.safetensors carries backbone.* tensors (an --unfreeze tail, adapt's
         AdaBN statistics): the backbone is then not the pretrained one."""
-        return any(k.startswith("backbone.") for k in self.model_state())
+        return any(k.startswith("backbone.") for k in self.model_keys())
 
     @property
     def int8_backbone(self) -> Path | None:
