@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -98,8 +99,6 @@ def test_evaluate_missing_run_is_a_clear_error(runner, tmp_path, tiny_dataset):
 
 
 def test_corrupt_weights_are_a_one_line_error_naming_the_file(trained, runner, tmp_path):
-    import shutil
-
     broken = tmp_path / "broken"
     shutil.copytree(trained, broken)
     (broken / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00not json")

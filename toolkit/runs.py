@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -81,23 +82,25 @@ class RunDir:
     def spec(self) -> BackboneSpec:
         return get_spec(self.config["train"]["backbone"])
 
+    @contextmanager
+    def _reading_model(self):
+        try:
+            yield str(self.path / MODEL_FILE)
+        except Exception as e:  # safetensors raises its own error types for truncated files
+            raise RunDirError(f"{self.path / MODEL_FILE} cannot be read ({e}): retrain the run.") from None
+
     def model_state(self) -> dict[str, np.ndarray]:
         from safetensors.numpy import load_file
 
-        try:
-            return load_file(str(self.path / MODEL_FILE))
-        except Exception as e:  # safetensors raises its own error types for truncated files
-            raise RunDirError(f"{self.path / MODEL_FILE} cannot be read ({e}): retrain the run.") from None
+        with self._reading_model() as path:
+            return load_file(path)
 
     def model_keys(self) -> list[str]:
         """Tensor names of model.safetensors from its header alone (no tensor is read)."""
         from safetensors import safe_open
 
-        try:
-            with safe_open(str(self.path / MODEL_FILE), framework="np") as f:
-                return list(f.keys())
-        except Exception as e:
-            raise RunDirError(f"{self.path / MODEL_FILE} cannot be read ({e}): retrain the run.") from None
+        with self._reading_model() as path, safe_open(path, framework="np") as f:
+            return list(f.keys())
 
     # -- writing results -----------------------------------------------------------------------
     def write_model(self, tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> None:
