@@ -61,8 +61,56 @@ def test_head_fit_imports_without_torch():
             "import numpy as np\n"
             "from toolkit.head_fit import fit_head, head_logits\n"
             "x = np.random.default_rng(0).random((20, 8)).astype('float32'); y = np.arange(20) % 2\n"
-            "for n in ('logreg', 'prototypes', 'imprint'): head_logits(fit_head(n, x, y, 2), x)\n")
+            "for n in ('logreg', 'prototypes', 'imprint'): head_logits(fit_head(n, x, y, 2), x)\n"
+            "from toolkit.head_fit import cross_validate\n"
+            "cross_validate(['prototypes', 'imprint', 'logreg'], x, y, 2, folds=3)\n"
+            # scikit-learn's import alone was a fifth of head selection: CV must not load it.
+            "assert 'sklearn' not in sys.modules, 'head fitting imported scikit-learn'\n")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("n_classes", [2, 7])
+def test_logreg_is_scikit_learns_logistic_regression(n_classes):
+    import warnings
+
+    from sklearn.linear_model import LogisticRegression
+
+    from toolkit.head_fit import LOGREG_C, _balanced_weights, _standardizer
+
+    x, y = blobs(n_per_class=30, n_classes=n_classes, d=24, spread=2.0)
+    keep = np.flatnonzero((y != 1) | (np.arange(len(y)) % 3 == 0))  # unbalanced: weights matter
+    x, y = x[keep], y[keep]
+    path = HEADS["logreg"].path(x, y, n_classes + 1, 0)  # one class never seen
+    mean, inv_std = _standardizer(x)
+    ref = LogisticRegression(max_iter=300, warm_start=True, tol=1e-3)
+    for (opts, params), c in zip(path, sorted(LOGREG_C)):
+        ref.set_params(C=c)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ref.fit((x - mean) * inv_std, y, sample_weight=_balanced_weights(y, n_classes + 1))
+        logits = head_logits(params, x)
+        assert opts == {"C": c} and (logits.argmax(1) < n_classes).all()
+        p = np.exp(logits[:, :n_classes] - logits[:, :n_classes].max(1, keepdims=True))
+        np.testing.assert_allclose(p / p.sum(1, keepdims=True), ref.predict_proba((x - mean) * inv_std), atol=0.02)
+
+
+def test_cv_folds_are_scikit_learns_stratified_k_fold():
+    from sklearn.model_selection import StratifiedKFold
+
+    rng = np.random.default_rng(3)
+    for trial in range(40):
+        # Non-contiguous labels, unbalanced, the rarest class with 2-12 images: fewer folds than 5.
+        y = np.concatenate([rng.choice([7, 2, 40], p=[0.5, 0.3, 0.2], size=int(rng.integers(60, 200))),
+                            np.full(int(rng.integers(2, 12)), 11)])
+        y = y[rng.permutation(len(y))]
+        seed = int(rng.integers(0, 10_000))
+        k = min(5, int(np.unique(y, return_counts=True)[1].min()))
+        ours = cv_folds(y, 5, seed)
+        ref = list(StratifiedKFold(k, shuffle=True, random_state=seed).split(np.zeros(len(y)), y))
+        assert len(ours) == len(ref)
+        for (tr, te), (tr_ref, te_ref) in zip(ours, ref):
+            np.testing.assert_array_equal(tr, tr_ref)
+            np.testing.assert_array_equal(te, te_ref)
 
 
 def test_mlp_head_has_the_mlp_layout():

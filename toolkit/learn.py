@@ -93,13 +93,13 @@ def _onnx_graph_digest(path: Path) -> str:
 
 
 def _warm_imports() -> None:
-    """Import what head fitting needs (scikit-learn, SciPy: ~2 s on a small CPU) in a thread while
+    """Import what head fitting needs (SciPy: ~1 s on a small CPU) in a thread while
     the backbone computes features, instead of after it."""
     import importlib
     import threading
 
     def run() -> None:
-        for name in ("sklearn.model_selection", "scipy.optimize", "scipy.special"):
+        for name in ("scipy.optimize", "scipy.special"):
             try:
                 importlib.import_module(name)
             except Exception:  # noqa: BLE001 - the fitting imports it again and reports the error there
