@@ -237,3 +237,40 @@ def test_cross_validate_runs_heads_concurrently_with_the_same_result():
     for c in together.candidates:
         assert c.fold_accuracy == alone[c.label].fold_accuracy
         np.testing.assert_array_equal(c.oof_logits, alone[c.label].oof_logits)
+
+
+def test_an_epoch_path_stops_once_cv_falls_clearly_below_its_best():
+    from toolkit.head_fit import HeadParams, _path_stopper
+
+    # One-hot features, so a linear head can predict any labels we like row by row.
+    n, labels = 40, np.arange(40) % 2
+    splits = cv_folds(labels, 5, 0)
+    views = np.eye(n, dtype=np.float32)[:, None, :]
+
+    def predicting(wrong_per_fold):  # a snapshot per fold, wrong on its first k held-out rows
+        out = []
+        for (_, te), k in zip(splits, wrong_per_fold):
+            pred = labels.copy()
+            pred[te[:k]] = 1 - pred[te[:k]]
+            out.append(HeadParams("linear", {"feature_mean": np.zeros(n, np.float32),
+                                             "feature_inv_std": np.ones(n, np.float32),
+                                             "layers.1.weight": np.eye(2, dtype=np.float32)[pred].T.copy(),
+                                             "layers.1.bias": np.zeros(2, np.float32)}, "linear"))
+        return out
+
+    stop = _path_stopper(views, labels, splits)
+    assert not stop(predicting([0, 1, 0, 1, 0]))  # the best so far: 0.95, standard error 0.03
+    assert not stop(predicting([1, 1, 0, 1, 1]))  # 0.90: within two standard errors of the best
+    assert stop(predicting([2, 1, 2, 1, 2]))  # 0.80: clearly overfitting, the next doubling is skipped
+
+
+def test_a_stopped_torch_path_keeps_the_checkpoints_it_reached():
+    from toolkit.head_fit import SGD_EPOCH_CHECKPOINTS, _torch_folds
+
+    x, y = blobs(n_per_class=10, n_classes=2, d=8)
+    rows = [np.flatnonzero(np.arange(len(y)) % 2 != f) for f in range(2)]
+    asked = []
+    paths = _torch_folds("linear", x, y, rows, 2, [0, 1],
+                         stop=lambda latest: asked.append(len(latest)) or len(asked) == 2)
+    assert asked == [2, 2]  # every fold's latest snapshot, at each checkpoint until it said stop
+    assert [[o["epochs"] for o, _ in p] for p in paths] == [list(SGD_EPOCH_CHECKPOINTS[:2])] * 2

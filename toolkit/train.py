@@ -198,7 +198,7 @@ def _fit_on_features(run: RunDir, config: TrainConfig, prep: Prepared, plan, pro
 
     feats = CachedFeatures(config, prep, plan, run.path / "state", progress)
     progress("head selection", 0, 1)
-    head_options = {name: _torch_head_options(config) for name in ("linear", "mlp")}
+    head_options = {name: _torch_head_options(config, name) for name in ("linear", "mlp")}
     augment = None
     if config.generate == "vae":
         from toolkit.generate import vae_augmenter
@@ -238,10 +238,11 @@ def _fit_on_features(run: RunDir, config: TrainConfig, prep: Prepared, plan, pro
     return _write_results(run, prep, pred, val_loss, cv_rows, extra, time.perf_counter() - t0)
 
 
-def _torch_head_options(config: TrainConfig) -> dict[str, Any]:
-    return {"hidden": config.hidden, "dropout": config.dropout, "label_smoothing": config.label_smoothing,
-            "mixup": config.mixup, "lr": config.lr, "weight_decay": config.weight_decay,
-            "batch_size": config.batch_size}
+def _torch_head_options(config: TrainConfig, head: str) -> dict[str, Any]:
+    # The hidden width is the MLP's alone: the CV table must not list a "linear(hidden=256)".
+    return {**({"hidden": config.hidden} if head == "mlp" else {}), "dropout": config.dropout,
+            "label_smoothing": config.label_smoothing, "mixup": config.mixup, "lr": config.lr,
+            "weight_decay": config.weight_decay, "batch_size": config.batch_size}
 
 
 def _cross_entropy(logits: np.ndarray, labels: np.ndarray) -> float:
