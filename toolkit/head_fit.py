@@ -1,8 +1,8 @@
 """Fitting classifier heads on cached backbone features, and choosing between them honestly.
 
-Torch-free by design (numpy / SciPy only): the robot refits heads
-with this same code. Heads that need torch (the SGD head with dropout / label smoothing / mixup,
-and the MLP) register here too, with torch_free=False, and import torch only when they run.
+Torch-free by design (numpy / SciPy only): the robot refits heads with this same code. Heads that
+need torch (the SGD head with dropout / label smoothing / mixup, and the MLP) register here too,
+with torch_free=False, and import torch only when they run.
 
 Every head reduces to the layers the exporters already ship, with the state-dict names of
 `toolkit.heads.create_head` (without the "head." prefix that model.safetensors adds; use
