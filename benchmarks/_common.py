@@ -52,12 +52,23 @@ def cpu_count() -> int:
 
 
 def cpu_flags() -> str:
-    """The speed-relevant flags the CPU has, and the AVX-512/VNNI/AMX ones it lacks (devices.probe)."""
-    from devices.probe import WIDE_FLAGS, cpu_flags as present
+    """The speed-relevant flags the CPU has, and the AVX-512/VNNI/AMX ones it lacks (devices.probe);
+    under ONEDNN_MAX_CPU_ISA, the flags left by the cap and what the CPU itself has."""
+    from devices.probe import WIDE_FLAGS, cpu_flags as present, isa_cap
 
     have = present()
     missing = [f for f in WIDE_FLAGS if f not in have]
-    return " ".join(have) + (f" (no {', '.join(missing)})" if missing else "")
+    text = " ".join(have) + (f" (no {', '.join(missing)})" if missing else "")
+    if isa_cap():
+        text += f"; oneDNN held to {isa_cap()} by ONEDNN_MAX_CPU_ISA on a CPU with {' '.join(present(capped=False))}"
+    return text
+
+
+def isa_section(title: str) -> str:
+    """A section title of its own under an ISA cap, so an emulated run never overwrites the CPU's own."""
+    from devices.probe import isa_cap
+
+    return title if isa_cap() is None else f"{title} (oneDNN held to {isa_cap()})"
 
 
 def today() -> str:

@@ -26,7 +26,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._common import (Row, command_line, default_run, load_average, machine_description, markdown_table,  # noqa: E402
-                                median, print_table, update_benchmarks_md)
+                                isa_section, median, print_table, update_benchmarks_md)
 
 TOLERANCE = 0.10  # the target: p50 within 10% of benchmark_app -hint latency
 BUNDLES = {"openvino fp32": ("openvino", {"fp32": True}), "openvino-int8": ("openvino-int8", {}),
@@ -38,6 +38,10 @@ def benchmark_app(model: Path, size: int, *, hint: str, seconds: int) -> dict[st
     code = "import sys; from openvino.tools.benchmark.main import main; sys.argv[0] = 'benchmark_app'; main()"
     cmd = [sys.executable, "-c", code, "-m", str(model), "-d", "CPU", "-hint", hint, "-t", str(seconds),
            "-shape", f"[1,3,{size},{size}]"]
+    from devices.probe import bf16_units, isa_cap
+
+    if isa_cap() and not bf16_units():  # what edgetune compiles under the cap (devices.openvino_compile)
+        cmd += ["-infer_precision", "f32"]
     proc = subprocess.run(cmd, capture_output=True, text=True)
 
     def grab(pattern: str) -> float:
@@ -120,7 +124,7 @@ def main() -> None:
                             f"{median(s['old_p50']):.2f} ms = {median(s['old_p50']) / ref:.2f}x benchmark_app",
                             "", None, "what `edgetune benchmark` reported before"))
 
-    title = "Runtime latency: `edgetune benchmark` vs benchmark_app"
+    title = isa_section("Runtime latency: `edgetune benchmark` vs benchmark_app")
     print_table(title, rows)
     md = "\n".join([
         f"Machine: {machine_description()}; load average {start_load} -> {load_average()}.",

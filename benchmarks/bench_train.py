@@ -1,20 +1,24 @@
 """Training benchmark: edgetune against the naive eager-PyTorch loop, side by side in one process.
 
     python benchmarks/bench_train.py [--data DIR] [--backbone NAME] [--quick] [--no-write]
+    ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 python benchmarks/bench_train.py  # plain AVX2, emulated
 
-Measures (medians where repeated) and checks them against the targets of issue 2:
+Measures (medians where repeated) and checks them against the targets of issues 2 and 10:
   - naive loop (benchmarks/naive_loop.py): views/s, best val accuracy, time to >= 0.954
   - edgetune train() with default settings, fp32 and int8 backbone: wall time, val accuracy,
     feature-pipeline views/s, and the throughput ratio against the naive loop
   - the OpenVINO engine's own images/s on pre-built uint8 batches vs the full feature pipeline
     (augmentation from decoded images + inference) -> pipeline efficiency
-  - peak RSS of a default `edgetune train` in a subprocess, and `edgetune --help` wall time
-Prints the table and rewrites the "## Training" section of BENCHMARKS.md.
+  - wall time and peak RSS of default `edgetune train` processes, and `edgetune --help` wall time
+Prints the table and rewrites the "## Training" section of BENCHMARKS.md ("## Training (oneDNN
+held to AVX2)" under that cap: OpenVINO's and PyTorch's kernels are then AVX2 only, in f32; OpenCV's
+and NumPy's own dispatch is not capped, a small share of the time).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import shutil
 import re
@@ -34,6 +38,7 @@ from benchmarks._common import (  # noqa: E402
     REPO,
     Row,
     command_line,
+    isa_section,
     load_average,
     machine_description,
     markdown_table,
@@ -54,6 +59,9 @@ TARGETS = {
     "pipeline_efficiency": 0.90,
     "peak_rss_bytes": 1.5e9,
     "help_s": 0.5,
+    # issue 10, stated for a plain AVX2 2-core CPU (reproduced here with ONEDNN_MAX_CPU_ISA=AVX2)
+    "cli_wall_s": 12.0,  # default `edgetune train` on ants/bees, fresh CLI process, warm user cache
+    "time_to_accuracy_vs_naive": 4.0,
 }
 
 
@@ -167,17 +175,31 @@ _PEAK_RSS_LAUNCHER = (
 )
 
 
-def measure_peak_rss(data: Path, backbone: str) -> dict[str, Any]:
-    """Peak RSS (VmHWM) of `edgetune train DATA --backbone B` in a fresh Python process."""
-    with tempfile.TemporaryDirectory(prefix="edgetune-rss-") as tmp:
-        out = Path(tmp) / "run"
-        cmd = [sys.executable, "-c", _PEAK_RSS_LAUNCHER, "train", str(data), "--out", str(out), "--backbone", backbone]
-        child = run_child(cmd, cwd=REPO, timeout=600)
-        peak = re.search(r"PEAK_RSS_KB=(\d+)", child.output)
-        if child.returncode != 0 or not peak:
-            raise RuntimeError(f"training subprocess failed (exit {child.returncode}):\n{child.output[-3000:]}")
-        return {"rss": int(peak.group(1)) * 1024, "seconds": child.seconds,
-                "how": f"edgetune train DATA --out TMP --backbone {backbone}, VmHWM at exit"}
+# The levers a user on a slow CPU has, each costing something the default keeps (--variants).
+SPEED_VARIANTS = (("--views", "1"), ("--views", "0"), ("--backbone-precision", "int8"),
+                  ("--backbone-precision", "int8", "--views", "1"))
+
+
+def measure_fresh_cli(data: Path, backbone: str, repeats: int, extra: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Wall time and peak RSS (VmHWM) of `edgetune train DATA --backbone B [extra]`, each in a fresh
+    Python process (imports included, warm user cache): what a user's command costs; with the run's
+    CV and val accuracy."""
+    walls, peaks = [], []
+    for _ in range(repeats):
+        with tempfile.TemporaryDirectory(prefix="edgetune-rss-") as tmp:
+            out = Path(tmp) / "run"
+            cmd = [sys.executable, "-c", _PEAK_RSS_LAUNCHER, "train", str(data), "--out", str(out),
+                   "--backbone", backbone, *extra]
+            child = run_child(cmd, cwd=REPO, timeout=600)
+            peak = re.search(r"PEAK_RSS_KB=(\d+)", child.output)
+            if child.returncode != 0 or not peak:
+                raise RuntimeError(f"training subprocess failed (exit {child.returncode}):\n{child.output[-3000:]}")
+            walls.append(child.seconds)
+            peaks.append(int(peak.group(1)) * 1024)
+            metrics = json.loads((out / "metrics.json").read_text())
+    return {"rss": max(peaks), "seconds": median(walls), "walls": walls,
+            "cv": (metrics.get("cv_accuracy") or {}).get("mean"), "val": metrics["val_accuracy"],
+            "head": metrics["head"]["selected"], "how": f"edgetune train DATA --out TMP --backbone {backbone}, VmHWM at exit"}
 
 
 def measure_help(repeats: int = 5) -> dict[str, Any]:
@@ -199,7 +221,7 @@ def _s(x: float) -> str:
 
 
 def build_rows(naive: NaiveResult, trains: dict[str, dict], engines: dict[str, dict],
-               rss: dict | None, helped: dict, backbone: str) -> list[Row]:
+               rss: dict | None, helped: dict, backbone: str, variants: dict[str, dict] | None = None) -> list[Row]:
     t = TARGETS
     hit = naive.time_to_accuracy(ACCURACY_BAR)
     nvps = naive.views_per_second
@@ -243,10 +265,26 @@ def build_rows(naive: NaiveResult, trains: dict[str, dict], engines: dict[str, d
                 Row(f"{tag}: pipeline / engine", f"{e['efficiency']:.0%}", f">= {t['pipeline_efficiency']:.0%}",
                     e["efficiency"] >= t["pipeline_efficiency"]),
             ]
+    fp32 = trains.get("fp32")
+    if fp32 and hit is not None and fp32["accuracy"] >= ACCURACY_BAR:
+        ratio = hit / fp32["wall"]
+        rows.append(Row(f"edgetune fp32: time to val accuracy >= {ACCURACY_BAR} vs naive loop", f"{ratio:.1f}x faster",
+                        f">= {t['time_to_accuracy_vs_naive']:.0f}x", ratio >= t["time_to_accuracy_vs_naive"],
+                        note=f"naive {_s(hit)} / train() {_s(fp32['wall'])} (issue 10)"))
     if rss is not None:
-        rows.append(Row("Peak RSS of default train (subprocess)", f"{rss['rss'] / 1e6:.0f} MB",
-                        f"<= {t['peak_rss_bytes'] / 1e9:.1f} GB", rss["rss"] <= t["peak_rss_bytes"],
-                        note=f"{rss['how']}; {_s(rss['seconds'])} incl. interpreter start"))
+        walls = ", ".join(f"{w:.1f}" for w in rss["walls"])
+        rows += [
+            Row("Default `edgetune train`, fresh CLI process, warm user cache: wall", _s(rss["seconds"]),
+                f"<= {t['cli_wall_s']:.0f} s", rss["seconds"] <= t["cli_wall_s"],
+                note=f"median of {len(rss['walls'])} ({walls} s), interpreter start and imports included (issue 10)"),
+            Row("Peak RSS of default train (subprocess)", f"{rss['rss'] / 1e6:.0f} MB",
+                f"<= {t['peak_rss_bytes'] / 1e9:.1f} GB", rss["rss"] <= t["peak_rss_bytes"],
+                note=f"{rss['how']}, largest of {len(rss['walls'])}"),
+        ]
+    for flags, v in ({"(default)": rss, **variants} if variants and rss else {}).items():
+        rows.append(Row(f"Fresh CLI `edgetune train DATA {flags}`: wall / CV / val", f"{_s(v['seconds'])} / "
+                        f"{v['cv']:.4f} / {v['val']:.4f}", note=f"head {v['head']}; walls "
+                        f"{', '.join(f'{w:.1f}' for w in v['walls'])} s; val reported only"))
     if "error" in helped:
         rows.append(Row("edgetune --help wall", "error", f"<= {t['help_s']} s", False, note=helped["error"]))
     else:
@@ -292,7 +330,8 @@ def section_markdown(rows: list[Row], naive: NaiveResult, backbone: str, data: P
         "pre-built uint8 batches, then `extract_features` with views built as train() builds them "
         "(1 clean eval_view + K augmented per decoded image, in worker threads); same count, batch 32, "
         "medians of interleaved runs.",
-        "- *Peak RSS*: VmHWM of a separate `edgetune train` process, read by that process at exit (interpreter included).",
+        "- *Fresh CLI*: separate `edgetune train` processes (interpreter start and imports included, warm user "
+        "cache); wall time from this process, peak RSS as VmHWM read by the child at exit.",
     ]
     return "\n".join(lines)
 
@@ -312,6 +351,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--naive-seconds", type=float, default=None, help="naive loop time budget (default 60)")
     parser.add_argument("--naive-epochs", type=int, default=None, help="cap on naive loop epochs")
     parser.add_argument("--repeats", type=int, default=None, help="train() runs per precision (default 3)")
+    parser.add_argument("--variants", action="store_true",
+                        help="also time fresh CLI runs with --views 1 / 0 and an int8 backbone (CV and val beside)")
     parser.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -334,18 +375,23 @@ def main(argv: list[str] | None = None) -> int:
         trains[precision] = measure_train(data, TrainConfig(backbone=backbone, backbone_precision=precision), repeats)
     say(f"naive loop, {naive_seconds:.0f} s budget")
     naive = run_naive(data, backbone=backbone, seconds=naive_seconds, epochs=args.naive_epochs, log=say)
-    say("peak RSS of a training subprocess")
-    rss = measure_peak_rss(data, backbone)
+    say(f"fresh `edgetune train` processes, {repeats}x (wall, peak RSS)")
+    rss = measure_fresh_cli(data, backbone, repeats)
+    variants = {}
+    for extra in SPEED_VARIANTS if args.variants else ():
+        say(f"fresh `edgetune train {' '.join(extra)}` processes, {repeats}x")
+        variants[" ".join(extra)] = measure_fresh_cli(data, backbone, repeats, extra)
     say("edgetune --help")
     helped = measure_help()
 
-    rows = build_rows(naive, trains, engines, rss, helped, backbone)
+    rows = build_rows(naive, trains, engines, rss, helped, backbone, variants)
     print_table(f"edgetune training benchmark ({backbone})", rows)
     loads = (load_start, load_average())
     print(f"Machine: {machine_description()}; load average {loads[0]} at start, {loads[1]} at end")
     if not args.no_write:
-        path = update_benchmarks_md(SECTION, section_markdown(rows, naive, backbone, data, args.quick, loads))
-        print(f"Wrote the '## {SECTION}' section of {path}")
+        section = isa_section(SECTION)
+        path = update_benchmarks_md(section, section_markdown(rows, naive, backbone, data, args.quick, loads))
+        print(f"Wrote the '## {section}' section of {path}")
     return 0
 
 

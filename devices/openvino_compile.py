@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from devices.probe import Device, Kind, Runtime
+from devices.probe import Device, Kind, Runtime, bf16_units, isa_cap
 from toolkit.errors import DeviceError
 
 log = logging.getLogger(__name__)
@@ -82,7 +82,9 @@ def compile_config(
         precisions = device.precisions if isinstance(device, Device) else ("fp16",)
         if "fp16" in precisions:
             config[hints.inference_precision()] = ov.Type.f16
-    if exact:
+    if exact or (_kind(device) == Kind.CPU.value and isa_cap() is not None and not bf16_units()):
+        # Under an ISA cap OpenVINO still reads bf16 units from CPUID and picks bf16 compute, which
+        # the capped kernels lack (OpenVINO 2026.4 segfaults compiling an fp32 model so).
         config[hints.inference_precision()] = ov.Type.f32
     return config
 

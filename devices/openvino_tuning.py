@@ -47,9 +47,10 @@ def tuning_file() -> Path:
 
 def machine_key() -> str:
     """What makes timings on one machine valid on another: CPU model, the flags that matter, cores."""
-    from devices.probe import cpu_flags, cpu_name, usable_cores
+    from devices.probe import cpu_flags, cpu_name, isa_cap, usable_cores
 
-    return f"{cpu_name()} [{' '.join(cpu_flags())}] x{usable_cores()}"
+    cap = isa_cap()  # a capped workstation is not the plain AVX2 CPU its flags now read like
+    return f"{cpu_name()} [{' '.join(cpu_flags())}] x{usable_cores()}" + (f" ONEDNN_MAX_CPU_ISA={cap}" if cap else "")
 
 
 def _load() -> dict[str, Any]:

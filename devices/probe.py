@@ -133,20 +133,57 @@ def cpu_name() -> str:
 SIMD_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c")
 WIDE_FLAGS = ("avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8")
 SPEED_FLAGS = SIMD_FLAGS + WIDE_FLAGS
+CPUINFO = "/proc/cpuinfo"
 
 
-def cpu_flags() -> tuple[str, ...]:
-    """The SPEED_FLAGS this CPU lists in /proc/cpuinfo (empty where there is none)."""
+# ONEDNN_MAX_CPU_ISA caps the kernels of oneDNN, which OpenVINO's CPU plugin and PyTorch both run
+# on: a flag above the cap is as good as absent, for speed and for numerics. It is how a robot's
+# plain AVX2 CPU is reproduced on a workstation (benchmarks/bench_int8_cpus.py, bench_train.py).
+_BELOW_AVX512 = ("sse4_2", "avx", "avx2", "fma", "f16c")
+_AVX512_BF16 = (*_BELOW_AVX512, "avx512f", "avx512_vnni", "avx512_bf16")
+ISA_CAPS: dict[str, tuple[str, ...]] = {
+    "SSE41": (),
+    "AVX": ("sse4_2", "avx"),
+    "AVX2": _BELOW_AVX512,
+    "AVX2_VNNI": (*_BELOW_AVX512, "avx_vnni"),
+    "AVX2_VNNI_2": (*_BELOW_AVX512, "avx_vnni"),
+    "AVX512_CORE": (*_BELOW_AVX512, "avx512f"),
+    "AVX512_CORE_VNNI": (*_BELOW_AVX512, "avx512f", "avx512_vnni"),
+    "AVX512_CORE_BF16": _AVX512_BF16,
+    "AVX512_CORE_FP16": (*_AVX512_BF16, "avx_vnni"),
+    "AVX10_1_512": (*_AVX512_BF16, "avx_vnni"),
+}
+
+
+def isa_cap() -> str | None:
+    """ONEDNN_MAX_CPU_ISA when it names a cap below AMX (None: no cap, or ALL / an AMX level)."""
+    import os
+
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().upper()
+    return cap if cap in ISA_CAPS else None
+
+
+def cpu_flags(*, capped: bool = True) -> tuple[str, ...]:
+    """The SPEED_FLAGS this CPU lists in /proc/cpuinfo (empty where there is none), less those
+    above an ONEDNN_MAX_CPU_ISA cap (`capped=False`: all it lists)."""
+    cap = isa_cap() if capped else None
     try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as cpuinfo:
+        with open(CPUINFO, encoding="utf-8", errors="replace") as cpuinfo:
             for line in cpuinfo:
                 key, _, value = line.partition(":")
                 if key.strip() == "flags":
                     present = set(value.split())
+                    if cap is not None:
+                        present &= set(ISA_CAPS[cap])
                     return tuple(f for f in SPEED_FLAGS if f in present)
     except OSError:
         pass
     return ()
+
+
+def bf16_units() -> bool:
+    """Whether OpenVINO may run fp32 models in bf16 here (AVX-512 bf16 or AMX, not capped)."""
+    return any(f in cpu_flags() for f in ("avx512_bf16", "amx_bf16"))
 
 
 def usable_cores() -> int:

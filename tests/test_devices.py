@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import click
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -248,7 +250,6 @@ def test_missing_package_is_silent(monkeypatch):
 # --- OpenVINO compile helpers -------------------------------------------------------------------
 
 def tiny_ov_model():
-    import numpy as np
     import openvino as ov
     from openvino import opset13 as ops
 
@@ -258,8 +259,10 @@ def tiny_ov_model():
     return ov.Model([ops.relu(conv)], [x], "tiny")
 
 
-def test_compile_config():
+def test_compile_config(monkeypatch):
     from devices.openvino_compile import compile_config, default_cache_dir, needs_static_shapes
+
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
 
     config = compile_config("openvino:NPU", cache_dir=Path("/tmp/x"))
     assert config["CACHE_DIR"] == "/tmp/x"
@@ -278,8 +281,82 @@ def test_compile_config():
         compile_config(CPU)
 
 
+ALL_FLAGS = "fpu sse4_2 avx avx2 fma f16c avx512f avx512_vnni avx512_bf16 avx_vnni amx_tile amx_bf16 amx_int8"
+
+
+@pytest.fixture
+def sapphire_rapids(monkeypatch, tmp_path):
+    """/proc/cpuinfo of a CPU with every flag edgetune looks at (bf16 and AMX included)."""
+    import devices.probe
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nmodel name\t: Fake Xeon\nflags\t\t: {ALL_FLAGS}\n")
+    monkeypatch.setattr(devices.probe, "CPUINFO", str(cpuinfo))
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    return monkeypatch
+
+
+@pytest.mark.parametrize("cap, expected", [
+    (None, ALL_FLAGS.split()[1:]),
+    ("ALL", ALL_FLAGS.split()[1:]),
+    ("AVX2", ["sse4_2", "avx", "avx2", "fma", "f16c"]),
+    ("avx512_core_vnni", ["sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512_vnni"]),
+    ("AVX512_CORE_BF16", ["sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16"]),
+])
+def test_isa_cap_hides_the_flags_above_it(sapphire_rapids, cap, expected):
+    from devices.probe import bf16_units, cpu_flags
+
+    if cap:
+        sapphire_rapids.setenv("ONEDNN_MAX_CPU_ISA", cap)
+    assert list(cpu_flags()) == expected
+    assert list(cpu_flags(capped=False)) == ALL_FLAGS.split()[1:]
+    assert bf16_units() == ("avx512_bf16" in expected)
+
+
+def test_isa_cap_compiles_in_f32_and_tunes_apart(sapphire_rapids):
+    """A bf16 CPU held below bf16 must not get bf16 compute (OpenVINO 2026.4 reads CPUID, picks bf16
+    and crashes in the capped kernels), and its tuning is not the uncapped CPU's."""
+    import openvino as ov
+
+    from devices.openvino_compile import compile_config
+    from devices.openvino_tuning import machine_key
+
+    assert "INFERENCE_PRECISION_HINT" not in compile_config(OV_CPU)
+    uncapped = machine_key()
+    sapphire_rapids.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
+    assert "INFERENCE_PRECISION_HINT" not in compile_config(OV_CPU)  # bf16 kernels stay allowed
+    sapphire_rapids.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert compile_config(OV_CPU)["INFERENCE_PRECISION_HINT"] == ov.Type.f32
+    assert compile_config("openvino:NPU")["INFERENCE_PRECISION_HINT"] == ov.Type.f16  # only the CPU is capped
+    assert machine_key() != uncapped and machine_key().endswith("ONEDNN_MAX_CPU_ISA=AVX2")
+
+
+def test_engine_runs_under_an_avx2_cap(tmp_path):
+    """The backbone's features with oneDNN held to AVX2 match this CPU's own f32 features (a fresh
+    process: oneDNN reads the cap once)."""
+    script = (
+        "import numpy as np\n"
+        "from toolkit.features import create_engine\n"
+        "e = create_engine('efficientnet_lite0', 'openvino', 'CPU')\n"
+        "x = np.random.default_rng(0).integers(0, 255, (2, 224, 224, 3), dtype=np.uint8)\n"
+        "np.save('OUT', e.extract(x))\n"
+    )
+    feats = {}
+    for cap in ("AVX2", None):
+        env = {k: v for k, v in os.environ.items() if k != "ONEDNN_MAX_CPU_ISA"}
+        if cap:
+            env["ONEDNN_MAX_CPU_ISA"] = cap
+        out = tmp_path / f"{cap}.npy"
+        done = subprocess.run([sys.executable, "-c", script.replace("OUT", str(out))], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        feats[cap] = np.load(out)
+    a, b = feats["AVX2"], feats[None]  # b in bf16 where this CPU has it: close, not equal
+    cosine = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    assert cosine.min() > 0.99, cosine
+
+
 def test_compile_model_on_cpu_writes_cache(tmp_path):
-    import numpy as np
 
     from devices.openvino_compile import with_static_batch, compile_model
 
