@@ -45,6 +45,7 @@ from benchmarks._common import (  # noqa: E402
     REPO,
     Row,
     command_line,
+    isa_section,
     load_average,
     machine_description,
     markdown_table,
@@ -298,8 +299,9 @@ def main(argv: list[str] | None = None) -> int:
         loads = (load_start, load_average())
         print_table(f"int8 fidelity rule vs CV accuracy ({args.backbone})", rows)
         if not args.no_write:
-            path = update_benchmarks_md(CONTROL_SECTION, control_markdown(rows, args.backbone, loads))
-            print(f"Wrote the '## {CONTROL_SECTION}' section of {path}")
+            section = isa_section(CONTROL_SECTION)
+            path = update_benchmarks_md(section, control_markdown(rows, args.backbone, loads))
+            print(f"Wrote the '## {section}' section of {path}")
         return 0
     say(f"warming the user cache for {args.backbone}")
     warm = warm_caches(args.backbone)
@@ -310,8 +312,9 @@ def main(argv: list[str] | None = None) -> int:
     print_table(f"edgetune backbone precision ({args.backbone})", rows)
     print(f"Machine: {machine_description()}; load average {loads[0]} at start, {loads[1]} at end")
     if not args.no_write:
-        path = update_benchmarks_md(SECTION, section_markdown(rows, warm, args.backbone, args.repeats, loads))
-        print(f"Wrote the '## {SECTION}' section of {path}")
+        section = isa_section(SECTION)
+        path = update_benchmarks_md(section, section_markdown(rows, warm, args.backbone, args.repeats, loads))
+        print(f"Wrote the '## {section}' section of {path}")
     return 0
 
 
