@@ -292,7 +292,7 @@ def main() -> None:
     ap.add_argument("--only", choices=("grid", "shift"), default=None,
                     help=f"run one part: grid (section '{SECTION}') or shift (section '{SHIFT_SECTION}')")
     ap.add_argument("--runs", nargs="*", default=[], metavar="NAME=RUN",
-                    help="camera shifts: adapt this existing default run instead of training one")
+                    help="use this existing run (its cached features; camera shifts adapt it) instead of training one")
     ap.add_argument("--features", nargs="*", default=[], metavar="NAME=NPZ",
                     help="reuse features (train, ytr, val, yva) cached by an earlier default run; skips the default train")
     ap.add_argument("--cache", type=Path, default=CACHE, help="where default runs and shifted features are cached")
@@ -316,7 +316,8 @@ def main() -> None:
                 n_classes = int(ytr.max()) + 1
                 md += [f"### {name}", "", f"Features of a default run's cache ({given[name]}); default train not re-run.", ""]
             else:
-                metrics, out = default_run(name)
+                metrics, out = ((json.loads((Path(runs[name]) / "metrics.json").read_text()), Path(runs[name]))
+                                if name in runs else default_run(name))
                 train, ytr, val, yva, n_classes = run_features(out)
                 md += default_lines(name, metrics)
             res = grid(train, ytr, val, yva, n_classes, args.shots, args.seeds, args.heads, args.vae_shots, args.vae_seeds)
