@@ -30,7 +30,7 @@ FEW_SHOT_MAX = 5
 FEW_SHOT_RULE_OPTIONS = {"reg": 1.0}  # strong pull: a single image says little beyond its prototype
 # With a few images per class the backbone matters more than the head. On the TRAINING splits (K
 # support images per class, the rule's head, scored on the other training images; 20 / 10 seeds)
-# efficientnet_lite2 beat lite1 by +2.9 / +3.5 / +2.5 / +1.1 points at 1 / 2 / 3 / 5 shots on
+# efficientnet_lite2 beat lite1 by +2.9 / +3.5 / +2.5 / +1.0 points at 1 / 2 / 3 / 5 shots on
 # ants/bees, and by +0.6 / +0.1 / -0.4 / -0.7 on caltech50 (and lost on both full sets by CV). Not
 # one way on both sets, and 1.35x the inference per image: advice the user can act on, not a switch.
 FEW_SHOT_BACKBONE = "efficientnet_lite2"
