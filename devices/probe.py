@@ -139,16 +139,15 @@ CPUINFO = "/proc/cpuinfo"
 # ONEDNN_MAX_CPU_ISA caps the kernels of oneDNN, which OpenVINO's CPU plugin and PyTorch both run
 # on: a flag above the cap is as good as absent, for speed and for numerics. It is how a robot's
 # plain AVX2 CPU is reproduced on a workstation (benchmarks/bench_int8_cpus.py, bench_train.py).
-_BELOW_AVX512 = ("sse4_2", "avx", "avx2", "fma", "f16c")
-_AVX512_BF16 = (*_BELOW_AVX512, "avx512f", "avx512_vnni", "avx512_bf16")
+_AVX512_BF16 = (*SIMD_FLAGS, "avx512f", "avx512_vnni", "avx512_bf16")
 ISA_CAPS: dict[str, tuple[str, ...]] = {
     "SSE41": (),
     "AVX": ("sse4_2", "avx"),
-    "AVX2": _BELOW_AVX512,
-    "AVX2_VNNI": (*_BELOW_AVX512, "avx_vnni"),
-    "AVX2_VNNI_2": (*_BELOW_AVX512, "avx_vnni"),
-    "AVX512_CORE": (*_BELOW_AVX512, "avx512f"),
-    "AVX512_CORE_VNNI": (*_BELOW_AVX512, "avx512f", "avx512_vnni"),
+    "AVX2": SIMD_FLAGS,
+    "AVX2_VNNI": (*SIMD_FLAGS, "avx_vnni"),
+    "AVX2_VNNI_2": (*SIMD_FLAGS, "avx_vnni"),
+    "AVX512_CORE": (*SIMD_FLAGS, "avx512f"),
+    "AVX512_CORE_VNNI": (*SIMD_FLAGS, "avx512f", "avx512_vnni"),
     "AVX512_CORE_BF16": _AVX512_BF16,
     "AVX512_CORE_FP16": (*_AVX512_BF16, "avx_vnni"),
     "AVX10_1_512": (*_AVX512_BF16, "avx_vnni"),
