@@ -27,7 +27,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._common import command_line, load_average, machine_description, update_benchmarks_md  # noqa: E402
-from benchmarks.small_data import CACHE, DATASETS, grid, run_features  # noqa: E402
+from benchmarks.small_data import DATASETS, default_run, grid, run_features  # noqa: E402
 
 SECTION = "Few-shot backbones"
 BACKBONES = ("efficientnet_lite1", "efficientnet_lite2")
@@ -37,19 +37,8 @@ SEEDS = {"hymenoptera": 20, "caltech50": 10}
 
 
 def backbone_run(name: str, backbone: str, given: dict[str, str]) -> Path:
-    """A default run of `name` with `backbone` (given, or trained once and cached in /tmp)."""
-    from toolkit.train import TrainConfig, train
-
-    if f"{name}:{backbone}" in given:
-        return Path(given[f"{name}:{backbone}"])
-    out = CACHE / f"{name}-{backbone}" / "run"
-    if not (out / "metrics.json").exists():
-        import shutil
-
-        shutil.rmtree(out, ignore_errors=True)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        train(DATASETS[name], out, TrainConfig(backbone=backbone))
-    return out
+    """A default run of `name` with `backbone`: given, or small_data's cached default run."""
+    return Path(given[f"{name}:{backbone}"]) if f"{name}:{backbone}" in given else default_run(name, backbone)[1]
 
 
 def training_split(train: np.ndarray, labels: np.ndarray, n_classes: int, seeds: int) -> dict[int, float]:

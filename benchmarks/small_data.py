@@ -40,11 +40,12 @@ CACHE = Path("/tmp/edgetune-small-data")
 HEADS = ("prototypes", "imprint", "logreg", "linear", "mlp")
 
 
-def default_run(name: str) -> tuple[dict, Path]:
-    """The default command's run (cached in /tmp): metrics and the run directory."""
+def default_run(name: str, backbone: str | None = None) -> tuple[dict, Path]:
+    """The default command's run (with `backbone`, if given; cached in /tmp): metrics and the run directory."""
     from toolkit.train import TrainConfig, train
 
-    out = CACHE / name / "run"
+    backbone = None if backbone == TrainConfig().backbone else backbone  # the default run is the default's
+    out = CACHE / (name if backbone is None else f"{name}-{backbone}") / "run"
     if (out / "metrics.json").exists():
         return json.loads((out / "metrics.json").read_text()), out
     import shutil
@@ -52,7 +53,7 @@ def default_run(name: str) -> tuple[dict, Path]:
     shutil.rmtree(out, ignore_errors=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    metrics = train(DATASETS[name], out, TrainConfig())
+    metrics = train(DATASETS[name], out, TrainConfig() if backbone is None else TrainConfig(backbone=backbone))
     metrics["wall_seconds"] = time.perf_counter() - t0
     return metrics, out
 

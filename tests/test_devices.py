@@ -332,8 +332,8 @@ def test_isa_cap_compiles_in_f32_and_tunes_apart(sapphire_rapids):
 
 
 def test_engine_runs_under_an_avx2_cap(tmp_path):
-    """The backbone's features with oneDNN held to AVX2 match this CPU's own f32 features (a fresh
-    process: oneDNN reads the cap once)."""
+    """Under an AVX2 cap the backbone runs (it segfaulted in bf16) and its f32 features follow this
+    CPU's own (bf16 where it has bf16 units). A fresh process each: oneDNN reads the cap once."""
     script = (
         "import numpy as np\n"
         "from toolkit.features import create_engine\n"
@@ -357,7 +357,6 @@ def test_engine_runs_under_an_avx2_cap(tmp_path):
 
 
 def test_compile_model_on_cpu_writes_cache(tmp_path):
-
     from devices.openvino_compile import with_static_batch, compile_model
 
     model = tiny_ov_model()
