@@ -65,10 +65,15 @@ def cpu_flags() -> str:
 
 
 def isa_section(title: str) -> str:
-    """A section title of its own under an ISA cap, so an emulated run never overwrites the CPU's own."""
-    from devices.probe import isa_cap
+    """A section title of its own for a plain AVX2 CPU and for an ISA cap, so neither a robot-class
+    CPU nor an emulated one ever overwrites the figures of an AVX-512 machine (nor each other's)."""
+    from devices.probe import cpu_flags as present, isa_cap
 
-    return title if isa_cap() is None else f"{title} (oneDNN held to {isa_cap()})"
+    if isa_cap() is not None:
+        return f"{title} (oneDNN held to {isa_cap()})"
+    if "avx2" in present() and "avx512f" not in present():
+        return f"{title} (plain AVX2 CPU)"
+    return title
 
 
 def today() -> str:
