@@ -331,6 +331,24 @@ def test_isa_cap_compiles_in_f32_and_tunes_apart(sapphire_rapids):
     assert machine_key() != uncapped and machine_key().endswith("ONEDNN_MAX_CPU_ISA=AVX2")
 
 
+def test_benchmark_sections_keep_cpu_classes_apart(sapphire_rapids, tmp_path):
+    """A plain AVX2 board, an emulated one and an AVX-512 machine each write their own BENCHMARKS.md
+    section: none of them may overwrite another's figures."""
+    import devices.probe
+
+    sapphire_rapids.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from _common import isa_section
+
+    assert isa_section("Training") == "Training"
+    sapphire_rapids.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert isa_section("Training") == "Training (oneDNN held to AVX2)"
+    sapphire_rapids.delenv("ONEDNN_MAX_CPU_ISA")
+    avx2 = tmp_path / "avx2-cpuinfo"
+    avx2.write_text("processor\t: 0\nmodel name\t: Fake EPYC\nflags\t\t: fpu sse4_2 avx avx2 fma f16c\n")
+    sapphire_rapids.setattr(devices.probe, "CPUINFO", str(avx2))
+    assert isa_section("Training") == "Training (plain AVX2 CPU)"
+
+
 def test_engine_runs_under_an_avx2_cap(tmp_path):
     """Under an AVX2 cap the backbone runs (it segfaulted in bf16) and its f32 features follow this
     CPU's own (bf16 where it has bf16 units). A fresh process each: oneDNN reads the cap once."""
