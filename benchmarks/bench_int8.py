@@ -297,7 +297,8 @@ def method_rows(name: str, run_dir: Path, entropy: bool) -> list[tuple]:
 
 
 STAGES = ("val images", "reference", "convert", "calibration images", "calibrate", "quantize",
-          "calibrate + quantize", "parity", "accuracy control", "feature memory")
+          "calibrate + quantize", "parity", "NNCF quantization", "accuracy-controlled quantization",
+          "accuracy control", "feature memory")
 
 
 _TIMED = """import json, os, subprocess, sys, time

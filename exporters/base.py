@@ -149,6 +149,11 @@ class Exporter(abc.ABC):
         quantization misses the accuracy budget. None: this format has no such path."""
         return None
 
+    def fallbacks(self) -> list[tuple[str, Callable[[RunDir, Path, ExportContext], Path | None]]]:
+        """int8 only: (what, build) tried in order while the accuracy budget is missed, cheapest first;
+        each rewrites the model in the staging folder and is checked on the val images as the plain one is."""
+        return [("accuracy-controlled quantization", self.build_with_accuracy_control)]
+
     def runner(self, model: Path, ctx: ExportContext) -> Callable[[np.ndarray], np.ndarray]:
         """float32 NCHW -> logits with the model's own runtime, for the parity check."""
         from toolkit.runtime import onnx_runner, openvino_runner
@@ -184,15 +189,20 @@ class Exporter(abc.ABC):
                     exported = run_batched(self.runner(model, ctx), inputs, batch=ctx.static_batch)
                     measured = parity.measure(reference, exported, labels, run.labels)
                 misses = ctx.budget.misses(measured) if int8 else []
-                if misses:
-                    logger.warning("%s: plain int8 quantization misses the accuracy budget (%s): trying "
-                                   "accuracy-controlled quantization", self.name, "; ".join(misses))
-                    with ctx.stage("accuracy control"):
-                        controlled = self.build_with_accuracy_control(run, stage, ctx)
-                        if controlled is not None:
-                            model = Path(controlled)
-                            exported = run_batched(self.runner(model, ctx), inputs, batch=ctx.static_batch)
-                            measured = parity.measure(reference, exported, labels, run.labels)
+                tried = "plain int8 quantization"
+                for what, fallback in self.fallbacks() if misses else []:
+                    logger.warning("%s: %s misses the accuracy budget (%s): trying %s", self.name, tried,
+                                   "; ".join(misses), what)
+                    with ctx.stage(what):
+                        rebuilt = fallback(run, stage, ctx)
+                        if rebuilt is None:
+                            continue
+                        model, tried = Path(rebuilt), what
+                        exported = run_batched(self.runner(model, ctx), inputs, batch=ctx.static_batch)
+                        measured = parity.measure(reference, exported, labels, run.labels)
+                    misses = ctx.budget.misses(measured)
+                    if not misses:
+                        break
                 misses = parity.check(measured, fmt=self.name, tolerance=self.tolerance_for(ctx),
                                       min_agreement=self.min_agreement, budget=ctx.budget,
                                       relative=self.relative_tolerance and not ctx.fp32)

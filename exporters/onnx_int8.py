@@ -6,8 +6,11 @@ BENCHMARKS.md) on a class-stratified subset of the run's training images (or --c
 fixes make the result hold on every dataset and CPU (`weight_overrides`): int32-safe biases and
 7-bit first-layer weights. The head (Gemm) and softmax compute in float: a sliver of the compute,
 and int8 logits would round near-ties; the head's weights are stored compressed
-(exporters.head_weights). When the export misses its accuracy budget, NNCF's accuracy-controlled
-quantization redoes it on the same ONNX graph, keeping the layers that cost most in fp32.
+(exporters.head_weights). When the export misses its accuracy budget, NNCF quantizes the same
+ONNX graph (fast bias correction; on a plain AVX2 CPU it agreed with fp32 more often than ORT's
+own quantizer, BENCHMARKS.md "int8 on a plain AVX2 CPU"), and if that misses too, NNCF's
+accuracy-controlled quantization keeps the layers that cost most in fp32. Both are rewritten into
+the layout onnxruntime fuses (`ort_layout`): as NNCF writes them, ORT runs every convolution in float.
 """
 
 from __future__ import annotations
@@ -128,8 +131,98 @@ def _minmax_ranges(prep: Path, calib: np.ndarray, batch: int):
         t: TensorData(lowest=np.array([lo[t]], np.float32), highest=np.array([hi[t]], np.float32)) for t in lo})
 
 
-LATENCY_NOTE = ("the accuracy-controlled graph runs unfused in onnxruntime, measured at 3-4x the fp32 graph's "
-                "batch-1 latency on a plain AVX2 CPU (2.2x on AMX): for speed on this data export openvino-int8")
+def ort_layout(model) -> int:
+    """Rewrite NNCF's QDQ ONNX graph (in place) into the layout onnxruntime fuses; returns the Conv
+    biases it quantized. The numbers do not change, only their types:
+
+    - Conv biases: NNCF keeps them float, and ORT's QDQ selector then leaves the Conv in float
+      (DequantizeLinear -> Conv -> QuantizeLinear at 3-4x the fp32 graph's latency on a plain AVX2
+      CPU). They become int32 with scale input_scale x weight_scale[c], as ORT writes them; a dead
+      channel whose quotient would leave int32 gets a larger weight scale (`INT32_BIAS_LIMIT`,
+      its tiny weights then round to 0), as `weight_overrides` does for ORT's own quantizer.
+    - int8 activations: NNCF quantizes a tensor that can be negative (a projection's output, a
+      residual sum) as int8, the ReLU6 outputs as uint8, and QLinearConv / QLinearAdd need one
+      type in and out. Each int8 activation zero point z becomes uint8 z + 128: the same grid.
+
+    The activations must be quantized per tensor (`nncf_onnx_parameters`): QLinearConv takes one
+    input scale, so per-channel depthwise inputs (NNCF's default on CPU) cannot be fused at all.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
+    weights = {n.input[0] for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits}
+
+    def array(name: str) -> np.ndarray:
+        return numpy_helper.to_array(inits[name])
+
+    def put(name: str, value: np.ndarray) -> None:
+        if name in inits:
+            inits[name].CopyFrom(numpy_helper.from_array(value, name))
+        else:
+            inits[name] = graph.initializer.add()
+            inits[name].CopyFrom(numpy_helper.from_array(value, name))
+
+    biases = []
+    for conv in [n for n in graph.node if n.op_type == "Conv"]:
+        x, w = producer.get(conv.input[0]), producer.get(conv.input[1])
+        if (len(conv.input) < 3 or conv.input[2] not in inits or x is None or w is None
+                or x.op_type != "DequantizeLinear" or w.op_type != "DequantizeLinear" or w.input[0] not in inits):
+            continue
+        bias = array(conv.input[2]).astype(np.float64)
+        x_scale = float(array(x.input[1]).reshape(-1)[0])
+        w_scale = array(w.input[1]).astype(np.float64)
+        shape = w_scale.shape
+        w_scale = np.broadcast_to(w_scale.reshape(-1), bias.shape).copy()
+        need = np.abs(bias) / (x_scale * INT32_BIAS_LIMIT)
+        grow = need > w_scale
+        if grow.any() and int(np.prod(shape)) == bias.size:  # requantize those channels' int8 weights on the larger scale
+            q = array(w.input[0]).astype(np.float64)
+            q[grow] = np.round(q[grow] * (w_scale[grow] / need[grow]).reshape(-1, *[1] * (q.ndim - 1)))
+            w_scale[grow] = need[grow]
+            put(w.input[0], q.astype(np.int8))
+            put(w.input[1], w_scale.astype(np.float32).reshape(shape))
+        name = conv.input[2]
+        scale = (x_scale * w_scale).astype(np.float32)
+        put(name + "_quantized", np.round(bias / scale.astype(np.float64)).astype(np.int32))
+        put(name + "_scale", scale)
+        put(name + "_zero_point", np.zeros(bias.shape, np.int32))
+        biases.append(onnx.helper.make_node("DequantizeLinear", [name + "_quantized", name + "_scale", name + "_zero_point"],
+                                            [name + "_dequantized"], name=name + "_DequantizeLinear", axis=0))
+        conv.input[2] = name + "_dequantized"
+    signed_outputs, shifted = set(), set()
+    for node in graph.node:
+        if node.op_type not in ("QuantizeLinear", "DequantizeLinear") or node.input[0] in weights or len(node.input) < 3:
+            continue
+        zp = inits.get(node.input[2])
+        if zp is None or (zp.data_type != onnx.TensorProto.INT8 and zp.name not in shifted):
+            continue
+        if node.op_type == "QuantizeLinear":
+            signed_outputs.add(node.output[0])
+        if zp.name not in shifted:
+            put(zp.name, (array(zp.name).astype(np.int16) + 128).astype(np.uint8))
+            shifted.add(zp.name)
+    for info in graph.value_info:
+        if info.name in signed_outputs:
+            info.type.tensor_type.elem_type = onnx.TensorProto.UINT8
+    nodes = biases + list(graph.node)  # the new nodes read initializers only: first is topological
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return len(biases)
+
+
+def nncf_onnx_parameters():
+    """NNCF's int8 recipe (`int8_advanced_parameters`: 7-bit weights in every layer) with every
+    activation quantized per tensor, so that `ort_layout` can hand onnxruntime a graph it fuses."""
+    from nncf.quantization.advanced_parameters import QuantizationParameters
+
+    from toolkit.features import int8_advanced_parameters
+
+    params = int8_advanced_parameters()
+    params.activations_quantization_params = QuantizationParameters(per_channel=False)
+    return params
 
 
 # A quantized bias is int32 with scale input_scale x weight_scale[c]. Keep every |q| below 2^30
@@ -237,7 +330,6 @@ class OnnxInt8Exporter(Exporter):
         import onnxruntime as ort
 
         from exporters.openvino_ir import agreement_check, batches, restorer_parameters
-        from toolkit.features import int8_advanced_parameters
 
         model = Path(out_dir) / "model.onnx"
         calib = ctx.calibration_inputs()
@@ -264,16 +356,41 @@ class OnnxInt8Exporter(Exporter):
                 drop_type=nncf.DropType.ABSOLUTE, subset_size=len(calib),
                 ignored_scope=nncf.IgnoredScope(types=["Gemm", "MatMul", "Softmax"], validate=False),
                 advanced_accuracy_restorer_parameters=restorer_parameters(),
-                advanced_quantization_parameters=int8_advanced_parameters(),
+                advanced_quantization_parameters=nncf_onnx_parameters(),
             )
+        ort_layout(quantized)
         compress_onnx_head(quantized)
         onnx.save(quantized, str(model))
         ctx.extra["quantizer"] = "nncf.quantize_with_accuracy_control"
-        # NNCF quantizes depthwise inputs per channel and keeps biases float: ORT then fuses none of
-        # the convolutions (QLinearConv takes one input scale), so this graph is accurate but slow.
-        ctx.extra["latency_note"] = LATENCY_NOTE
-        logger.warning("onnx-int8: %s", LATENCY_NOTE)
         return model
+
+    def build_with_nncf(self, run: RunDir, out_dir: Path, ctx: ExportContext) -> Path:
+        """NNCF's post-training quantization (fast bias correction, 7-bit weights, per-tensor
+        activations) of the same ONNX graph, rewritten into ORT's fused layout (`ort_layout`)."""
+        import nncf
+        import onnx
+
+        from exporters.openvino_ir import batches
+
+        model = Path(out_dir) / "model.onnx"
+        calib = ctx.calibration_inputs()
+        with tempfile.TemporaryDirectory(dir=out_dir, prefix=".work.") as work:
+            graph = onnx.load(str(preprocessed(ctx.classifier, Path(work), ctx)))
+        name = graph.graph.input[0].name
+        with nncf_verbosity("exporters"):
+            quantized = nncf.quantize(
+                graph, nncf.Dataset(batches(calib, ctx.static_batch or 1), lambda x: {name: x}),
+                subset_size=len(calib), advanced_parameters=nncf_onnx_parameters(),
+                ignored_scope=nncf.IgnoredScope(types=["Gemm", "MatMul", "Softmax"], validate=False))
+        ort_layout(quantized)
+        compress_onnx_head(quantized)
+        onnx.save(quantized, str(model))
+        ctx.extra["quantizer"] = "nncf.quantize (onnxruntime layout)"
+        return model
+
+    def fallbacks(self):
+        return [("NNCF quantization", self.build_with_nncf),
+                ("accuracy-controlled quantization", self.build_with_accuracy_control)]
 
 
 def preprocessed(classifier, work: Path, ctx: ExportContext) -> Path:

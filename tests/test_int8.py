@@ -201,6 +201,72 @@ def test_stem_weights_are_7_bit(tmp_path):
     assert np.abs(w.astype(int)).max() <= 64  # no u8 x s8 int16 saturation on AVX2 CPUs
 
 
+def _three_convs(path: Path) -> None:
+    """x -> Conv (with a dead channel, bias 5) -> Clip(0, 6) -> Conv (a projection: negative
+    outputs) -> Conv -> y: NNCF quantizes x and the projection's output as int8, the Clip as uint8."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w1 = rng.normal(0, 0.3, (4, 3, 3, 3)).astype(np.float32)
+    w1[1] = rng.uniform(-3e-7, 3e-7, (3, 3, 3))
+    inits = [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(np.array([0.1, 5.0, -0.3, 0.2], np.float32), "b1"),
+             numpy_helper.from_array(rng.normal(0, 0.5, (4, 4, 1, 1)).astype(np.float32), "w2"),
+             numpy_helper.from_array(np.array([0.0, -1.0, 0.5, 0.1], np.float32), "b2"),
+             numpy_helper.from_array(rng.normal(0, 0.5, (4, 4, 1, 1)).astype(np.float32), "w3"),
+             numpy_helper.from_array(np.zeros(4, np.float32), "b3"),
+             numpy_helper.from_array(np.array(0.0, np.float32), "lo"), numpy_helper.from_array(np.array(6.0, np.float32), "hi")]
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
+             helper.make_node("Clip", ["c1", "lo", "hi"], ["a1"], name="relu6"),
+             helper.make_node("Conv", ["a1", "w2", "b2"], ["c2"], name="project"),
+             helper.make_node("Conv", ["c2", "w3", "b3"], ["y"], name="conv3")]
+    graph = helper.make_graph(nodes, "three", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 4, 8, 8])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+
+
+def _fused_ops(model, tmp_path: Path) -> dict[str, int]:
+    """Op counts of the graph onnxruntime actually runs (after its QDQ fusions)."""
+    import collections
+
+    import onnx
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return collections.Counter(n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node)
+
+
+def test_nncf_onnx_graph_is_rewritten_into_the_layout_onnxruntime_fuses(tmp_path):
+    """NNCF's ONNX int8 graph (float biases, int8 and uint8 activations) runs every convolution in
+    float in onnxruntime (3-4x fp32's latency on AVX2); after ort_layout the quantized ones are
+    QLinearConv, with the same outputs and the dead channel's bias of 5 intact."""
+    import copy
+
+    import nncf
+    import onnx
+    import onnxruntime as ort
+
+    from exporters.onnx_int8 import nncf_onnx_parameters, ort_layout
+
+    _three_convs(tmp_path / "f.onnx")
+    x = np.random.default_rng(1).uniform(-2, 2, (16, 3, 8, 8)).astype(np.float32)
+    q = nncf.quantize(onnx.load(str(tmp_path / "f.onnx")), nncf.Dataset([{"x": x[i : i + 1]} for i in range(16)]),
+                      subset_size=16, advanced_parameters=nncf_onnx_parameters())
+    as_nncf_wrote_it = copy.deepcopy(q)
+    assert _fused_ops(as_nncf_wrote_it, tmp_path).get("QLinearConv", 0) == 0
+    assert ort_layout(q) == 3
+    ops = _fused_ops(q, tmp_path)
+    assert ops.get("QLinearConv", 0) == 2 and ops.get("Conv", 0) == 1  # conv3's output is not quantized
+    run = lambda m: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    reference, fused = run(as_nncf_wrote_it), run(q)
+    assert np.abs(fused - reference).max() <= 0.02 * np.abs(reference).max()
+
+
 def _int8_loses_images(monkeypatch) -> None:
     """The built int8 model answers the first image of every batch with its logits reversed: a
     deterministic budget miss. (Whether real int8 noise flips an image depends on the head's
@@ -221,6 +287,7 @@ def _int8_loses_images(monkeypatch) -> None:
 
     monkeypatch.setattr(OnnxInt8Exporter, "runner", runner)
     monkeypatch.setattr(OnnxInt8Exporter, "build_with_accuracy_control", lambda *a, **k: None)  # speed
+    monkeypatch.setattr(OnnxInt8Exporter, "build_with_nncf", lambda *a, **k: None)
 
 
 def test_over_budget_export_fails_with_figures_and_writes_nothing(trained_run, tmp_path, monkeypatch):
