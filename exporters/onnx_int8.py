@@ -354,7 +354,7 @@ class OnnxInt8Exporter(Exporter):
                 graph, nncf.Dataset(batches(calib, b), lambda x: {name: x}),
                 nncf.Dataset(validation, lambda item: {name: item[0]}), metric, max_drop=max_drop,
                 drop_type=nncf.DropType.ABSOLUTE, subset_size=len(calib),
-                ignored_scope=nncf.IgnoredScope(types=["Gemm", "MatMul", "Softmax"], validate=False),
+                ignored_scope=_head_scope(),
                 advanced_accuracy_restorer_parameters=restorer_parameters(),
                 advanced_quantization_parameters=nncf_onnx_parameters(),
             )
@@ -381,7 +381,7 @@ class OnnxInt8Exporter(Exporter):
             quantized = nncf.quantize(
                 graph, nncf.Dataset(batches(calib, ctx.static_batch or 1), lambda x: {name: x}),
                 subset_size=len(calib), advanced_parameters=nncf_onnx_parameters(),
-                ignored_scope=nncf.IgnoredScope(types=["Gemm", "MatMul", "Softmax"], validate=False))
+                ignored_scope=_head_scope())
         ort_layout(quantized)
         compress_onnx_head(quantized)
         onnx.save(quantized, str(model))
@@ -391,6 +391,13 @@ class OnnxInt8Exporter(Exporter):
     def fallbacks(self):
         return [("NNCF quantization", self.build_with_nncf),
                 ("accuracy-controlled quantization", self.build_with_accuracy_control)]
+
+
+def _head_scope():
+    """What NNCF leaves in float here, as `quantize` does for ORT: the head and softmax."""
+    import nncf
+
+    return nncf.IgnoredScope(types=["Gemm", "MatMul", "Softmax"], validate=False)
 
 
 def preprocessed(classifier, work: Path, ctx: ExportContext) -> Path:
