@@ -71,7 +71,8 @@ def isa_section(title: str) -> str:
 
     if isa_cap() is not None:
         return f"{title} (oneDNN held to {isa_cap()})"
-    if "avx2" in present() and "avx512f" not in present():
+    flags = present()
+    if "avx2" in flags and "avx512f" not in flags:
         return f"{title} (plain AVX2 CPU)"
     return title
 

@@ -159,11 +159,9 @@ def ort_layout(model) -> int:
         return numpy_helper.to_array(inits[name])
 
     def put(name: str, value: np.ndarray) -> None:
-        if name in inits:
-            inits[name].CopyFrom(numpy_helper.from_array(value, name))
-        else:
+        if name not in inits:
             inits[name] = graph.initializer.add()
-            inits[name].CopyFrom(numpy_helper.from_array(value, name))
+        inits[name].CopyFrom(numpy_helper.from_array(value, name))
 
     biases = []
     for conv in [n for n in graph.node if n.op_type == "Conv"]:
@@ -358,9 +356,7 @@ class OnnxInt8Exporter(Exporter):
                 advanced_accuracy_restorer_parameters=restorer_parameters(),
                 advanced_quantization_parameters=nncf_onnx_parameters(),
             )
-        ort_layout(quantized)
-        compress_onnx_head(quantized)
-        onnx.save(quantized, str(model))
+        _save_in_ort_layout(quantized, model)
         ctx.extra["quantizer"] = "nncf.quantize_with_accuracy_control"
         return model
 
@@ -382,15 +378,22 @@ class OnnxInt8Exporter(Exporter):
                 graph, nncf.Dataset(batches(calib, ctx.static_batch or 1), lambda x: {name: x}),
                 subset_size=len(calib), advanced_parameters=nncf_onnx_parameters(),
                 ignored_scope=_head_scope())
-        ort_layout(quantized)
-        compress_onnx_head(quantized)
-        onnx.save(quantized, str(model))
+        _save_in_ort_layout(quantized, model)
         ctx.extra["quantizer"] = "nncf.quantize (onnxruntime layout)"
         return model
 
     def fallbacks(self):
         return [("NNCF quantization", self.build_with_nncf),
                 ("accuracy-controlled quantization", self.build_with_accuracy_control)]
+
+
+def _save_in_ort_layout(quantized, model: Path) -> None:
+    """An NNCF-quantized graph as onnx-int8 ships it: ORT's fused layout, the head compressed."""
+    import onnx
+
+    ort_layout(quantized)
+    compress_onnx_head(quantized)
+    onnx.save(quantized, str(model))
 
 
 def _head_scope():

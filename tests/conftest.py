@@ -81,6 +81,22 @@ def tiny_dataset(tmp_path_factory) -> Path:
     return root
 
 
+def onnxruntime_ops(model, tmp_path: Path) -> dict[str, int]:
+    """Op counts of the graph onnxruntime actually runs (after its QDQ fusions) for an ONNX model
+    (a ModelProto or a path): QLinearConv where it computes in int8, Conv where in float."""
+    import collections
+
+    import onnx
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    source = str(model) if isinstance(model, (str, Path)) else model.SerializeToString()
+    ort.InferenceSession(source, so, providers=["CPUExecutionProvider"])
+    return collections.Counter(n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node)
+
+
 def copy_subset(source: Path, dst: Path, n_train: int = 10, n_val: int = 4) -> Path:
     """A few real ants/bees photos. Real photos matter: flat synthetic colours leave feature
     channels near-constant, whose standardisation (1/std > 65504) no fp16 model can hold."""

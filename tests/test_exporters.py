@@ -311,12 +311,8 @@ def test_a_missed_budget_runs_accuracy_controlled_quantization(fmt, trained_run,
 def test_onnx_int8_falls_back_to_accuracy_control_in_the_fused_layout(trained_run, tmp_path, monkeypatch):
     """Two misses: NNCF quantization, then accuracy control, whose graph onnxruntime must still fuse
     (as NNCF writes it, every convolution runs in float: 4x fp32's latency on a plain AVX2 CPU)."""
-    import collections
-
-    import onnx
-    import onnxruntime as ort
-
     from exporters import parity
+    from tests.conftest import onnxruntime_ops
 
     real, calls = parity.Budget.misses, []
 
@@ -327,9 +323,5 @@ def test_onnx_int8_falls_back_to_accuracy_control_in_the_fused_layout(trained_ru
     monkeypatch.setattr(parity.Budget, "misses", two_misses)
     result = export(trained_run, "onnx-int8", tmp_path / "b", max_drop=100.0)
     assert result.manifest["quantizer"] == "nncf.quantize_with_accuracy_control"
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-    so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-    ort.InferenceSession(str(result.model), so, providers=["CPUExecutionProvider"])
-    ops = collections.Counter(n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node)
+    ops = onnxruntime_ops(result.model, tmp_path)
     assert ops["QLinearConv"] > 0 and ops["QLinearConv"] >= 4 * ops.get("Conv", 0)

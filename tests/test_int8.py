@@ -227,20 +227,6 @@ def _three_convs(path: Path) -> None:
     onnx.save(model, str(path))
 
 
-def _fused_ops(model, tmp_path: Path) -> dict[str, int]:
-    """Op counts of the graph onnxruntime actually runs (after its QDQ fusions)."""
-    import collections
-
-    import onnx
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-    so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-    ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    return collections.Counter(n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node)
-
-
 def test_nncf_onnx_graph_is_rewritten_into_the_layout_onnxruntime_fuses(tmp_path):
     """NNCF's ONNX int8 graph (float biases, int8 and uint8 activations) runs every convolution in
     float in onnxruntime (3-4x fp32's latency on AVX2); after ort_layout the quantized ones are
@@ -252,15 +238,16 @@ def test_nncf_onnx_graph_is_rewritten_into_the_layout_onnxruntime_fuses(tmp_path
     import onnxruntime as ort
 
     from exporters.onnx_int8 import nncf_onnx_parameters, ort_layout
+    from tests.conftest import onnxruntime_ops
 
     _three_convs(tmp_path / "f.onnx")
     x = np.random.default_rng(1).uniform(-2, 2, (16, 3, 8, 8)).astype(np.float32)
     q = nncf.quantize(onnx.load(str(tmp_path / "f.onnx")), nncf.Dataset([{"x": x[i : i + 1]} for i in range(16)]),
                       subset_size=16, advanced_parameters=nncf_onnx_parameters())
     as_nncf_wrote_it = copy.deepcopy(q)
-    assert _fused_ops(as_nncf_wrote_it, tmp_path).get("QLinearConv", 0) == 0
+    assert onnxruntime_ops(as_nncf_wrote_it, tmp_path).get("QLinearConv", 0) == 0
     assert ort_layout(q) == 3
-    ops = _fused_ops(q, tmp_path)
+    ops = onnxruntime_ops(q, tmp_path)
     assert ops.get("QLinearConv", 0) == 2 and ops.get("Conv", 0) == 1  # conv3's output is not quantized
     run = lambda m: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     reference, fused = run(as_nncf_wrote_it), run(q)
