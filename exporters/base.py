@@ -189,7 +189,7 @@ class Exporter(abc.ABC):
                     exported = run_batched(self.runner(model, ctx), inputs, batch=ctx.static_batch)
                     measured = parity.measure(reference, exported, labels, run.labels)
                 misses = ctx.budget.misses(measured) if int8 else []
-                tried = "plain int8 quantization"
+                tried = ctx.extra.get("quantizer", "plain int8 quantization")
                 for what, fallback in self.fallbacks() if misses else []:
                     logger.warning("%s: %s misses the accuracy budget (%s): trying %s", self.name, tried,
                                    "; ".join(misses), what)

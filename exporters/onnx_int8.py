@@ -6,11 +6,13 @@ BENCHMARKS.md) on a class-stratified subset of the run's training images (or --c
 fixes make the result hold on every dataset and CPU (`weight_overrides`): int32-safe biases and
 7-bit first-layer weights. The head (Gemm) and softmax compute in float: a sliver of the compute,
 and int8 logits would round near-ties; the head's weights are stored compressed
-(exporters.head_weights). When the export misses its accuracy budget, NNCF quantizes the same
-ONNX graph (fast bias correction; on a plain AVX2 CPU it agreed with fp32 more often than ORT's
-own quantizer, BENCHMARKS.md "int8 on a plain AVX2 CPU"), and if that misses too, NNCF's
-accuracy-controlled quantization keeps the layers that cost most in fp32. Both are rewritten into
-the layout onnxruntime fuses (`ort_layout`): as NNCF writes them, ORT runs every convolution in float.
+(exporters.head_weights). The other recipe is NNCF's on the same ONNX graph (fast bias correction,
+7-bit weights, per-tensor activations): it goes first on x86 CPUs without int8 dot-product units
+(`nncf_first`), where it agreed with fp32 more often than ORT's quantizer on both visible sets
+(BENCHMARKS.md "int8 on a plain AVX2 CPU"). When the first misses the accuracy budget the other is
+tried, then NNCF's accuracy-controlled quantization, which keeps the layers that cost most in fp32.
+NNCF's graphs are rewritten into the layout onnxruntime fuses (`ort_layout`): as NNCF writes them,
+ORT runs every convolution in float.
 """
 
 from __future__ import annotations
@@ -309,6 +311,10 @@ class OnnxInt8Exporter(Exporter):
                 "Export openvino-int8 to ship the exact backbone the head learned on."
             )
             ctx.extra["backbone_note"] = "re-quantized with onnxruntime (not the run's own int8 backbone)"
+        return self.build_with_nncf(run, out_dir, ctx) if nncf_first() else self.build_with_ort(run, out_dir, ctx)
+
+    def build_with_ort(self, run: RunDir, out_dir: Path, ctx: ExportContext) -> Path:
+        """onnxruntime's own static quantization (MinMax calibration, `weight_overrides`)."""
         model = Path(out_dir) / "model.onnx"
         with tempfile.TemporaryDirectory(dir=out_dir, prefix=".work.") as work:
             with ctx.stage("convert"):
@@ -318,6 +324,7 @@ class OnnxInt8Exporter(Exporter):
                 ranges = calibrate(prep, calib, batch=ctx.static_batch or 8)
             with ctx.stage("quantize"):
                 quantize(prep, model, ranges)
+        ctx.extra["quantizer"] = ORT_QUANTIZER
         return model
 
     def build_with_accuracy_control(self, run: RunDir, out_dir: Path, ctx: ExportContext) -> Path:
@@ -379,12 +386,31 @@ class OnnxInt8Exporter(Exporter):
                 subset_size=len(calib), advanced_parameters=nncf_onnx_parameters(),
                 ignored_scope=_head_scope())
         _save_in_ort_layout(quantized, model)
-        ctx.extra["quantizer"] = "nncf.quantize (onnxruntime layout)"
+        ctx.extra["quantizer"] = NNCF_QUANTIZER
         return model
 
     def fallbacks(self):
-        return [("NNCF quantization", self.build_with_nncf),
-                ("accuracy-controlled quantization", self.build_with_accuracy_control)]
+        other = ("onnxruntime quantization", self.build_with_ort) if nncf_first() else \
+            ("NNCF quantization", self.build_with_nncf)
+        return [other, ("accuracy-controlled quantization", self.build_with_accuracy_control)]
+
+
+ORT_QUANTIZER = "onnxruntime.quantization (QDQ)"
+NNCF_QUANTIZER = "nncf.quantize (onnxruntime layout)"
+# x86 int8 dot-product units. Without them ORT's u8 x s8 kernels run another code path (AVX2
+# vpmaddubsw, int16 intermediates), where its own quantizer agreed with fp32 less often than NNCF's
+# on both visible sets (BENCHMARKS.md "int8 on a plain AVX2 CPU").
+INT8_DOT_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+
+
+def nncf_first() -> bool:
+    """Whether NNCF's recipe (in ORT's layout) is the first onnx-int8 try here, ORT's own the
+    fallback: on x86 CPUs without int8 dot-product units. Elsewhere ORT's quantizer, the recipe
+    measured best on AMX, goes first. The CPU's own flags: ONEDNN_MAX_CPU_ISA does not cap ORT."""
+    from devices.probe import cpu_flags
+
+    flags = cpu_flags(capped=False)
+    return "avx2" in flags and not any(f in flags for f in INT8_DOT_FLAGS)
 
 
 def _save_in_ort_layout(quantized, model: Path) -> None:

@@ -518,3 +518,21 @@ def test_int8_exports_store_no_float32_weight_matrix(fmt, exported):
                   if op.get_type_name() == "Constant" and op.get_element_type() == ov.Type.f32
                   and len(op.get_output_shape(0)) == 2 and min(op.get_output_shape(0)) > 1]
     assert floats == []
+
+
+@pytest.mark.parametrize("flags, first", [
+    ("fpu sse4_2 avx avx2 fma f16c", True),  # a plain AVX2 robot board: NNCF's recipe first
+    ("sse4_2 avx avx2 fma f16c avx_vnni", False),  # AVX-VNNI (Alder Lake and later)
+    ("sse4_2 avx avx2 fma f16c avx512f avx512_vnni", False),
+    ("sse4_2 avx avx2 avx512f avx512_vnni avx512_bf16 amx_tile amx_int8", False),
+    ("", False),  # no x86 flags (an ARM board): ORT's own quantizer, as measured on AMX
+])
+def test_onnx_int8_picks_its_first_recipe_by_the_cpus_int8_units(flags, first, tmp_path, monkeypatch):
+    import devices.probe
+    from exporters.onnx_int8 import nncf_first
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+    monkeypatch.setattr(devices.probe, "CPUINFO", str(cpuinfo))
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")  # caps oneDNN, not ORT's kernels: no effect here
+    assert nncf_first() is first
