@@ -185,14 +185,10 @@ def feature_runner(model_path: Path, runtime: str, *, device: str = "CPU", featu
     if runtime == "openvino":
         from devices.openvino_compile import compile_model
 
+        from toolkit.runtime import PipelinedInfer
+
         model = openvino_features_model(model_path, feature_dim)
         compiled = compile_model(model, device, batch=batch, exact=True)  # f32: verification compares in f32
         outputs = [compiled.output(FEATURES)] + ([compiled.output("logits")] if with_logits else [])
-        request = compiled.create_infer_request()
-
-        def run(x: np.ndarray) -> np.ndarray:
-            result = request.infer({0: x})
-            return np.concatenate([result[o] for o in outputs], axis=1)
-
-        return run
+        return PipelinedInfer(compiled, static_batch=batch, outputs=outputs)
     raise EdgetuneError(f"No feature extraction for runtime '{runtime}'.")
