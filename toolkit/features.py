@@ -20,7 +20,7 @@ import numpy as np
 
 from toolkit import __version__
 from toolkit.backbones import BackboneSpec, create_backbone, get_spec
-from toolkit.runtime import pad_batch, per_thread_infer, to_nchw_float
+from toolkit.runtime import keep_in_flight, pad_batch, per_thread_infer, to_nchw_float
 
 logger = logging.getLogger(__name__)
 
@@ -160,30 +160,13 @@ class OpenVINOEngine(FeatureEngine):
 
     def extract_many(self, batches, out: np.ndarray) -> None:
         # One infer request per stream keeps every core busy while Python builds the next batch.
-        # Requests are waited on from this thread, never through AsyncInferQueue callbacks: a
-        # callback needs the GIL on an OpenVINO thread, and tearing down the compiled model then
-        # deadlocks (seen with OpenVINO 2026.4: ~CompiledModel joining a thread that waits for the GIL).
         n = max(1, int(self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
-        requests = [self.compiled.create_infer_request() for _ in range(n)]
-        pending: list[tuple[int, int] | None] = [None] * n
 
-        def collect(i: int) -> None:
-            offset, count = pending[i]
-            requests[i].wait()
-            out[offset : offset + count] = requests[i].get_output_tensor(0).data[:count]
-            pending[i] = None
+        def done(offset: int, request, rows: int) -> None:
+            out[offset : offset + rows] = request.get_output_tensor(0).data[:rows]
 
-        for j, (offset, batch) in enumerate(batches):
-            i = j % n
-            if pending[i] is not None:
-                collect(i)
-            pending[i] = (offset, len(batch))
-            if self.static_batch:
-                batch = pad_batch(batch, self.static_batch)
-            requests[i].start_async({0: np.ascontiguousarray(batch)})
-        for i in range(n):
-            if pending[i] is not None:
-                collect(i)
+        keep_in_flight([self.compiled.create_infer_request() for _ in range(n)], batches, done,
+                       pad_to=self.static_batch)
 
 
 class ONNXRuntimeEngine(FeatureEngine):

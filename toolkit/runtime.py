@@ -75,6 +75,34 @@ def per_thread_infer(compiled) -> Callable[[np.ndarray], np.ndarray]:
     return infer
 
 
+def keep_in_flight(requests: list, jobs, done: Callable[[Any, Any, int], None], *, pad_to: int | None = None) -> None:
+    """Start each (key, batch) of `jobs` on the OpenVINO infer `requests` in turn, so one batch per
+    request is in flight, and call done(key, request, rows) as each finishes, in job order; a
+    `pad_to` batch is zero-padded (done gets the real row count). Requests are waited on from this
+    thread, never through AsyncInferQueue callbacks: a callback needs the GIL on an OpenVINO thread,
+    and tearing down the compiled model then deadlocks (seen with OpenVINO 2026.4: ~CompiledModel
+    joining a thread that waits for the GIL)."""
+    pending: list[tuple[Any, int] | None] = [None] * len(requests)
+
+    def collect(i: int) -> None:
+        key, rows = pending[i]
+        requests[i].wait()
+        done(key, requests[i], rows)
+        pending[i] = None
+
+    started = 0
+    for key, batch in jobs:
+        i = started % len(requests)
+        if pending[i] is not None:
+            collect(i)
+        pending[i] = (key, len(batch))
+        requests[i].start_async({0: np.ascontiguousarray(pad_batch(batch, pad_to) if pad_to else batch)})
+        started += 1
+    for j in range(started, started + len(requests)):  # the last ones, oldest first
+        if pending[j % len(requests)] is not None:
+            collect(j % len(requests))
+
+
 class PipelinedInfer:
     """inputs (N, ...) -> outputs (N, ...) of an OpenVINO compiled model, in batches with one infer
     request per stream the compiled model asks for (OPTIMAL_NUMBER_OF_INFER_REQUESTS) in flight.
@@ -89,28 +117,14 @@ class PipelinedInfer:
         self.requests = [compiled.create_infer_request() for _ in range(n)]
 
     def __call__(self, inputs: np.ndarray) -> np.ndarray:
-        # Waited on from this thread, not through AsyncInferQueue callbacks (toolkit.features.extract_many says why).
         results: list[np.ndarray] = []
-        pending: list[tuple[int, int] | None] = [None] * len(self.requests)
 
-        def collect(i: int) -> None:
-            k, count = pending[i]
-            self.requests[i].wait()
-            results[k] = np.concatenate([np.array(self.requests[i].get_tensor(p).data[:count], np.float32)
-                                         for p in self.ports], axis=1)
-            pending[i] = None
+        def done(_, request, rows: int) -> None:  # keep_in_flight calls back in job order
+            results.append(np.concatenate([np.array(request.get_tensor(p).data[:rows], np.float32)
+                                           for p in self.ports], axis=1))
 
-        for k, start in enumerate(range(0, len(inputs), self.batch)):
-            i = k % len(self.requests)
-            if pending[i] is not None:
-                collect(i)
-            chunk = inputs[start : start + self.batch]
-            results.append(None)
-            pending[i] = (k, len(chunk))
-            self.requests[i].start_async({0: np.ascontiguousarray(pad_batch(chunk, self.batch) if self.static else chunk)})
-        for i in range(len(self.requests)):
-            if pending[i] is not None:
-                collect(i)
+        jobs = ((None, inputs[i : i + self.batch]) for i in range(0, len(inputs), self.batch))
+        keep_in_flight(self.requests, jobs, done, pad_to=self.batch if self.static else None)
         return np.concatenate(results)
 
 
