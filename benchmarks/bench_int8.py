@@ -26,9 +26,9 @@ import numpy as np
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks._common import SHARED_DATASETS as SHARED  # noqa: E402
 from benchmarks._common import command_line, cpu_flags, load_average, machine_description, update_benchmarks_md  # noqa: E402
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 
 
 def downscaled(source: Path, dst: Path, side: int = 128) -> Path:

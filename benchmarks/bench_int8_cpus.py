@@ -30,9 +30,9 @@ import numpy as np
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks._common import SHARED_DATASETS as SHARED  # noqa: E402
 from benchmarks._common import command_line, load_average, machine_description, update_benchmarks_md  # noqa: E402
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 RECIPES = {
     "8-bit weights everywhere (overflow fix off)": "DISABLE",
     "7-bit first layer (NNCF's default; edgetune int8 recipe v1)": "FIRST_LAYER",

@@ -25,12 +25,12 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._common import (  # noqa: E402
-    Row, command_line, cpu_flags, load_average, machine_description, median, print_table, update_benchmarks_md)
+    SHARED_DATASETS as SHARED, Row, command_line, cpu_flags, load_average, machine_description, median, print_table,
+    update_benchmarks_md)
 from toolkit.data import list_images  # noqa: E402
 from toolkit.images import ImageReadError, read_image, to_rgb  # noqa: E402
 from toolkit.preprocess import eval_resize_shorter, model_input, shrink  # noqa: E402
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 SIZE = 240  # efficientnet_lite1, the default backbone
 SECTION = "Preprocessing"
 
@@ -126,6 +126,9 @@ def predict_vs_evaluate(data: Path, up_val: Path, tmp: Path) -> dict:
 
 
 def main() -> None:
+    import argparse
+
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()  # --help, not a run
     load_start = load_average()
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="edgetune-pre-") as tmp:

@@ -41,10 +41,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks._common import SHARED_DATASETS as SHARED  # noqa: E402
 from benchmarks._common import (REPO, Row, command_line, cpu_flags, load_average, machine_description,  # noqa: E402
                                 markdown_table, median, print_table, run_child, update_benchmarks_md)
 
-SHARED = REPO.parent / "shared" / "datasets"
 TITLE = "Robot side (issue 8)"
 NEW_CLASS = "arachnid"
 NEW_SOURCES = ("scorpion", "tick")  # caltech50 classes pooled into the new class

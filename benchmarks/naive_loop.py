@@ -25,7 +25,9 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script: make `toolkit` importable from the repo root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "hymenoptera"
+from benchmarks._common import SHARED_DATASETS  # noqa: E402
+
+DEFAULT_DATA = SHARED_DATASETS / "hymenoptera"
 
 
 @dataclass

@@ -30,12 +30,11 @@ import numpy as np
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import (cpu_flags, REPO, command_line, load_average, machine_description,  # noqa: E402
+from benchmarks._common import (SHARED_DATASETS, cpu_flags, REPO, command_line, load_average, machine_description,  # noqa: E402
                                 update_benchmarks_md)
 
 SECTION = "Small data"
-DATASETS = {"hymenoptera": REPO.parent / "shared" / "datasets" / "hymenoptera",
-            "caltech50": REPO.parent / "shared" / "datasets" / "caltech50"}
+DATASETS = {"hymenoptera": SHARED_DATASETS / "hymenoptera", "caltech50": SHARED_DATASETS / "caltech50"}
 CACHE = Path("/tmp/edgetune-small-data")
 HEADS = ("prototypes", "imprint", "logreg", "linear", "mlp")
 
