@@ -30,7 +30,6 @@ from benchmarks._common import SHARED_DATASETS as SHARED  # noqa: E402
 from benchmarks._common import command_line, cpu_flags, load_average, machine_description, update_benchmarks_md  # noqa: E402
 
 
-
 def downscaled(source: Path, dst: Path, side: int = 128) -> Path:
     import cv2
 

@@ -112,6 +112,11 @@ def with_static_batch(model, batch: int | None):
     return static
 
 
+def optimal_requests(compiled) -> int:
+    """How many infer requests keep every stream of `compiled` busy (its OPTIMAL_NUMBER_OF_INFER_REQUESTS)."""
+    return max(1, int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
+
+
 def compile_model(
     model,
     device: Device | str,

@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from devices.openvino_compile import edgetune_cache_dir
+from devices.openvino_compile import edgetune_cache_dir, optimal_requests
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ def _store(key: str, entry: dict[str, Any]) -> None:
 
 def images_per_second(compiled, make_batch: Callable[[int], np.ndarray], batch: int, seconds: float) -> float:
     """Throughput of `compiled` fed `batch`-image requests, all its optimal requests in flight."""
-    n = max(1, int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
+    n = optimal_requests(compiled)
     requests = [compiled.create_infer_request() for _ in range(n)]
     x = make_batch(batch)
     requests[0].infer({0: x})  # warm-up: first-inference allocations are not throughput

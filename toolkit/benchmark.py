@@ -93,13 +93,12 @@ def openvino_throughput(model: Path, size: int, *, device: str = "CPU", seconds:
     """Images/s with the compiled model's optimal number of batch-1 requests in flight; (img/s, requests)."""
     import openvino as ov
 
-    from devices.openvino_compile import compile_model
+    from devices.openvino_compile import compile_model, optimal_requests
     from devices.openvino_tuning import images_per_second
 
     core = ov.Core()
     compiled = compile_model(_read_batch1(core, model), device, batch=1, core=core)
-    n = max(1, int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
-    return images_per_second(compiled, lambda b: synthetic_input(size, b), 1, seconds), n
+    return images_per_second(compiled, lambda b: synthetic_input(size, b), 1, seconds), optimal_requests(compiled)
 
 
 # --------------------------------------------------------------------------------- ONNX Runtime

@@ -184,7 +184,6 @@ def feature_runner(model_path: Path, runtime: str, *, device: str = "CPU", featu
         return lambda x: np.concatenate(session.run(outputs, {name: x}), axis=1)
     if runtime == "openvino":
         from devices.openvino_compile import compile_model
-
         from toolkit.runtime import PipelinedInfer
 
         model = openvino_features_model(model_path, feature_dim)

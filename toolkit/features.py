@@ -159,14 +159,14 @@ class OpenVINOEngine(FeatureEngine):
         return self._infer(np.ascontiguousarray(batch))
 
     def extract_many(self, batches, out: np.ndarray) -> None:
-        # One infer request per stream keeps every core busy while Python builds the next batch.
-        n = max(1, int(self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
+        from devices.openvino_compile import optimal_requests
 
         def done(offset: int, request, rows: int) -> None:
             out[offset : offset + rows] = request.get_output_tensor(0).data[:rows]
 
-        keep_in_flight([self.compiled.create_infer_request() for _ in range(n)], batches, done,
-                       pad_to=self.static_batch)
+        # One infer request per stream keeps every core busy while Python builds the next batch.
+        requests = [self.compiled.create_infer_request() for _ in range(optimal_requests(self.compiled))]
+        keep_in_flight(requests, batches, done, pad_to=self.static_batch)
 
 
 class ONNXRuntimeEngine(FeatureEngine):

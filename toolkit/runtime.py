@@ -111,10 +111,11 @@ class PipelinedInfer:
     whose results are concatenated along axis 1 (default: the first output)."""
 
     def __init__(self, compiled, *, static_batch: int | None = None, chunk: int = 32, outputs=None) -> None:
-        self.batch, self.static = static_batch or chunk, static_batch is not None
+        from devices.openvino_compile import optimal_requests
+
+        self.batch, self.pad_to = static_batch or chunk, static_batch
         self.ports = list(outputs) if outputs else [compiled.output(0)]
-        n = max(1, int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
-        self.requests = [compiled.create_infer_request() for _ in range(n)]
+        self.requests = [compiled.create_infer_request() for _ in range(optimal_requests(compiled))]
 
     def __call__(self, inputs: np.ndarray) -> np.ndarray:
         results: list[np.ndarray] = []
@@ -124,7 +125,7 @@ class PipelinedInfer:
                                            for p in self.ports], axis=1))
 
         jobs = ((None, inputs[i : i + self.batch]) for i in range(0, len(inputs), self.batch))
-        keep_in_flight(self.requests, jobs, done, pad_to=self.batch if self.static else None)
+        keep_in_flight(self.requests, jobs, done, pad_to=self.pad_to)
         return np.concatenate(results)
 
 
