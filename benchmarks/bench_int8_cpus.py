@@ -42,12 +42,11 @@ RECIPES = {
 
 def child(run_dir: Path) -> list[dict]:
     """One ISA (this process's environment): every recipe on one run."""
-    import nncf
     import openvino as ov
 
     from benchmarks.bench_int8 import heldout_split
     from exporters.base import MAX_CALIBRATION, stratified_subset
-    from toolkit.convert import nncf_verbosity
+    from toolkit.convert import nncf_session
     from toolkit.features import _openvino_backbone, float_input
     from toolkit.head_fit import fit_head, head_logits
     from toolkit.runs import RunDir
@@ -71,7 +70,7 @@ def child(run_dir: Path) -> list[dict]:
     rows = []
     for label, fix in RECIPES.items():
         t = time.perf_counter()
-        with nncf_verbosity():
+        with nncf_session() as nncf:
             q = nncf.quantize(backbone, nncf.Dataset([pool_x[i:i + 1] for i in calib_pos]), subset_size=len(calib_pos),
                               fast_bias_correction=True,
                               advanced_parameters=nncf.AdvancedQuantizationParameters(

@@ -52,15 +52,21 @@ def import_onnxruntime() -> ModuleType:
     `artifacts` module imports torch: 4 s of CPU on a 2-core x86 host that has torch, and torch on
     the robot path. Inference never uses that check's result, so the package is hidden while
     onnxruntime imports and left importable afterwards (the ORT training exporter imports it).
+    `onnxruntime.tools` (which quantization's shape inference imports) is imported here too,
+    with torch hidden (devices.probe.torch_hidden): it would import torch for its export helpers.
     """
     import importlib
     import sys
+
+    from devices.probe import torch_hidden
 
     if "onnxruntime" in sys.modules or "onnxruntime.training" in sys.modules:
         return importlib.import_module("onnxruntime")
     sys.modules["onnxruntime.training"] = None  # type: ignore[assignment]  # ImportError for the check
     try:
-        return importlib.import_module("onnxruntime")
+        with torch_hidden():
+            importlib.import_module("onnxruntime.tools")
+            return importlib.import_module("onnxruntime")
     finally:
         if sys.modules.get("onnxruntime.training", 0) is None:
             del sys.modules["onnxruntime.training"]

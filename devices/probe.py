@@ -6,8 +6,10 @@ inside its probe function, so `import devices` stays instant and works on a robo
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import platform
+import sys
 import threading
 from dataclasses import dataclass, field
 from enum import Enum
@@ -82,6 +84,28 @@ class ProbeReport:
 def is_missing_package(error: BaseException, package: str) -> bool:
     """True when `error` means `package` itself is not installed (not a broken install)."""
     return isinstance(error, ModuleNotFoundError) and (error.name or "").split(".")[0] == package
+
+
+@contextlib.contextmanager
+def torch_hidden():
+    """`import torch` fails inside this block unless this process has loaded torch already.
+
+    NNCF and onnxruntime import torch when it is installed, for interop that edgetune never uses:
+    NNCF at import (its torch tensor backend) and in every quantize call (to ask whether the
+    model is a torch one), onnxruntime in `onnxruntime.tools` (torch export helpers). Each takes
+    an ImportError for "no torch". The import was 1.5-2.5 s of an int8 export (2-core AVX2).
+    Only imports and NNCF run inside these blocks, and torch imports normally after them.
+    """
+    if "torch" in sys.modules:
+        yield
+        return
+    sys.modules["torch"] = None  # the import system's own "not importable" marker
+    try:
+        yield
+    finally:
+        if "torch" in sys.modules and sys.modules["torch"] is None:
+            del sys.modules["torch"]
+
 
 
 def import_runtime(package: str, *modules: str, importer: Callable[[str], object] | None = None):

@@ -18,7 +18,7 @@ from exporters import register
 from exporters.base import ExportContext, Exporter
 from exporters.head_weights import compress_openvino_head
 from exporters.onnx_fp32 import with_probabilities
-from toolkit.convert import nncf_verbosity
+from toolkit.convert import load_nncf, nncf_session
 from toolkit.runs import RunDir
 
 logger = logging.getLogger(__name__)
@@ -28,9 +28,7 @@ MODEL_FILE = "model.xml"
 
 def head_scope():
     """The head (MatMul) and softmax stay fp32: a sliver of the compute, and int8 logits round near-ties."""
-    import nncf
-
-    return nncf.IgnoredScope(types=["MatMul", "Softmax"], validate=False)
+    return load_nncf().IgnoredScope(types=["MatMul", "Softmax"], validate=False)
 
 
 def convert(classifier, ctx: ExportContext):
@@ -94,20 +92,17 @@ class OpenVINOInt8Exporter(Exporter):
         return save(model, Path(out_dir) / MODEL_FILE, fp16=not ctx.fp32)
 
     def build_with_accuracy_control(self, run: RunDir, out_dir: Path, ctx: ExportContext) -> Path:
-        import nncf
-
         from toolkit.features import int8_advanced_parameters
 
         model = cached_classifier(run, ctx)
         calib = ctx.calibration_inputs()
         b = ctx.static_batch or 1
-        calibration = nncf.Dataset(batches(calib, b))
         validation, accuracy, max_drop = agreement_check(calib, run, b, ctx, lambda compiled, x: compiled(x)[0])
         logger.info("NNCF accuracy-controlled quantization, max agreement loss %.2f%% on the calibration images",
                     100 * max_drop)
-        with nncf_verbosity("exporters"):
+        with nncf_session("exporters") as nncf:
             quantized = nncf.quantize_with_accuracy_control(
-                model, calibration, nncf.Dataset(validation, lambda item: item[0]), accuracy, max_drop=max_drop,
+                model, nncf.Dataset(batches(calib, b)), nncf.Dataset(validation, lambda item: item[0]), accuracy, max_drop=max_drop,
                 drop_type=nncf.DropType.ABSOLUTE, subset_size=len(calib), ignored_scope=head_scope(),
                 advanced_accuracy_restorer_parameters=restorer_parameters(),
                 advanced_quantization_parameters=int8_advanced_parameters(),
@@ -153,9 +148,7 @@ def agreement_check(calib: np.ndarray, run: RunDir, b: int, ctx: ExportContext, 
 def restorer_parameters():
     """Bounds on NNCF's accuracy restorer: it ranks layers on a 64-image subset (ranking every
     layer on all calibration images takes minutes on 2 cores) and reverts at most 12 of them."""
-    import nncf
-
-    return nncf.AdvancedAccuracyRestorerParameters(ranking_subset_size=64, max_num_iterations=12)
+    return load_nncf().AdvancedAccuracyRestorerParameters(ranking_subset_size=64, max_num_iterations=12)
 
 
 def cached_classifier(run: RunDir, ctx: ExportContext):

@@ -538,3 +538,63 @@ def test_onnx_int8_picks_its_first_recipe_by_the_cpus_int8_units(flags, first, t
     monkeypatch.setattr(devices.probe, "CPUINFO", str(cpuinfo))
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")  # caps oneDNN, not ORT's kernels: no effect here
     assert nncf_first() is first
+
+
+@pytest.mark.parametrize("batch", [None, 2])
+def test_onnx_int8_source_graph_is_the_torch_export_built_without_torch(trained_run, tmp_path, batch):
+    """onnx-int8 quantizes the cached backbone ONNX + the run's head (bundle_model.onnx_classifier),
+    not a fresh torch export: it must compute what the torch classifier's ONNX computes."""
+    import onnx
+    import onnxruntime as ort
+
+    from exporters.onnx_fp32 import write_onnx
+    from toolkit.bundle_model import onnx_classifier
+    from toolkit.features import cached_onnx_backbone
+    from toolkit.runs import RunDir
+
+    run = RunDir.open(trained_run)
+    size = run.spec.input_size
+    ctx = type("Ctx", (), {"input_size": size, "static": batch is not None, "static_batch": batch})()
+    write_onnx(run.build_classifier(), tmp_path / "torch.onnx", ctx)
+    built = onnx_classifier(cached_onnx_backbone(run.spec), run.head_tensors(), run.config["train"]["head"], batch=batch)
+    onnx.save(built, str(tmp_path / "built.onnx"))
+    assert [o.name for o in built.graph.output] == ["logits", "probabilities"]
+    dims = [d.dim_value or d.dim_param for d in built.graph.input[0].type.tensor_type.shape.dim]
+    assert dims[0] == (batch or dims[0]) and (batch is not None) == isinstance(dims[0], int)
+    x = np.random.default_rng(0).uniform(0, 255, (batch or 3, 3, size, size)).astype(np.float32)
+    outs = [ort.InferenceSession(str(tmp_path / f), providers=["CPUExecutionProvider"]).run(None, {"image": x})
+            for f in ("torch.onnx", "built.onnx")]
+    for a, b in zip(*outs):
+        np.testing.assert_allclose(b, a, atol=1e-4, rtol=1e-4)
+
+
+def test_int8_quantization_imports_no_torch():
+    """NNCF and onnxruntime's quantization tools import torch when it is installed (1.5-2.5 s of
+    an int8 export); edgetune hides it from them, and torch still imports afterwards."""
+    import subprocess
+    import sys
+
+    code = """
+import sys
+import numpy as np
+import openvino as ov
+import openvino.opset13 as ops
+from devices.ort_probe import import_onnxruntime
+from toolkit.convert import nncf_session
+import_onnxruntime()
+from onnxruntime.quantization.shape_inference import quant_pre_process
+x = ops.parameter([1, 3, 8, 8], ov.Type.f32, name="x")
+w = ops.constant(np.random.default_rng(0).normal(size=(4, 3, 3, 3)).astype(np.float32))
+model = ov.Model([ops.relu(ops.convolution(x, w, [1, 1], [1, 1], [1, 1], [1, 1]))], [x])
+data = [np.random.default_rng(i).normal(size=(1, 3, 8, 8)).astype(np.float32) for i in range(4)]
+with nncf_session() as nncf:
+    q = nncf.quantize(model, nncf.Dataset(data), subset_size=4)
+assert any(op.get_type_name() == "FakeQuantize" for op in q.get_ops())
+print("torch" in sys.modules)
+import torch
+print(torch.__name__)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-2:] == ["False", "torch"]  # after NNCF's progress bars

@@ -105,7 +105,9 @@ def openvino_throughput(model: Path, size: int, *, device: str = "CPU", seconds:
 
 
 def _session(model: Path, provider: str):
-    import onnxruntime as ort
+    from devices.ort_probe import import_onnxruntime
+
+    ort = import_onnxruntime()
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3

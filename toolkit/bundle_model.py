@@ -66,17 +66,12 @@ def onnx_features_model(model_path: Path) -> bytes:
     return model.SerializeToString()
 
 
-def onnx_with_head(model_path: Path, out_path: Path, tensors: dict[str, np.ndarray], kind: str) -> None:
-    """Write the ONNX model with its head replaced by `tensors` (state-dict names, fp32)."""
+def _attach_onnx_head(g, feature: str, tensors: dict[str, np.ndarray], kind: str) -> list:
+    """Head nodes reading `feature` (standardise, linear or linear-ReLU-linear, softmax) with
+    their weights as initializers of `g`; `g`'s outputs become "logits" and "probabilities"."""
     import onnx
     from onnx import helper, numpy_helper
 
-    model = onnx.load(str(model_path))
-    g = model.graph
-    feature = _onnx_feature_tensor(g)
-    head = _onnx_head_nodes(g, feature)
-    keep = _needed([n for i, n in enumerate(g.node) if i not in head], {feature})
-    used = {x for n in keep for x in n.input}
     prefix = "edgetune.head."
     weights = {k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()}
     nodes = [helper.make_node("Sub", [feature, prefix + "feature_mean"], ["head/centered"]),
@@ -91,11 +86,7 @@ def onnx_with_head(model_path: Path, out_path: Path, tensors: dict[str, np.ndarr
                   helper.make_node("Gemm", ["head/hidden_relu", prefix + "layers.4.weight", prefix + "layers.4.bias"],
                                    ["logits"], transB=1)]
     nodes.append(helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1))
-    del g.node[:]
-    g.node.extend(keep + nodes)
-    old_inits = [i for i in g.initializer if i.name in used]
-    del g.initializer[:]
-    g.initializer.extend(old_inits + [numpy_helper.from_array(v, prefix + k) for k, v in weights.items()])
+    g.initializer.extend([numpy_helper.from_array(v, prefix + k) for k, v in weights.items()])
     n_classes = int(weights["layers.4.bias" if kind == "mlp" else "layers.1.bias"].shape[0])
     batch = g.output[0].type.tensor_type.shape.dim[0]
     del g.output[:]
@@ -103,11 +94,53 @@ def onnx_with_head(model_path: Path, out_path: Path, tensors: dict[str, np.ndarr
         out = helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, [None, n_classes])
         out.type.tensor_type.shape.dim[0].CopyFrom(batch)
         g.output.append(out)
+    return nodes
+
+
+def onnx_with_head(model_path: Path, out_path: Path, tensors: dict[str, np.ndarray], kind: str) -> None:
+    """Write the ONNX model with its head replaced by `tensors` (state-dict names, fp32)."""
+    import onnx
+
+    model = onnx.load(str(model_path))
+    g = model.graph
+    feature = _onnx_feature_tensor(g)
+    head = _onnx_head_nodes(g, feature)
+    keep = _needed([n for i, n in enumerate(g.node) if i not in head], {feature})
+    used = {x for n in keep for x in n.input}
+    old_inits = [i for i in g.initializer if i.name in used]
+    del g.initializer[:]
+    g.initializer.extend(old_inits)
+    nodes = _attach_onnx_head(g, feature, tensors, kind)
+    del g.node[:]
+    g.node.extend(keep + nodes)
     del g.value_info[:]  # stale shapes of the old head
     onnx.checker.check_model(model)
     from toolkit import atomic
 
     atomic.write_bytes(out_path, model.SerializeToString())
+
+
+def onnx_classifier(backbone_path: Path, tensors: dict[str, np.ndarray], kind: str, *, batch: int | None = None):
+    """An onnx.ModelProto: the backbone ONNX (image -> features) followed by the head `tensors`,
+    the graph torch.onnx writes for the whole classifier, built without torch. `batch` fixes the
+    batch dimension (static-shape exports); None keeps the backbone's dynamic one."""
+    import onnx
+
+    model = onnx.load(str(backbone_path))
+    g = model.graph
+    if batch is not None:
+        for v in (*g.input, *g.output):
+            v.type.tensor_type.shape.dim[0].dim_value = batch
+    # The backbone's output tensor is renamed: "features" is the name onnx_features_model gives
+    # the extra output it adds to a bundle.
+    old, feature = g.output[0].name, "backbone/features"
+    for node in g.node:
+        node.output[:] = [feature if o == old else o for o in node.output]
+        node.input[:] = [feature if i == old else i for i in node.input]
+    g.node.extend(_attach_onnx_head(g, feature, tensors, kind))
+    del g.value_info[:]
+    onnx.checker.check_model(model)
+    return model
 
 
 # -- OpenVINO ----------------------------------------------------------------------------------------

@@ -115,19 +115,30 @@ def save_ir(model, xml_path: Path) -> None:
         tmp.rmdir()
 
 
+def load_nncf():
+    """The nncf module, imported without torch (devices.probe.torch_hidden)."""
+    from devices.probe import torch_hidden
+
+    with torch_hidden():
+        import nncf
+    return nncf
+
+
 @contextlib.contextmanager
-def nncf_verbosity(follow: str = "toolkit"):
-    """Run NNCF at the verbosity of edgetune's own `follow` logger.
+def nncf_session(follow: str = "toolkit"):
+    """Run NNCF without torch and at the verbosity of edgetune's own `follow` logger; yields nncf.
 
     NNCF sets its logger to INFO when imported, which floods a quiet CLI with per-node notes;
     inside this block it logs only what edgetune itself would, then gets its level back.
     """
-    import nncf  # noqa: F401  (import first: it resets its logger level on import)
+    from devices.probe import torch_hidden
 
+    nncf = load_nncf()  # import first: it resets its logger level on import
     nncf_logger = logging.getLogger("nncf")
     before = nncf_logger.level
     nncf_logger.setLevel(logging.getLogger(follow).getEffectiveLevel())
     try:
-        yield
+        with torch_hidden():
+            yield nncf
     finally:
         nncf_logger.setLevel(before)

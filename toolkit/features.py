@@ -174,9 +174,11 @@ class ONNXRuntimeEngine(FeatureEngine):
 
     def __init__(self, spec: BackboneSpec, device: str = "CPUExecutionProvider", precision: str = "fp32") -> None:
         super().__init__(spec, device, precision)
-        import onnxruntime as ort
+        from devices.ort_probe import import_onnxruntime
 
-        path = _cached_onnx_backbone(spec)
+        ort = import_onnxruntime()
+
+        path = cached_onnx_backbone(spec)
         self.session = ort.InferenceSession(str(path), providers=[device])
         self.input_name = self.session.get_inputs()[0].name
 
@@ -323,10 +325,11 @@ def calibration_views(size: int, count: int | None = None, *, seed: int = 0) -> 
 
 def int8_cache_path(spec: BackboneSpec) -> Path:
     """Where this machine keeps `spec`'s int8 backbone: one per weights, OpenVINO, NNCF and recipe version."""
-    import nncf
+    from importlib.metadata import version  # not nncf.__version__: importing NNCF takes 0.7 s
+
     import openvino as ov
 
-    converter = f"ov{ov.__version__.split('-')[0]}-nncf{nncf.__version__}-{INT8_RECIPE}"
+    converter = f"ov{ov.__version__.split('-')[0]}-nncf{version('nncf')}-{INT8_RECIPE}"
     return cache_dir() / "openvino" / f"{backbone_cache_key(spec, converter)}-int8.xml"
 
 
@@ -418,12 +421,10 @@ def nncf_int8(model, batches: Sequence[np.ndarray], *, ignored_scope=None):
     performance preset; fast bias correction (full bias correction gained on one set of three, at
     3-4x the time); and 7-bit weights in every layer (`int8_advanced_parameters`). Used for the
     training backbone and openvino-int8 exports."""
-    import nncf
-
-    from toolkit.convert import nncf_verbosity
+    from toolkit.convert import nncf_session
 
     kwargs = {"ignored_scope": ignored_scope} if ignored_scope is not None else {}
-    with nncf_verbosity():
+    with nncf_session() as nncf:
         return nncf.quantize(model, nncf.Dataset(list(batches)), subset_size=len(batches),
                              fast_bias_correction=True, advanced_parameters=int8_advanced_parameters(), **kwargs)
 
@@ -438,15 +439,18 @@ def int8_advanced_parameters():
     self on 96.8% of held-out images; with every layer fixed 0.985 and 98.4%, the same figures a
     VNNI CPU gives the same file (VNNI never saturates; 8-bit weights there: 0.989 / 98.6%). The
     file a VNNI workstation exports runs on the robot's CPU with the accuracy checked at export."""
-    import nncf
+    from toolkit.convert import load_nncf
 
+    nncf = load_nncf()
     return nncf.AdvancedQuantizationParameters(overflow_fix=nncf.OverflowFix.ENABLE)
 
 
-def _cached_onnx_backbone(spec: BackboneSpec) -> Path:
-    import torch
+def cached_onnx_backbone(spec: BackboneSpec) -> Path:
+    """The fp32 backbone as ONNX (0-255 RGB in, features out), converted from torch once per
+    machine; torch is imported only to convert it."""
+    from importlib.metadata import version
 
-    key = hashlib.sha1(backbone_cache_key(spec, f"torch{torch.__version__}").encode()).hexdigest()[:12]
+    key = hashlib.sha1(backbone_cache_key(spec, f"torch{version('torch')}").encode()).hexdigest()[:12]
     path = cache_dir() / "onnx" / f"{spec.name}-{key}.onnx"
     if not path.exists():
         from toolkit.convert import to_onnx, with_normalization
