@@ -180,7 +180,7 @@ def size_rows(name: str, run_dir: Path, sizes: tuple[int, ...] = (64, 128, 300),
         run = pool_head_run(source, pool_x, pool_labels, tmp)
         ctx = ExportContext(run)
         target = parity.run_dir_logits(run, held_x).argmax(1)
-        prep = onnx_int8.preprocessed(run.build_classifier(), tmp, ctx)
+        prep = onnx_int8.preprocessed(run, tmp, ctx)
         model = openvino_ir.cached_classifier(run, ctx)
 
         def subset(n: int, draw: int) -> np.ndarray:
@@ -240,7 +240,7 @@ def method_rows(name: str, run_dir: Path, entropy: bool) -> list[tuple]:
         ctx = ExportContext(run)
         reference = parity.run_dir_logits(run, inputs)
         classifier = run.build_classifier()
-        prep = onnx_int8.preprocessed(classifier, tmp, ctx)
+        prep = onnx_int8.preprocessed(run, tmp, ctx)
         fp32_ms = ort_latency_ms(prep, inputs[:1])
         methods = ["MinMax", "Percentile"] + (["Entropy"] if entropy else [])
         variants = {
