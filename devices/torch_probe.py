@@ -26,21 +26,38 @@ NPU_PRECISIONS = ("fp32", "fp16")
 
 def probe_torch() -> ProbeReport:
     """Every device PyTorch can use here; empty only when torch is not installed."""
-    devices: list[Device] = []
+    # bf16 on CPU is only fast with AMX / AVX512-BF16, which torch does not report: claim fp32.
+    cpu = Device(Runtime.TORCH, Kind.CPU, "cpu", cpu_name(), TORCH_USES, ("fp32",))
+    if cpu_only_wheel():
+        return ProbeReport([cpu], [])
+    devices: list[Device] = [cpu]
     problems: list[str] = []
     modules, failed = import_runtime("torch")
     if failed is not None:
         return failed
     (torch,) = modules
 
-    # bf16 on CPU is only fast with AMX / AVX512-BF16, which torch does not report: claim fp32.
-    devices.append(Device(Runtime.TORCH, Kind.CPU, "cpu", cpu_name(), TORCH_USES, ("fp32",)))
     for backend in (_cuda, _xpu, _mps, _ascend_npu):
         try:
             devices.extend(backend(torch))
         except Exception as error:
             record_problem(problems, "torch", f"{backend.__name__.strip('_')} probe", error)
     return ProbeReport(devices, problems)
+
+
+def cpu_only_wheel() -> bool:
+    """True when the installed torch is one of PyTorch's CPU-only wheels (local version "+cpu")
+    and no device plugin (torch_npu) is installed: the CPU is then its only device, known without
+    importing torch (1.5 s on a 2-core x86, which `edgetune train` otherwise pays for nothing)."""
+    import importlib.util
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        if importlib.util.find_spec("torch") is None:  # not importable here (or hidden)
+            return False
+        return version("torch").endswith("+cpu") and importlib.util.find_spec("torch_npu") is None
+    except (ImportError, ValueError, PackageNotFoundError):
+        return False
 
 
 def _cuda(torch) -> list[Device]:

@@ -448,3 +448,34 @@ def test_import_is_light():
         "assert devices.devices_command.name == 'devices'\n"
     )
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=60)
+
+
+@pytest.mark.parametrize("wheel, plugin, cpu_only", [
+    ("2.13.0+cpu", False, True), ("2.13.0+cpu", True, False),  # torch_npu adds Ascend NPUs to a CPU wheel
+    ("2.13.0+cu126", False, False), ("2.13.0+rocm6.3", False, False), ("2.13.0+xpu", False, False),
+    ("2.13.0", False, False),  # PyPI's default Linux wheel is the CUDA one; macOS wheels have MPS
+])
+def test_torch_probe_knows_a_cpu_only_wheel_without_importing_torch(monkeypatch, wheel, plugin, cpu_only):
+    import importlib.metadata
+    import importlib.util
+
+    from devices.torch_probe import cpu_only_wheel
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: wheel)
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: (object() if plugin else None) if name == "torch_npu" else real(name, *a))
+    assert cpu_only_wheel() is cpu_only
+
+
+def test_device_probe_imports_torch_only_where_it_has_more_than_the_cpu():
+    code = ("import sys\n"
+            "from devices.probe import detect_devices\n"
+            "from devices.torch_probe import cpu_only_wheel\n"
+            "found = detect_devices()\n"
+            "assert any(d.id == 'cpu' for d in found.devices), found\n"
+            "print(cpu_only_wheel(), 'torch' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    cpu_only, imported = out.stdout.split()[-2:]
+    assert imported == str(cpu_only != "True")

@@ -21,12 +21,12 @@ def blobs(n_per_class=12, n_classes=3, d=16, views=1, seed=0, spread=1.0):
     return np.clip(x, 0, 6).astype(np.float32).squeeze(1) if views == 1 else np.clip(x, 0, 6).astype(np.float32), y
 
 
-@pytest.mark.parametrize("name", ["prototypes", "imprint", "logreg"])
+@pytest.mark.parametrize("name", ["prototypes", "imprint", "logreg", "mlp"])
 def test_torch_free_heads_fit_and_predict(name):
     x, y = blobs()
     xt, yt = blobs(seed=0)  # same centres: the head must separate them
     p = fit_head(name, x, y, 3)
-    assert p.kind == "linear" and p.name == name
+    assert p.kind == HEADS[name].kind and p.name == name
     assert (head_logits(p, xt).argmax(1) == yt).mean() > 0.9
 
 
@@ -47,9 +47,60 @@ def test_binary_logreg_is_a_two_row_softmax():
     assert (head_logits(p, x).argmax(1) == y).mean() > 0.9
 
 
-def test_torch_heads_say_so():
-    assert set(torch_free_heads()) >= {"logreg", "prototypes", "imprint"}
-    assert not HEADS["linear"].torch_free and not HEADS["mlp"].torch_free
+def test_every_head_is_torch_free():
+    # The robot refits the bundle's own head recipe, whichever head selection chose.
+    assert set(torch_free_heads()) == set(HEADS) >= {"logreg", "prototypes", "imprint", "linear", "mlp"}
+
+
+@pytest.mark.parametrize("hidden", [None, 6])
+def test_sgd_head_gradients_are_the_losss_derivatives(hidden):
+    """The SGD heads' hand-written backward pass (dropout, soft targets, row weights, a fold axis)
+    against central differences of its own loss, in float64."""
+    from toolkit.head_fit import _loss_and_grads
+
+    rng = np.random.default_rng(0)
+    folds, rows, d, c = 2, 5, 4, 3
+    sizes = [(d, hidden), (hidden, c)] if hidden else [(d, c)]
+    layers = [(rng.normal(size=(folds, i, o)), rng.normal(size=(folds, o))) for i, o in sizes]
+    xb = rng.normal(size=(folds, rows, d))
+    t = rng.dirichlet(np.ones(c), size=(folds, rows))
+    weight = rng.uniform(0, 1, (folds, rows))
+    keep_in = (rng.random(xb.shape) < 0.7) / 0.7
+    keep_hidden = (rng.random((folds, rows, hidden)) < 0.7) / 0.7 if hidden else None
+    _, grads = _loss_and_grads(layers, xb, t, weight, keep_in, keep_hidden)
+    params = [q for wb in layers for q in wb]
+    for q, g in zip(params, grads):
+        numeric = np.zeros_like(q)
+        for i in np.ndindex(q.shape):
+            q[i] += 1e-6
+            up = _loss_and_grads(layers, xb, t, weight, keep_in, keep_hidden)[0]
+            q[i] -= 2e-6
+            down = _loss_and_grads(layers, xb, t, weight, keep_in, keep_hidden)[0]
+            q[i] += 1e-6
+            numeric[i] = (up - down) / 2e-6
+        np.testing.assert_allclose(g, numeric, rtol=1e-5, atol=1e-7)
+
+
+def test_sgd_heads_adamw_is_torchs():
+    import torch
+
+    from toolkit.head_fit import _adamw
+
+    rng = np.random.default_rng(1)
+    start = [rng.normal(size=(3, 4)).astype(np.float32), rng.normal(size=4).astype(np.float32)]
+    grads = [[rng.normal(size=q.shape).astype(np.float32) for q in start] for _ in range(6)]
+    mine = [q.copy() for q in start]
+    step = _adamw(mine, [0.05, 0.0], 1e-2)
+    theirs = [torch.tensor(q, requires_grad=True) for q in start]
+    opt = torch.optim.AdamW([{"params": [theirs[0]], "weight_decay": 0.05},
+                             {"params": [theirs[1]], "weight_decay": 0.0}], lr=1e-2)
+    for g in grads:
+        step(g)
+        for q, gq in zip(theirs, g):
+            q.grad = torch.from_numpy(gq)
+        opt.step()
+    for a, b in zip(mine, theirs):
+        np.testing.assert_allclose(a, b.detach().numpy(), rtol=1e-6, atol=1e-7)
 
 
 def test_head_fit_imports_without_torch():
@@ -61,9 +112,9 @@ def test_head_fit_imports_without_torch():
             "import numpy as np\n"
             "from toolkit.head_fit import fit_head, head_logits\n"
             "x = np.random.default_rng(0).random((20, 8)).astype('float32'); y = np.arange(20) % 2\n"
-            "for n in ('logreg', 'prototypes', 'imprint'): head_logits(fit_head(n, x, y, 2), x)\n"
+            "for n in ('logreg', 'prototypes', 'imprint', 'linear', 'mlp'): head_logits(fit_head(n, x, y, 2), x)\n"
             "from toolkit.head_fit import cross_validate\n"
-            "cross_validate(['prototypes', 'imprint', 'logreg'], x, y, 2, folds=3)\n"
+            "cross_validate(['prototypes', 'imprint', 'logreg', 'linear', 'mlp'], x, y, 2, folds=3)\n"
             # scikit-learn's import alone was a fifth of head selection: CV must not load it.
             "assert 'sklearn' not in sys.modules, 'head fitting imported scikit-learn'\n")
     subprocess.run([sys.executable, "-c", code], check=True)
@@ -210,13 +261,13 @@ def test_selection_falls_back_to_a_rule_below_two_images():
     assert sel.cv.folds == 3 and sel.to_json()["runner_up"] is not None
 
 
-def test_torch_heads_snapshot_every_checkpoint_and_fit_all_folds_at_once():
-    from toolkit.head_fit import SGD_EPOCH_CHECKPOINTS, _torch_folds
+def test_sgd_heads_snapshot_every_checkpoint_and_fit_all_folds_at_once():
+    from toolkit.head_fit import SGD_EPOCH_CHECKPOINTS, _sgd_folds
 
     x, y = blobs(n_per_class=40, n_classes=3, d=16, spread=0.5, views=2, seed=4)
     flat, labels = x.reshape(-1, x.shape[-1]), np.repeat(y, 2)
     rows = [np.flatnonzero(np.repeat(np.arange(len(y)) % 3 != f, 2)) for f in range(3)]
-    paths = _torch_folds("mlp", flat, labels, rows, 3, [0, 1, 2], views=2, hidden=32, dropout=0.1)
+    paths = _sgd_folds("mlp", flat, labels, rows, 3, [0, 1, 2], views=2, hidden=32, dropout=0.1)
     assert len(paths) == 3 and [o["epochs"] for o, _ in paths[0]] == list(SGD_EPOCH_CHECKPOINTS)
     weights = [p.tensors["layers.4.weight"] for _, p in paths[0]]
     # Snapshots are copies: a view of the live parameter would make every checkpoint the last one.
@@ -227,7 +278,7 @@ def test_torch_heads_snapshot_every_checkpoint_and_fit_all_folds_at_once():
 
 
 def test_cross_validate_runs_heads_concurrently_with_the_same_result():
-    # Heads are cross-validated on two workers, longest first (two torch heads may run at once):
+    # Heads are cross-validated on two workers, longest first (two SGD heads may run at once):
     # every candidate must score exactly as when its head is cross-validated alone.
     x, y = blobs(n_per_class=30, n_classes=3, d=16, spread=0.8, views=2, seed=5)
     names, opts = ("prototypes", "logreg", "linear", "mlp"), {"mlp": {"hidden": 8}}
@@ -264,13 +315,13 @@ def test_an_epoch_path_stops_once_cv_falls_clearly_below_its_best():
     assert stop(predicting([2, 1, 2, 1, 2]))  # 0.80: clearly overfitting, the next doubling is skipped
 
 
-def test_a_stopped_torch_path_keeps_the_checkpoints_it_reached():
-    from toolkit.head_fit import SGD_EPOCH_CHECKPOINTS, _torch_folds
+def test_a_stopped_sgd_path_keeps_the_checkpoints_it_reached():
+    from toolkit.head_fit import SGD_EPOCH_CHECKPOINTS, _sgd_folds
 
     x, y = blobs(n_per_class=10, n_classes=2, d=8)
     rows = [np.flatnonzero(np.arange(len(y)) % 2 != f) for f in range(2)]
     asked = []
-    paths = _torch_folds("linear", x, y, rows, 2, [0, 1],
+    paths = _sgd_folds("linear", x, y, rows, 2, [0, 1],
                          stop=lambda latest: asked.append(len(latest)) or len(asked) == 2)
     assert asked == [2, 2]  # every fold's latest snapshot, at each checkpoint until it said stop
     assert [[o["epochs"] for o, _ in p] for p in paths] == [list(SGD_EPOCH_CHECKPOINTS[:2])] * 2

@@ -1,8 +1,8 @@
 """Fitting classifier heads on cached backbone features, and choosing between them honestly.
 
-Torch-free by design (numpy / SciPy only): the robot refits heads with this same code. Heads that
-need torch (the SGD head with dropout / label smoothing / mixup, and the MLP) register here too,
-with torch_free=False, and import torch only when they run.
+Torch-free (numpy / SciPy only): the robot refits heads with this same code, the SGD head (dropout,
+label smoothing, mixup) and the MLP included. A head that needed torch would register with
+torch_free=False, and `learn` would then pick among the others.
 
 Every head reduces to the layers the exporters already ship, with the state-dict names of
 `toolkit.heads.create_head` (without the "head." prefix that model.safetensors adds; use
@@ -20,9 +20,10 @@ scored on the clean view of the held-out images, as it will be deployed.
 
 from __future__ import annotations
 
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -32,10 +33,10 @@ from toolkit.heads import MIN_FEATURE_STD
 
 LOGREG_C = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0)  # L2 strength path (sklearn C = 1 / lambda)
 IMPRINT_REG = (1.0, 0.1, 0.01)  # pull of the fine-tuned weights towards the imprinted prototypes
-SGD_EPOCH_CHECKPOINTS = (5, 10, 20, 40)  # passes over the images CV may pick for the torch heads
+SGD_EPOCH_CHECKPOINTS = (5, 10, 20, 40)  # passes over the images CV may pick for the SGD heads
 # (60 passes was dropped: on both visible sets it never beat 40 by more than one standard error,
-# so the 1-SE rule could not pick it, and it cost a third of the torch heads' CV time)
-STOP_SE = 2.0  # CV stops a torch head's epoch path once a checkpoint falls this many SE below its best
+# so the 1-SE rule could not pick it, and it cost a third of the SGD heads' CV time)
+STOP_SE = 2.0  # CV stops an SGD head's epoch path once a checkpoint falls this many SE below its best
 COSINE_SCALE = 10.0  # softmax scale of the cosine heads: confident but not saturated
 CHUNK_ROWS = 8192  # feature rows cast to float32 at a time where the work streams (logits, prototypes)
 
@@ -64,7 +65,7 @@ class HeadFitter:
     summary: str
     # folds_path(x, y, [rows, ...], n_classes, seeds, **options) -> one path per row subset of the
     # shared (N*V, D) rows: every CV fold in one go where that is cheaper than fold by fold (the
-    # batched torch heads), or without copying the fold's rows (prototypes, which stream them).
+    # batched SGD heads), or without copying the fold's rows (prototypes, which stream them).
     folds_path: Callable[..., list[list[tuple[dict[str, Any], HeadParams]]]] | None = None
     # Rank of its CV time among the heads (higher = longer): cross-validation starts the longest
     # first, so two workers finish together (measured on ants/bees and caltech50 features).
@@ -146,28 +147,30 @@ def one_blas_thread():
     per core OpenBLAS spin-waits on the other cores, which cost 2.6x the wall time of head
     selection (caltech50, 2-core x86, machine busy) and 10x the CPU time of `learn`. The limit is
     process-wide, so it is set only after every library that brings its own BLAS (SciPy's) is
-    loaded: a library loaded later would start with a thread per core."""
+    loaded: a library loaded later would start with a thread per core. Nested uses (a fit inside
+    cross-validation's workers) leave the outer limit alone: changing OpenBLAS's thread count while
+    another thread is inside it is not safe."""
+    global _BLAS_LIMITED
     import scipy.optimize  # noqa: F401 - loads SciPy's BLAS so the limit reaches it
     import scipy.special  # noqa: F401
     from threadpoolctl import threadpool_limits
 
-    with threadpool_limits(limits=1, user_api="blas"):
-        yield
-
-
-@contextmanager
-def one_torch_thread():
-    """The torch heads on one intra-op thread: batches of 64 rows are too small to share between
-    threads (one thread was 4x faster on a loaded 2-core machine), and the other core fits
-    another head meanwhile. Set once around concurrent fits, as torch's thread count is global."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    with _BLAS_LOCK:
+        outer = _BLAS_LIMITED == 0
+        _BLAS_LIMITED += 1
     try:
-        yield
+        if outer:
+            with threadpool_limits(limits=1, user_api="blas"):
+                yield
+        else:
+            yield
     finally:
-        torch.set_num_threads(threads)
+        with _BLAS_LOCK:
+            _BLAS_LIMITED -= 1
+
+
+_BLAS_LOCK = threading.Lock()
+_BLAS_LIMITED = 0  # one_blas_thread blocks open in this process
 
 
 def _standardizer(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -325,32 +328,85 @@ def _imprint_path(x, y, n_classes, seed, *, final=False, reg=None, **_):
     return out
 
 
-# -- torch heads: the SGD head (dropout, label smoothing, mixup) and a small MLP ------------------
+# -- SGD heads: the linear head (dropout, label smoothing, mixup) and a small MLP, trained by AdamW --
 
 
-def _torch_path(kind: str):
+def _sgd_path(kind: str):
     def path(x, y, n_classes, seed, *, final=False, epochs=None, views=1, **options):
-        return _torch_folds(kind, x, y, [np.arange(len(y))], n_classes, [seed], epochs=epochs, views=views,
-                            **options)[0]
+        return _sgd_folds(kind, x, y, [np.arange(len(y))], n_classes, [seed], epochs=epochs, views=views,
+                          **options)[0]
 
     return path
 
 
-def _torch_folds(kind: str, x, y, rows, n_classes: int, seeds, *, epochs=None, views: int = 1, stop=None,
-                 **options):
+def _sgd_folds(kind: str, x, y, rows, n_classes: int, seeds, *, epochs=None, views: int = 1, stop=None,
+               **options):
     """One path per subset of rows of (x, y), all trained at once: the folds of a CV stack into one
-    batched model (a leading fold axis on every tensor), so each optimizer step serves every fold.
+    batched model (a leading fold axis on every array), so each optimizer step serves every fold.
     Measured on ants/bees features (5 folds, loaded 2-core AVX2): the SGD linear head 1.5-2.5x
     faster than fold by fold; the MLP, whose steps are arithmetic-bound, about even."""
-    with one_torch_thread():
-        return _train_torch(kind, x, y, rows, n_classes, seeds, (epochs,) if epochs else SGD_EPOCH_CHECKPOINTS,
-                            views=views, stop=stop, **options)
+    with one_blas_thread():
+        return _train_sgd(kind, x, y, rows, n_classes, seeds, (epochs,) if epochs else SGD_EPOCH_CHECKPOINTS,
+                          views=views, stop=stop, **options)
 
 
-def _train_torch(kind, x, y, rows, n_classes, seeds, checkpoints, *, views: int = 1, hidden: int = 256,
-                 dropout: float = 0.5, label_smoothing: float = 0.1, mixup: float = 0.2, lr: float = 1e-3,
-                 weight_decay: float = 0.05, batch_size: int = 64,
-                 stop: Callable[[list[HeadParams]], bool] | None = None, **_):
+def _adamw(params: list[np.ndarray], decays: list[float], lr: float, beta1: float = 0.9, beta2: float = 0.999,
+           eps: float = 1e-8) -> Callable[[list[np.ndarray]], None]:
+    """torch.optim.AdamW's update, in place on float32 `params` (decoupled weight decay, bias-
+    corrected moments, the same operation order): step(grads) applies one update."""
+    first = [np.zeros_like(q) for q in params]
+    second = [np.zeros_like(q) for q in params]
+    count = [0]
+
+    def step(grads: list[np.ndarray]) -> None:
+        count[0] += 1
+        bias1, bias2 = 1 - beta1 ** count[0], 1 - beta2 ** count[0]
+        for q, g, m, v, decay in zip(params, grads, first, second, decays):
+            if decay:
+                q *= np.float32(1 - lr * decay)
+            m += np.float32(1 - beta1) * (g - m)  # torch: exp_avg.lerp_(grad, 1 - beta1)
+            v *= np.float32(beta2)
+            v += np.float32(1 - beta2) * g * g
+            denom = np.sqrt(v)
+            denom /= np.float32(np.sqrt(bias2))
+            denom += np.float32(eps)
+            q -= np.float32(lr / bias1) * m / denom
+
+    return step
+
+
+def _loss_and_grads(layers, xb, t, row_weight, keep_in=None, keep_hidden=None):
+    """The batched head's weighted soft-target cross-entropy, summed over rows and folds, and its
+    gradients for `layers` [(W, b), ...] (W stored (fold, in, out); one layer: linear, two: MLP).
+    keep_*: inverted-dropout masks (0 or 1 / (1 - p)) of the input and the hidden units."""
+    h_in = xb if keep_in is None else xb * keep_in
+    w, b = layers[0]
+    z = np.matmul(h_in, w) + b[:, None, :]
+    if len(layers) == 2:
+        pre = z
+        h_hidden = np.maximum(pre, 0) if keep_hidden is None else np.maximum(pre, 0) * keep_hidden
+        w2, b2 = layers[1]
+        z = np.matmul(h_hidden, w2) + b2[:, None, :]
+    z = z - z.max(2, keepdims=True)
+    p = np.exp(z)
+    total = p.sum(2, keepdims=True)
+    loss = float(-(t * (z - np.log(total))).sum(2).ravel() @ row_weight.ravel())
+    p /= total
+    # d loss / d logits = (softmax * sum(t) - t) * row weight
+    dz = (p * t.sum(2, keepdims=True) - t) * row_weight[..., None]
+    if len(layers) == 1:
+        return loss, [np.matmul(h_in.transpose(0, 2, 1), dz), dz.sum(1)]
+    grads_out = [np.matmul(h_hidden.transpose(0, 2, 1), dz), dz.sum(1)]
+    dz = np.matmul(dz, w2.transpose(0, 2, 1)) * (pre > 0)
+    if keep_hidden is not None:
+        dz *= keep_hidden
+    return loss, [np.matmul(h_in.transpose(0, 2, 1), dz), dz.sum(1), *grads_out]
+
+
+def _train_sgd(kind, x, y, rows, n_classes, seeds, checkpoints, *, views: int = 1, hidden: int = 256,
+               dropout: float = 0.5, label_smoothing: float = 0.1, mixup: float = 0.2, lr: float = 1e-3,
+               weight_decay: float = 0.05, batch_size: int = 64,
+               stop: Callable[[list[HeadParams]], bool] | None = None, **_):
     """AdamW on all rows with dropout, label smoothing, mixup and balanced class weights, as
     toolkit.heads.create_head lays the head out; a snapshot at every checkpoint epoch, so CV picks
     the epoch count from one run. Rows come in runs of `views` per image (the clean view and its
@@ -358,56 +414,42 @@ def _train_torch(kind, x, y, rows, n_classes, seeds, checkpoints, *, views: int 
     random, as on-the-fly augmentation would show them. Each fold standardises with its own
     rows' statistics; a fold shorter than the longest fills its last batches with masked rows.
     `stop(latest snapshot of every fold)`, asked at each checkpoint but the last, ends the path
-    early when it says True."""
-    import torch
+    early when it says True.
 
+    numpy, forward and backward written out, so the robot refits these heads without torch: the
+    same arithmetic in float32 as the torch version it replaced (same random streams; on the
+    ants/bees and caltech50 features every CV figure and the weights to float rounding), whose
+    import was 1.5 s of a default train here. The MLP's steps cost about 1.35x torch's (its fused
+    AdamW makes one pass over the 1.6 M weights where numpy makes a dozen)."""
     folds, d = len(rows), x.shape[1]
     sizes = [len(r) // views for r in rows]  # images per fold
     n_max = max(sizes)
     stats = [_standardizer(x[r].astype(np.float32)) for r in rows]
-    # Kept in the cache's dtype (float16): batches are cast as they are drawn, never the whole set.
-    xt = torch.from_numpy(np.ascontiguousarray(x))
-    yt = torch.from_numpy(np.asarray(y, np.int64))
-    wt = torch.zeros((folds, len(y)))
+    y = np.asarray(y, np.int64)
+    weights = np.zeros((folds, len(y)), np.float32)
     for f, r in enumerate(rows):
-        wt[f, r] = torch.from_numpy(_balanced_weights(y[r], n_classes).astype(np.float32))
-    mean_t = torch.from_numpy(np.stack([m for m, _ in stats]))[:, None, :]
-    inv_std_t = torch.from_numpy(np.stack([s for _, s in stats]))[:, None, :]
+        weights[f, r] = _balanced_weights(y[r], n_classes)
+    mean = np.stack([m for m, _ in stats])[:, None, :]
+    inv_std = np.stack([s for _, s in stats])[:, None, :]
     rngs = [np.random.default_rng([s, 7919]) for s in seeds]
     mask_rng = np.random.default_rng([seeds[0], 104723])
     scale = np.float32(1.0 / (1.0 - dropout)) if dropout < 1 else np.float32(0.0)
 
-    def drop(h):
-        # Masks from numpy: torch's CPU bernoulli_ was a fifth of the whole step here.
+    def drop_mask(shape) -> np.ndarray | None:  # inverted dropout: kept units scaled by 1 / (1 - p)
         if dropout <= 0:
-            return h
-        # The boolean mask multiplies as is (h * 1 and h * 0 are exact, so this equals scaling by
-        # a float mask); building that float mask with np.where was 2/3 of the dropout's time.
-        keep = mask_rng.random(tuple(h.shape), dtype=np.float32) < 1.0 - dropout
-        return h * torch.from_numpy(keep) * scale
+            return None
+        return (mask_rng.random(shape, dtype=np.float32) < 1.0 - dropout) * scale
 
     def linear_init(out, cols):  # nn.Linear's default: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
-        # Stored (fold, in, out): bmm then needs no transposed copies, forward or backward.
+        # Stored (fold, in, out): the batched products then need no transposed copies.
         bound = 1.0 / np.sqrt(cols)
         w = np.ascontiguousarray(np.stack([r.uniform(-bound, bound, (out, cols)).T for r in rngs]), dtype=np.float32)
         b = np.stack([r.uniform(-bound, bound, out) for r in rngs]).astype(np.float32)
-        return torch.from_numpy(w).requires_grad_(), torch.from_numpy(b).requires_grad_()
+        return w, b
 
     layers = [linear_init(hidden, d), linear_init(n_classes, hidden)] if kind == "mlp" else [linear_init(n_classes, d)]
-    # torch.optim.AdamW's functional form, fused, as the optimizer object would call it: building
-    # that object first imports torch._dynamo (1.4 s of a 3.9 s head selection on ants/bees here).
-    from torch.optim.adamw import adamw
-
-    groups = [([w for w, _ in layers], weight_decay), ([b for _, b in layers], 0.0)]
-    moments = [([torch.zeros_like(p) for p in ps], [torch.zeros_like(p) for p in ps], [torch.zeros(()) for _ in ps])
-               for ps, _ in groups]
-
-    def step():
-        for (ps, decay), (avg, avg_sq, steps) in zip(groups, moments):
-            adamw(ps, [p.grad for p in ps], avg, avg_sq, [], steps, fused=True, amsgrad=False, beta1=0.9,
-                  beta2=0.999, lr=lr, weight_decay=decay, eps=1e-8, maximize=False)
-
-    fold_of = torch.arange(folds)[:, None]
+    step = _adamw([q for wb in layers for q in wb], [weight_decay, 0.0] * len(layers), lr)
+    fold_of = np.arange(folds)[:, None]
     base = {"hidden": hidden} if kind == "mlp" else {}
     snapshots: list[list[tuple[dict[str, Any], HeadParams]]] = [[] for _ in rows]
     for epoch in range(1, max(checkpoints) + 1):
@@ -416,49 +458,37 @@ def _train_torch(kind, x, y, rows, n_classes, seeds, checkpoints, *, views: int 
         for f, (r, n) in enumerate(zip(rows, sizes)):
             order[f, :n] = r[rngs[f].permutation(n) * views + rngs[f].integers(0, views, n)]
         for start in range(0, n_max, batch_size):
-            idx = torch.from_numpy(order[:, start:start + batch_size])
-            xb = (xt[idx].float() - mean_t) * inv_std_t
-            real = torch.from_numpy(np.minimum(np.maximum(np.array(sizes) - start, 0), idx.shape[1]))
-            yb = yt[idx]
-            wb = wt[fold_of, idx] * (torch.arange(idx.shape[1])[None, :] < real[:, None])
-            t = torch.full((folds, idx.shape[1], n_classes), label_smoothing / n_classes)
-            t.scatter_add_(2, yb[..., None], torch.full(yb[..., None].shape, 1.0 - label_smoothing))
+            idx = order[:, start:start + batch_size]
+            b_rows = idx.shape[1]
+            xb = (x[idx].astype(np.float32) - mean) * inv_std
+            real = np.minimum(np.maximum(np.array(sizes) - start, 0), b_rows)
+            # Each fold's loss is the mean over its own real rows, as if it trained alone.
+            row_weight = weights[fold_of, idx] * (np.arange(b_rows)[None, :] < real[:, None]) / np.maximum(real, 1)[:, None]
+            t = np.full((folds, b_rows, n_classes), label_smoothing / n_classes, np.float32)
+            t[fold_of, np.arange(b_rows)[None, :], y[idx]] += np.float32(1.0 - label_smoothing)
             if mixup > 0:
                 # Partners are drawn among each fold's real rows only (real rows come first).
-                perm = np.tile(np.arange(idx.shape[1]), (folds, 1))
+                perm = np.tile(np.arange(b_rows), (folds, 1))
                 lam = np.ones(folds, np.float32)
                 for f in range(folds):
                     r = int(real[f])
                     if r > 1:
                         lam[f] = rngs[f].beta(mixup, mixup)
                         perm[f, :r] = rngs[f].permutation(r)
-                lam_t = torch.from_numpy(lam)[:, None, None]
-                p = torch.from_numpy(perm)
-                xb = lam_t * xb + (1 - lam_t) * xb[fold_of, p]
-                t = lam_t * t + (1 - lam_t) * t[fold_of, p]
-            h = drop(xb)
-            w, b = layers[0]
-            h = torch.baddbmm(b[:, None, :], h, w)
-            if kind == "mlp":
-                h = drop(torch.relu(h))
-                w, b = layers[1]
-                h = torch.baddbmm(b[:, None, :], h, w)
-            per_row = -(t * torch.log_softmax(h, dim=2)).sum(2) * wb
-            # Each fold's loss is the mean over its own real rows, as if it trained alone.
-            loss = (per_row.sum(1) / real.clamp(min=1)).sum()
-            for w, b in layers:
-                w.grad = b.grad = None
-            loss.backward()
-            with torch.no_grad():
-                step()
+                lam = lam[:, None, None]
+                xb = lam * xb + (1 - lam) * xb[fold_of, perm]
+                t = lam * t + (1 - lam) * t[fold_of, perm]
+            keep_in = drop_mask(xb.shape)
+            keep_hidden = drop_mask((folds, b_rows, hidden)) if kind == "mlp" else None
+            step(_loss_and_grads(layers, xb, t, row_weight.astype(np.float32), keep_in, keep_hidden)[1])
         if epoch in checkpoints:
             opts = {**base, "epochs": epoch}
             names = ["layers.1", "layers.4"]
-            for f, (mean, inv_std) in enumerate(stats):
-                tensors = {"feature_mean": mean, "feature_inv_std": inv_std}
+            for f, (m, inv) in enumerate(stats):
+                tensors = {"feature_mean": m, "feature_inv_std": inv}
                 for name, (w, b) in zip(names, layers):
-                    tensors[f"{name}.weight"] = w[f].detach().numpy().T.copy()  # a snapshot, not a view
-                    tensors[f"{name}.bias"] = b[f].detach().numpy().copy()
+                    tensors[f"{name}.weight"] = w[f].T.copy()  # a snapshot, not a view
+                    tensors[f"{name}.bias"] = b[f].copy()
                 snapshots[f].append((opts, HeadParams(kind, tensors, kind, opts)))
             if stop is not None and epoch < max(checkpoints) and stop([s[-1][1] for s in snapshots]):
                 break
@@ -471,11 +501,11 @@ register_head(HeadFitter("imprint", "linear", True, _imprint_path,
                          "prototype-imprinted cosine softmax, lightly fine-tuned (few shots)", cost=4))
 register_head(HeadFitter("logreg", "linear", True, _logreg_path, "L2 logistic regression (L-BFGS), C swept",
                          cost=2))
-register_head(HeadFitter("linear", "linear", False, _torch_path("linear"),
+register_head(HeadFitter("linear", "linear", True, _sgd_path("linear"),
                          "SGD linear head: dropout, label smoothing, mixup; epochs by CV",
-                         lambda *a, **k: _torch_folds("linear", *a, **k), cost=3))
-register_head(HeadFitter("mlp", "mlp", False, _torch_path("mlp"), "linear-ReLU-linear, trained like the SGD head",
-                         lambda *a, **k: _torch_folds("mlp", *a, **k), cost=5))
+                         lambda *a, **k: _sgd_folds("linear", *a, **k), cost=3))
+register_head(HeadFitter("mlp", "mlp", True, _sgd_path("mlp"), "linear-ReLU-linear, trained like the SGD head",
+                         lambda *a, **k: _sgd_folds("mlp", *a, **k), cost=5))
 
 
 # -- cross-validation ------------------------------------------------------------------------------
@@ -574,7 +604,7 @@ def _path_stopper(views: np.ndarray, labels: np.ndarray, splits) -> Callable[[li
     overfitting, and each further checkpoint costs as much as all the ones before it (they double),
     while the 1-SE rule would only pick a later one that beat the best by more than noise.
     Measured on the default runs: ants/bees' MLP falls from 0.984 (5 passes) to 0.967 (20), so
-    its 40 passes (0.980, half of the MLP's CV time) are never trained; caltech50's torch heads
+    its 40 passes (0.980, half of the MLP's CV time) are never trained; caltech50's SGD heads
     stay within noise of their best and run to the end (the same table as without stopping)."""
     history: list[np.ndarray] = []
 
@@ -629,7 +659,7 @@ def cross_validate(names, features: np.ndarray, labels: np.ndarray, n_classes: i
                      for r, s in zip(rows, seeds)]
         return paths, (time.perf_counter() - t0) / len(splits)
 
-    # Two single-threaded workers (one BLAS thread, one torch thread), longest head first, so both
+    # Two single-threaded workers (one BLAS thread each), longest head first, so both
     # cores stay busy to the end. Two, not one per core: each fit holds its own fold copies, and
     # two is what the memory figures were measured with. Every fit is deterministic on its own,
     # so the result does not depend on how the workers interleave.
@@ -637,10 +667,7 @@ def cross_validate(names, features: np.ndarray, labels: np.ndarray, n_classes: i
     from devices.probe import usable_cores
 
     workers = min(2, len(names), usable_cores())
-    with ExitStack() as limits:
-        limits.enter_context(one_blas_thread())
-        if not all(HEADS[n].torch_free for n in names):
-            limits.enter_context(one_torch_thread())  # the robot's torch-free refit never imports torch
+    with one_blas_thread():
         if workers > 1:
             with ThreadPoolExecutor(max_workers=workers) as pool:
                 fitted = dict(zip(order, pool.map(fit_paths, order)))
