@@ -55,21 +55,22 @@ def import_onnxruntime() -> ModuleType:
     `onnxruntime.tools` (which quantization's shape inference imports) is imported here too,
     with torch hidden (devices.probe.torch_hidden): it would import torch for its export helpers.
     """
+    import contextlib
     import importlib
     import sys
 
     from devices.probe import torch_hidden
 
-    if "onnxruntime" in sys.modules or "onnxruntime.training" in sys.modules:
-        return importlib.import_module("onnxruntime")
-    sys.modules["onnxruntime.training"] = None  # type: ignore[assignment]  # ImportError for the check
-    try:
-        with torch_hidden():
-            importlib.import_module("onnxruntime.tools")
-            return importlib.import_module("onnxruntime")
-    finally:
-        if sys.modules.get("onnxruntime.training", 0) is None:
-            del sys.modules["onnxruntime.training"]
+    if "onnxruntime" not in sys.modules and "onnxruntime.training" not in sys.modules:
+        sys.modules["onnxruntime.training"] = None  # type: ignore[assignment]  # ImportError for the check
+        try:
+            importlib.import_module("onnxruntime")
+        finally:
+            if sys.modules.get("onnxruntime.training", 0) is None:
+                del sys.modules["onnxruntime.training"]
+    with torch_hidden(), contextlib.suppress(ImportError):  # builds without the tools package
+        importlib.import_module("onnxruntime.tools")
+    return sys.modules["onnxruntime"]
 
 
 def probe_onnxruntime() -> ProbeReport:

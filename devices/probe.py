@@ -107,7 +107,6 @@ def torch_hidden():
             del sys.modules["torch"]
 
 
-
 def import_runtime(package: str, *modules: str, importer: Callable[[str], object] | None = None):
     """Import a probe's runtime modules: (modules, None), or (None, report) when they cannot be.
 

@@ -331,9 +331,11 @@ class OnnxInt8Exporter(Exporter):
         """NNCF's accuracy-controlled quantization on the ONNX graph: it ranks layers by what their
         quantization costs and reverts the worst to fp32 until the loss fits the budget."""
         import onnx
-        import onnxruntime as ort
 
+        from devices.ort_probe import import_onnxruntime
         from exporters.openvino_ir import agreement_check, batches, restorer_parameters
+
+        ort = import_onnxruntime()
 
         model = Path(out_dir) / "model.onnx"
         calib = ctx.calibration_inputs()

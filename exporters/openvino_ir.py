@@ -102,8 +102,8 @@ class OpenVINOInt8Exporter(Exporter):
                     100 * max_drop)
         with nncf_session("exporters") as nncf:
             quantized = nncf.quantize_with_accuracy_control(
-                model, nncf.Dataset(batches(calib, b)), nncf.Dataset(validation, lambda item: item[0]), accuracy, max_drop=max_drop,
-                drop_type=nncf.DropType.ABSOLUTE, subset_size=len(calib), ignored_scope=head_scope(),
+                model, nncf.Dataset(batches(calib, b)), nncf.Dataset(validation, lambda item: item[0]), accuracy,
+                max_drop=max_drop, drop_type=nncf.DropType.ABSOLUTE, subset_size=len(calib), ignored_scope=head_scope(),
                 advanced_accuracy_restorer_parameters=restorer_parameters(),
                 advanced_quantization_parameters=int8_advanced_parameters(),
             )
