@@ -155,7 +155,8 @@ def _choose_head(manifest_head: str, features, labels, n_classes: int, seed: int
     free = torch_free_heads()
     names = [manifest_head] if manifest_head in free else free
     note = (f"the bundle's head recipe ({manifest_head})" if manifest_head in free else
-            f"the bundle's head '{manifest_head}' needs torch: the best torch-free head by cross-validation")
+            f"the bundle's head '{manifest_head}' is not one this edgetune refits without torch: "
+            "the best torch-free head by cross-validation")
     counts = np.bincount(labels, minlength=n_classes)
     if counts[counts > 0].min() < 2:
         name = "prototypes" if "prototypes" in HEADS else names[0]
