@@ -343,8 +343,9 @@ def _sgd_folds(kind: str, x, y, rows, n_classes: int, seeds, *, epochs=None, vie
                **options):
     """One path per subset of rows of (x, y), all trained at once: the folds of a CV stack into one
     batched model (a leading fold axis on every array), so each optimizer step serves every fold.
-    Measured on ants/bees features (5 folds, loaded 2-core AVX2): the SGD linear head 1.5-2.5x
-    faster than fold by fold; the MLP, whose steps are arithmetic-bound, about even."""
+    Measured on ants/bees features with the torch version this replaced (5 folds, loaded 2-core
+    AVX2): the SGD linear head 1.5-2.5x faster than fold by fold; the MLP, whose steps are
+    arithmetic-bound, about even."""
     with one_blas_thread():
         return _train_sgd(kind, x, y, rows, n_classes, seeds, (epochs,) if epochs else SGD_EPOCH_CHECKPOINTS,
                           views=views, stop=stop, **options)
