@@ -50,10 +50,10 @@ def test_learn_adds_a_class_and_keeps_the_old_bundle(fmt, exported, tmp_path):
 
     selected = RunDir(manifest["source_run"]).config.get("head_selection", {}).get("selected")
     assert manifest["head"] == (selected or manifest["head"]) and "head_options" in manifest
-    from toolkit.head_fit import torch_free_heads
+    from toolkit.head_fit import HEADS
 
-    if manifest["head"] in torch_free_heads():
-        assert new["head"] == manifest["head"] and "head recipe" in result.head_note
+    assert manifest["head"] in HEADS
+    assert new["head"] == manifest["head"] and "head recipe" in result.head_note
     assert new["head_options"] == result.to_json()["head_options"]
     row = {r["class"]: r for r in result.table}["stripes"]
     assert row["new"] and row["n"] == 2 and row["after"] == 1.0

@@ -1,8 +1,8 @@
 """Fitting classifier heads on cached backbone features, and choosing between them honestly.
 
 Torch-free (numpy / SciPy only): the robot refits heads with this same code, the SGD head (dropout,
-label smoothing, mixup) and the MLP included. A head that needed torch would register with
-torch_free=False, and `learn` would then pick among the others.
+label smoothing, mixup) and the MLP included; a new head must keep to that (a test fits every
+registered head with torch blocked).
 
 Every head reduces to the layers the exporters already ship, with the state-dict names of
 `toolkit.heads.create_head` (without the "head." prefix that model.safetensors adds; use
@@ -57,7 +57,6 @@ class HeadParams:
 class HeadFitter:
     name: str
     kind: str
-    torch_free: bool
     # path(x, y, n_classes, seed, **options) -> [(options, HeadParams)], one per hyperparameter
     # setting reached along one fit (C path with warm starts, epoch checkpoints): CV scores them all
     # for the price of one fit.
@@ -77,10 +76,6 @@ HEADS: dict[str, HeadFitter] = {}
 
 def register_head(fitter: HeadFitter) -> None:
     HEADS[fitter.name] = fitter
-
-
-def torch_free_heads() -> list[str]:
-    return [n for n, f in HEADS.items() if f.torch_free]
 
 
 def _flatten(features: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -506,16 +501,16 @@ def _train_sgd(kind, x, y, rows, n_classes, seeds, checkpoints, *, views: int = 
     return snapshots
 
 
-register_head(HeadFitter("prototypes", "linear", True, _prototypes_path,
+register_head(HeadFitter("prototypes", "linear", _prototypes_path,
                          "nearest class mean on L2-normalised features", _prototypes_folds, cost=1))
-register_head(HeadFitter("imprint", "linear", True, _imprint_path,
+register_head(HeadFitter("imprint", "linear", _imprint_path,
                          "prototype-imprinted cosine softmax, lightly fine-tuned (few shots)", cost=4))
-register_head(HeadFitter("logreg", "linear", True, _logreg_path, "L2 logistic regression (L-BFGS), C swept",
+register_head(HeadFitter("logreg", "linear", _logreg_path, "L2 logistic regression (L-BFGS), C swept",
                          cost=2))
-register_head(HeadFitter("linear", "linear", True, _sgd_path("linear"),
+register_head(HeadFitter("linear", "linear", _sgd_path("linear"),
                          "SGD linear head: dropout, label smoothing, mixup; epochs by CV",
                          lambda *a, **k: _sgd_folds("linear", *a, **k), cost=3))
-register_head(HeadFitter("mlp", "mlp", True, _sgd_path("mlp"), "linear-ReLU-linear, trained like the SGD head",
+register_head(HeadFitter("mlp", "mlp", _sgd_path("mlp"), "linear-ReLU-linear, trained like the SGD head",
                          lambda *a, **k: _sgd_folds("mlp", *a, **k), cost=5))
 
 

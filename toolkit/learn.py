@@ -150,13 +150,12 @@ def _folder_classes(data: Path) -> list[str] | None:
 
 
 def _choose_head(manifest_head: str, features, labels, n_classes: int, seed: int):
-    from toolkit.head_fit import HEADS, cross_validate, torch_free_heads
+    from toolkit.head_fit import HEADS, cross_validate
 
-    free = torch_free_heads()
-    names = [manifest_head] if manifest_head in free else free
-    note = (f"the bundle's head recipe ({manifest_head})" if manifest_head in free else
-            f"the bundle's head '{manifest_head}' is not one this edgetune refits without torch: "
-            "the best torch-free head by cross-validation")
+    known = manifest_head in HEADS
+    names = [manifest_head] if known else list(HEADS)
+    note = (f"the bundle's head recipe ({manifest_head})" if known else
+            f"the bundle's head '{manifest_head}' is not one this edgetune knows: the best head by cross-validation")
     counts = np.bincount(labels, minlength=n_classes)
     if counts[counts > 0].min() < 2:
         name = "prototypes" if "prototypes" in HEADS else names[0]
