@@ -27,7 +27,8 @@ from exporters import register
 from exporters.base import ExportContext, Exporter
 from exporters.head_weights import compress_onnx_head
 from exporters.onnx_fp32 import write_onnx
-from toolkit.convert import load_nncf, nncf_session
+from exporters.openvino_ir import head_scope
+from toolkit.convert import nncf_session
 from toolkit.runs import RunDir
 
 logger = logging.getLogger(__name__)
@@ -360,7 +361,7 @@ class OnnxInt8Exporter(Exporter):
                 graph, nncf.Dataset(batches(calib, b), lambda x: {name: x}),
                 nncf.Dataset(validation, lambda item: {name: item[0]}), metric, max_drop=max_drop,
                 drop_type=nncf.DropType.ABSOLUTE, subset_size=len(calib),
-                ignored_scope=_head_scope(),
+                ignored_scope=head_scope(onnx=True),
                 advanced_accuracy_restorer_parameters=restorer_parameters(),
                 advanced_quantization_parameters=nncf_onnx_parameters(),
             )
@@ -384,7 +385,7 @@ class OnnxInt8Exporter(Exporter):
             quantized = nncf.quantize(
                 graph, nncf.Dataset(batches(calib, ctx.static_batch or 1), lambda x: {name: x}),
                 subset_size=len(calib), advanced_parameters=nncf_onnx_parameters(),
-                ignored_scope=_head_scope())
+                ignored_scope=head_scope(onnx=True))
         _save_in_ort_layout(quantized, model)
         ctx.extra["quantizer"] = NNCF_QUANTIZER
         return model
@@ -420,11 +421,6 @@ def _save_in_ort_layout(quantized, model: Path) -> None:
     ort_layout(quantized)
     compress_onnx_head(quantized)
     onnx.save(quantized, str(model))
-
-
-def _head_scope():
-    """What NNCF leaves in float here, as `quantize` does for ORT: the head and softmax."""
-    return load_nncf().IgnoredScope(types=["Gemm", "MatMul", "Softmax"], validate=False)
 
 
 def preprocessed(run: RunDir, work: Path, ctx: ExportContext) -> Path:

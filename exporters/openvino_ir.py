@@ -26,9 +26,10 @@ logger = logging.getLogger(__name__)
 MODEL_FILE = "model.xml"
 
 
-def head_scope():
-    """The head (MatMul) and softmax stay fp32: a sliver of the compute, and int8 logits round near-ties."""
-    return load_nncf().IgnoredScope(types=["MatMul", "Softmax"], validate=False)
+def head_scope(onnx: bool = False):
+    """The head (MatMul; Gemm in an ONNX graph) and softmax stay fp32: a sliver of the compute, and
+    int8 logits round near-ties (ORT's quantizer leaves the same in float for onnx-int8)."""
+    return load_nncf().IgnoredScope(types=["MatMul", "Softmax"] + ["Gemm"] * onnx, validate=False)
 
 
 def convert(classifier, ctx: ExportContext):
