@@ -139,7 +139,8 @@ SHIFT_INTRO = [
     "difference (fp32 backbone), alone or followed by a feature alignment; camera = a camera model (blur,",
     "exposure, white balance, noise, JPEG) fitted to 64 of the target images against 64 OTHER training images,",
     "every training view rendered through it, the run's head refitted on them beside its own views (+diag:",
-    "then aligned).", ""]
+    "then aligned); oracle camera (`--oracle-datasets`) = the same refit on every training view rendered by",
+    "the shift itself, an exact camera fit: the most a head refitted on a camera model can win back.", ""]
 
 
 def _cached(path: Path, compute) -> dict[str, np.ndarray]:
