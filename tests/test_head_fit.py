@@ -49,23 +49,14 @@ def test_binary_logreg_is_a_two_row_softmax():
 def test_every_head_fits_without_torch():
     """The robot refits the bundle's own head recipe, whichever head selection chose: every
     registered head fits and predicts in a process where torch cannot be imported."""
-    from pathlib import Path
+    from .test_robot import stdout_without_torch
 
-    from .test_robot import _BLOCK_TORCH
-
-    code = _BLOCK_TORCH + (
-        "import numpy as np\n"
+    out = stdout_without_torch(
         "from toolkit.head_fit import HEADS, fit_head, head_logits\n"
-        "rng = np.random.default_rng(0)\n"
-        "y = np.repeat(np.arange(3), 12)\n"
-        "x = (np.eye(3)[y] @ rng.normal(0, 2, (3, 16)) + rng.normal(0, 0.3, (36, 16))).astype(np.float32)\n"
         "for name in HEADS:\n"
         "    assert (head_logits(fit_head(name, x, y, 3), x).argmax(1) == y).mean() > 0.9, name\n"
         "print(sorted(HEADS), 'torch' in sys.modules)\n")
-    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
-                         capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    names, loaded = out.stdout.strip().rsplit(" ", 1)
+    names, loaded = out.strip().rsplit(" ", 1)
     assert loaded == "False" and {"logreg", "prototypes", "imprint", "linear", "mlp"} <= set(eval(names))
 
 

@@ -102,20 +102,10 @@ def test_learn_bad_input_one_line_exit_2(exported, tmp_path):
 
 def test_learn_refits_an_mlp_bundles_own_recipe_without_torch():
     """An MLP bundle (ants/bees' default head) keeps its recipe on a robot that has no torch."""
-    import subprocess
-    import sys
+    from .test_robot import stdout_without_torch
 
-    from .test_robot import _BLOCK_TORCH
-
-    code = _BLOCK_TORCH + (
-        "import numpy as np\n"
+    out = stdout_without_torch(
         "from toolkit.learn import _choose_head\n"
-        "rng = np.random.default_rng(0)\n"
-        "y = np.repeat(np.arange(3), 12)\n"
-        "x = (np.eye(3)[y] @ rng.normal(0, 2, (3, 16)) + rng.normal(0, 0.3, (36, 16))).astype(np.float32)\n"
         "name, options, _, note = _choose_head('mlp', x, y, 3, 0)\n"
         "print(name, 'head recipe' in note, 'torch' in sys.modules)\n")
-    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
-                         capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.split()[-3:] == ["mlp", "True", "False"]
+    assert out.split()[-3:] == ["mlp", "True", "False"]

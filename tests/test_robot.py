@@ -210,6 +210,25 @@ runpy.run_module("toolkit.cli", run_name="__main__")
 """
 
 
+# Three classes of 12 separable 16-dim features, for head fitting inside such a process.
+BLOBS_CODE = (
+    "import numpy as np\n"
+    "rng = np.random.default_rng(0)\n"
+    "y = np.repeat(np.arange(3), 12)\n"
+    "x = (np.eye(3)[y] @ rng.normal(0, 2, (3, 16)) + rng.normal(0, 0.3, (36, 16))).astype(np.float32)\n")
+
+
+def stdout_without_torch(code: str) -> str:
+    """Run python `code` with torch unimportable (after BLOBS_CODE); its stdout, failing on an error."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _BLOCK_TORCH + BLOBS_CODE + code], cwd=Path(__file__).resolve().parents[1],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout
+
+
 def _no_torch(*args: str):
     import subprocess
     import sys
