@@ -87,24 +87,25 @@ def is_missing_package(error: BaseException, package: str) -> bool:
 
 
 @contextlib.contextmanager
-def torch_hidden():
-    """`import torch` fails inside this block unless this process has loaded torch already.
+def torch_hidden(*also: str):
+    """`import torch` (and of each module in `also`) fails inside this block unless this process
+    has loaded it already.
 
     NNCF and onnxruntime import torch when it is installed, for interop that edgetune never uses:
     NNCF at import (its torch tensor backend) and in every quantize call (to ask whether the
     model is a torch one), onnxruntime in `onnxruntime.tools` (torch export helpers). Each takes
     an ImportError for "no torch". The import was 1.5-2.5 s of an int8 export (2-core AVX2).
-    Only imports and NNCF run inside these blocks, and torch imports normally after them.
+    Only imports and NNCF run inside these blocks, and the modules import normally after them.
     """
-    if "torch" in sys.modules:
-        yield
-        return
-    sys.modules["torch"] = None  # the import system's own "not importable" marker
+    hidden = [name for name in ("torch", *also) if name not in sys.modules]
+    for name in hidden:
+        sys.modules[name] = None  # the import system's own "not importable" marker
     try:
         yield
     finally:
-        if "torch" in sys.modules and sys.modules["torch"] is None:
-            del sys.modules["torch"]
+        for name in hidden:
+            if name in sys.modules and sys.modules[name] is None:
+                del sys.modules[name]
 
 
 def import_runtime(package: str, *modules: str, importer: Callable[[str], object] | None = None):

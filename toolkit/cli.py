@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -519,6 +520,12 @@ _register_subcommands()
 
 
 def main() -> None:
+    # numpy asks the kernel for transparent huge pages on every large array; on the 2-core VMs we
+    # measured (AMD EPYC and Xeon, THP "madvise"), faulting them in cost 2-12 ms/MB against
+    # 0.3-0.7 ms/MB for plain pages, which made an export's float32 val batch of caltech50 take 6 s
+    # instead of 1 s (BENCHMARKS.md, "Export time"). Inference speed was the same on either. numpy
+    # reads this once, at import, which the CLI defers until a command runs; the user's setting wins.
+    os.environ.setdefault("NUMPY_MADVISE_HUGEPAGE", "0")
     cli(prog_name="edgetune")
 
 

@@ -130,6 +130,8 @@ def nncf_session(follow: str = "toolkit"):
 
     NNCF sets its logger to INFO when imported, which floods a quiet CLI with per-node notes;
     inside this block it logs only what edgetune itself would, then gets its level back.
+    onnx is hidden too unless already loaded: NNCF tells an OpenVINO model from an ONNX one by
+    importing onnx (0.5 s on the AMX Xeon), and an ONNX model means onnx is loaded already.
     """
     from devices.probe import torch_hidden
 
@@ -138,7 +140,7 @@ def nncf_session(follow: str = "toolkit"):
     before = nncf_logger.level
     nncf_logger.setLevel(logging.getLogger(follow).getEffectiveLevel())
     try:
-        with torch_hidden():
+        with torch_hidden("onnx"):
             yield nncf
     finally:
         nncf_logger.setLevel(before)
