@@ -76,8 +76,10 @@ class Selection:
 
 def select_head(requested: str, features: np.ndarray, labels: np.ndarray, n_classes: int, *, folds: int = 5,
                 seed: int = 0, options: dict[str, dict[str, Any]] | None = None,
-                augment: Callable | None = None, candidates: tuple[str, ...] = AUTO_HEADS) -> Selection:
-    """Pick and fit the head for (N, V, D) training features; the val split is never seen here."""
+                augment: Callable | None = None, candidates: tuple[str, ...] = AUTO_HEADS,
+                class_names: list[str] | None = None) -> Selection:
+    """Pick and fit the head for (N, V, D) training features; the val split is never seen here.
+    `class_names` name the classes in what it reports (else their indices)."""
     options = options or {}
     counts = np.bincount(labels, minlength=n_classes)
     names = list(candidates) if requested == "auto" else [requested]
@@ -85,7 +87,8 @@ def select_head(requested: str, features: np.ndarray, labels: np.ndarray, n_clas
         name = FEW_SHOT_RULE if requested == "auto" else requested
         opts = {**(FEW_SHOT_RULE_OPTIONS if name == FEW_SHOT_RULE else {}), **options.get(name, {})}
         small = int(np.argmin(counts))
-        reason = (f"class {small} has {counts[small]} training image(s): too few to cross-validate reliably, "
+        shown = repr(class_names[small]) if class_names else small
+        reason = (f"class {shown} has {counts[small]} training image(s): too few to cross-validate reliably, "
                   f"so the few-shot rule picks {name} ({HEADS[name].summary})")
         logger.warning(reason)
         t0 = time.perf_counter()

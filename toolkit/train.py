@@ -211,7 +211,8 @@ def _fit_on_features(run: RunDir, config: TrainConfig, prep: Prepared, plan, pro
 
         augment = vae_augmenter(config.generate_ratio, seed=config.seed)
     selection = select_head(config.head, feats.train_feats, prep.train_labels, len(prep.classes),
-                            folds=config.cv_folds, seed=config.seed, options=head_options, augment=augment)
+                            folds=config.cv_folds, seed=config.seed, options=head_options, augment=augment,
+                            class_names=prep.classes)
     progress("head selection", 1, 1)
     params = selection.params
     run.write_model(model_tensors(params), {"format": "edgetune-run", "backbone": config.backbone,
