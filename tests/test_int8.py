@@ -568,18 +568,15 @@ def test_onnx_int8_source_graph_is_the_torch_export_built_without_torch(trained_
         np.testing.assert_allclose(b, a, atol=1e-4, rtol=1e-4)
 
 
-def test_openvino_quantization_imports_no_onnx():
-    """NNCF tells an OpenVINO model from an ONNX one by importing onnx (0.5 s of an openvino-int8
-    export); nncf_session hides it, the result is the same, and onnx still imports afterwards."""
-    import subprocess
-    import sys
-
-    code = """
+# A tiny OpenVINO model quantized by NNCF in a fresh process, then whether `module` was imported
+# and whether it imports afterwards (the last two lines of stdout).
+_QUANTIZE_AND_REPORT = """
 import sys
 import numpy as np
 import openvino as ov
 import openvino.opset13 as ops
 from toolkit.convert import nncf_session
+{before}
 x = ops.parameter([1, 3, 8, 8], ov.Type.f32, name="x")
 w = ops.constant(np.random.default_rng(0).normal(size=(4, 3, 3, 3)).astype(np.float32))
 model = ov.Model([ops.relu(ops.convolution(x, w, [1, 1], [1, 1], [1, 1], [1, 1]))], [x])
@@ -587,43 +584,31 @@ data = [np.random.default_rng(i).normal(size=(1, 3, 8, 8)).astype(np.float32) fo
 with nncf_session() as nncf:
     q = nncf.quantize(model, nncf.Dataset(data), subset_size=4)
 assert any(op.get_type_name() == "FakeQuantize" for op in q.get_ops())
-print("onnx" in sys.modules)
-import onnx
-print(onnx.__name__)
+print("{module}" in sys.modules)
+import {module}
+print({module}.__name__)
 """
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                         cwd=Path(__file__).resolve().parents[1])
+
+
+def _quantize_and_report(module: str, before: str = "") -> list[str]:
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _QUANTIZE_AND_REPORT.format(module=module, before=before)],
+                         capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parents[1])
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.split()[-2:] == ["False", "onnx"]
+    return out.stdout.split()[-2:]  # after NNCF's progress bars
+
+
+def test_openvino_quantization_imports_no_onnx():
+    """NNCF tells an OpenVINO model from an ONNX one by importing onnx (0.5 s of an openvino-int8
+    export); nncf_session hides it, and onnx still imports afterwards."""
+    assert _quantize_and_report("onnx") == ["False", "onnx"]
 
 
 def test_int8_quantization_imports_no_torch():
     """NNCF and onnxruntime's quantization tools import torch when it is installed (1.5-2.5 s of
     an int8 export); edgetune hides it from them, and torch still imports afterwards."""
-    import subprocess
-    import sys
-
-    code = """
-import sys
-import numpy as np
-import openvino as ov
-import openvino.opset13 as ops
-from devices.ort_probe import import_onnxruntime
-from toolkit.convert import nncf_session
-import_onnxruntime()
-from onnxruntime.quantization.shape_inference import quant_pre_process
-x = ops.parameter([1, 3, 8, 8], ov.Type.f32, name="x")
-w = ops.constant(np.random.default_rng(0).normal(size=(4, 3, 3, 3)).astype(np.float32))
-model = ov.Model([ops.relu(ops.convolution(x, w, [1, 1], [1, 1], [1, 1], [1, 1]))], [x])
-data = [np.random.default_rng(i).normal(size=(1, 3, 8, 8)).astype(np.float32) for i in range(4)]
-with nncf_session() as nncf:
-    q = nncf.quantize(model, nncf.Dataset(data), subset_size=4)
-assert any(op.get_type_name() == "FakeQuantize" for op in q.get_ops())
-print("torch" in sys.modules)
-import torch
-print(torch.__name__)
-"""
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                         cwd=Path(__file__).resolve().parents[1])
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.split()[-2:] == ["False", "torch"]  # after NNCF's progress bars
+    before = ("from devices.ort_probe import import_onnxruntime\nimport_onnxruntime()\n"
+              "from onnxruntime.quantization.shape_inference import quant_pre_process")
+    assert _quantize_and_report("torch", before) == ["False", "torch"]
