@@ -264,6 +264,8 @@ def test_selection_falls_back_to_a_rule_below_two_images():
     x, y = blobs(n_per_class=1, views=3)
     sel = select_head("auto", x, y, 3)
     assert sel.cv is None and sel.params.name == "imprint" and "too few" in sel.reason
+    named = select_head("auto", x, y, 3, class_names=["ants", "bees", "wasps"])
+    assert "class 'ants' has 1 training image(s)" in named.reason  # the user's name, not an index
     x, y = blobs(n_per_class=6, views=2)
     sel = select_head("auto", x, y, 3, candidates=("prototypes", "logreg"), folds=3)
     assert sel.cv.folds == 3 and sel.to_json()["runner_up"] is not None
