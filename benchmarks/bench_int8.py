@@ -272,34 +272,33 @@ def method_rows(name: str, run_dir: Path, entropy: bool) -> list[tuple]:
         def fix(mode):
             return nncf.AdvancedQuantizationParameters(overflow_fix=getattr(nncf.OverflowFix, mode))
 
-        nncf_variants = [
-            ("fast bias correction, 7-bit weights every layer (default)",
-             {"fast_bias_correction": True, "advanced_parameters": int8_advanced_parameters()}),
-            ("full bias correction, 7-bit weights every layer",
-             {"fast_bias_correction": False, "advanced_parameters": int8_advanced_parameters()}),
-            ("fast bias correction, 7-bit first layer (NNCF's default)",
-             {"fast_bias_correction": True, "advanced_parameters": fix("FIRST_LAYER")}),
-            ("fast bias correction, overflow fix off (8-bit weights)",
-             {"fast_bias_correction": True, "advanced_parameters": fix("DISABLE")}),
+        def nncf_recipe(**kw):
+            return lambda: nncf.quantize(model, data, subset_size=len(calib), ignored_scope=openvino_ir.head_scope(), **kw)
+
+        from toolkit.features import cached_int8_backbone
+
+        recipes = [
+            ("NNCF fast bias correction, 7-bit weights every layer (default)",
+             nncf_recipe(fast_bias_correction=True, advanced_parameters=int8_advanced_parameters())),
+            ("NNCF full bias correction, 7-bit weights every layer",
+             nncf_recipe(fast_bias_correction=False, advanced_parameters=int8_advanced_parameters())),
+            ("NNCF fast bias correction, 7-bit first layer (NNCF's default)",
+             nncf_recipe(fast_bias_correction=True, advanced_parameters=fix("FIRST_LAYER"))),
+            ("NNCF fast bias correction, overflow fix off (8-bit weights)",
+             nncf_recipe(fast_bias_correction=True, advanced_parameters=fix("DISABLE"))),
+            # No NNCF at export at all: the int8 backbone this machine quantized once on generated
+            # scenes (what --backbone-precision int8 trains on) under the run's float-trained head.
+            ("the machine's cached int8 backbone (generated scenes), no NNCF per export",
+             lambda: openvino_ir.with_head(cached_int8_backbone(run.spec), run, ctx)),
         ]
-        for label, kw in nncf_variants:
+        for label, build in recipes:
             t = time.perf_counter()
-            q = nncf.quantize(model, data, subset_size=len(calib), ignored_scope=openvino_ir.head_scope(), **kw)
+            q = build()
             seconds = time.perf_counter() - t
             openvino_ir.save(q, tmp / "q.xml", fp16=True)
             exported = run_batched(openvino_runner(tmp / "q.xml", precise=True), inputs, batch=None)
-            rows.append((name, "openvino-int8", f"NNCF {label}", *summary(reference, exported, labels),
+            rows.append((name, "openvino-int8", label, *summary(reference, exported, labels),
                          f"{seconds:.0f} s", "", ""))
-        # No NNCF at export at all: the int8 backbone this machine quantized once on generated scenes
-        # (what --backbone-precision int8 trains on) under the run's float-trained head.
-        from toolkit.features import cached_int8_backbone
-
-        t = time.perf_counter()
-        openvino_ir.save(openvino_ir.with_head(cached_int8_backbone(run.spec), run, ctx), tmp / "q.xml", fp16=True)
-        seconds = time.perf_counter() - t
-        exported = run_batched(openvino_runner(tmp / "q.xml", precise=True), inputs, batch=None)
-        rows.append((name, "openvino-int8", "the machine's cached int8 backbone (generated scenes), no NNCF per export",
-                     *summary(reference, exported, labels), f"{seconds:.0f} s", "", ""))
     print(f"{name}: {len(calib)} calibration images (max {MAX_CALIBRATION}), {len(labels)} held-out training images",
           flush=True)
     return rows
