@@ -7,7 +7,10 @@ The run's selected head is refitted on half A of each class's training images; t
 shifted (each camera shift of benchmarks/small_data.py); the camera is fitted to 64 shifted A images
 against 64 OTHER clean A images; every variant is scored on the other half B, shifted (held out,
 labelled). Variants: diag; 5+1 = the run's views + the rendered clean view; 5+5 = + every view
-rendered (the augmented views re-drawn as training drew them). Prints each shift and, per variant,
+rendered (the augmented views re-drawn as training drew them); 5+5 corrected (adapt's default since
+2026-12-04) = 5+5, but where the fit says the tone or white balance changed (CameraFit.corrects_tone)
+the curve is fitted to pixels (toolkit.camera.fit_tone), undone on B by its lookup table, and the
+renderings pass through the same table. Prints each shift and, per variant,
 the mean share of each shift's cost won back (shifts costing > 0.5 pt), the share of the summed
 cost and the change on the unshifted set. BENCHMARKS.md "Camera shift (adapt)" quotes its output.
 """
@@ -24,6 +27,7 @@ from toolkit import adapt as ad
 from toolkit.augment import build_augmentation, eval_resize_shorter, eval_view, training_view
 from toolkit.data import decode_images, discover
 from toolkit.features import create_engine, extract_features
+from toolkit.preprocess import apply_correction
 from toolkit.head_fit import fit_head, head_logits, HeadParams, one_blas_thread
 from toolkit.runs import RunDir
 
@@ -59,24 +63,33 @@ for sname, fn in {'none': None, **SHIFTS}.items():
         sh = (lambda im: im) if fn is None else (lambda im: fn(im, s))
         xa, xb = F([sh(views[i]) for i in A]), F([sh(views[i]) for i in B])
         r = {'clean': clean, 'none': acc(head, xb), 'diag': acc(ad.align_head(head, 'diag', tr[A, 0], xa), xb)}
-        cf = ad.fit_run_camera(eng, [views[i] for i in fit_s], F([sh(views[i]) for i in fit_t]))
-        h51 = h55 = head
+        target_views = [sh(views[i]) for i in fit_t]
+        cf = ad.fit_run_camera(eng, [views[i] for i in fit_s], F(target_views))
+        h51 = h55 = hc = head
+        xc = xb
         if not cf.camera.is_identity:
             cam = cf.camera
-            def rendered_view(k, cam=cam):
+            def rendered_view(k, cam=cam, lut=None):
                 i = A[k // V]
-                return cam.render(training_view(images[i], i, k % V, aug, seed=c['seed'], size=size), seed=k)
+                return apply_correction(cam.render(training_view(images[i], i, k % V, aug, seed=c['seed'], size=size), seed=k), lut)
 
             rend = extract_features(eng, rendered_view, len(A) * V).reshape(len(A), V, -1)
             with one_blas_thread():
                 h51 = fit(np.concatenate([tr[A], rend[:, :1]], 1), y[A])
-                h55 = fit(np.concatenate([tr[A], rend], 1), y[A])
-        r['5+1'], r['5+5'] = acc(h51, xb), acc(h55, xb)
+                h55 = hc = fit(np.concatenate([tr[A], rend], 1), y[A])
+            camc, lut = ad.render_and_correct(cf, [views[i] for i in fit_s], target_views)
+            if lut is not None:  # as adapt does: the tone undone on the frames and the renderings
+                xc = F([apply_correction(sh(views[i]), lut) for i in B])
+                rc = extract_features(eng, lambda k: rendered_view(k, camc, lut), len(A) * V).reshape(len(A), V, -1)
+                with one_blas_thread():
+                    hc = fit(np.concatenate([tr[A], rc], 1), y[A])
+        r['5+1'], r['5+5'], r['5+5 corrected'] = acc(h51, xb), acc(h55, xb), acc(hc, xc)
         rows.append((f'{sname}-{s}', r))
-        print(f'{sname}-{s} ({time.perf_counter()-t0:.0f}s) {cf.camera.describe()}', {k: round(v, 4) for k, v in r.items()}, flush=True)
+        corrected = f'; corrected {camc.tone_only().describe()}' if cf.corrects_tone else ''
+        print(f'{sname}-{s} ({time.perf_counter()-t0:.0f}s) {cf.camera.describe()}{corrected}', {k: round(v, 4) for k, v in r.items()}, flush=True)
 print('clean B', clean)
-for k in ('diag', '5+1', '5+5'):
+for k in ('diag', '5+1', '5+5', '5+5 corrected'):
     sh = [r for n, r in rows if not n.startswith('none')]
     shares = [(r[k] - r['none']) / (r['clean'] - r['none']) for r in sh if r['clean'] - r['none'] > 0.005]
     summed = sum(r[k] - r['none'] for r in sh) / sum(r['clean'] - r['none'] for r in sh)
-    print(f'{k:6s} mean share {np.mean(shares):.0%} ({len(shares)} shifts) summed {summed:.0%}; unshifted {rows[0][1][k] - rows[0][1]["none"]:+.4f}')
+    print(f'{k:14s} mean share {np.mean(shares):.0%} ({len(shares)} shifts) summed {summed:.0%}; unshifted {rows[0][1][k] - rows[0][1]["none"]:+.4f}')

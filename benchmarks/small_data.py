@@ -139,7 +139,9 @@ SHIFT_INTRO = [
     "difference (fp32 backbone), alone or followed by a feature alignment; camera = a camera model (blur,",
     "exposure, white balance, noise, JPEG) fitted to 64 of the target images against 64 OTHER training images,",
     "every training view rendered through it, the run's head refitted on them beside its own views (+diag:",
-    "then aligned); oracle camera (`--oracle-datasets`) = the same refit on every training view rendered by",
+    "then aligned); where the fit says the tone or white balance changed, they are undone instead by the",
+    "adapted run's camera correction (a per-channel lookup table on every frame: shifted val and target",
+    "pass through it, and so do the renderings); oracle camera (`--oracle-datasets`) = the same refit on every training view rendered by",
     "the shift itself, an exact camera fit: the most a head refitted on a camera model can win back.", ""]
 
 
@@ -218,9 +220,10 @@ def camera_shifts(name: str, out: Path, adabn_shifts=("none", *SHIFTS), steps=("
             if cam["rendered"].size:
                 cam_head = refit_on(cam["rendered"])
                 expected = cam["rendered"][:, 0]
-            res["camera"] = acc(cam_head, xv)
+            cam_xt, cam_xv = cam.get("target", xt), cam.get("val", xv)  # through the camera correction, if any
+            res["camera"] = acc(cam_head, cam_xv)
             # As adapt aligns: from the target onto what the (refitted) head expects, all training images.
-            res["camera+diag"] = acc(ad.align_head(cam_head, "diag", expected, xt), xv)
+            res["camera+diag"] = acc(ad.align_head(cam_head, "diag", expected, cam_xt), cam_xv)
         if ora is not None:
             res["oracle camera"] = acc(refit_on(ora["rendered"]) if ora["rendered"].size else head.tensors, xv)
         if bv is None:
@@ -254,15 +257,26 @@ def camera_shifts(name: str, out: Path, adabn_shifts=("none", *SHIFTS), steps=("
             def fit_camera():
                 tr = eval_views("train")
                 engine = create_engine(spec.name, "openvino", "CPU")
-                fit = ad.fit_run_camera(engine, [tr[i] for i in camera_source_idx], ov["train"][bn_idx])
+                source_views = [tr[i] for i in camera_source_idx]
+                fit = ad.fit_run_camera(engine, source_views, ov["train"][bn_idx])
+                camera, lut = ad.render_and_correct(fit, source_views, [shifted(tr[i]) for i in bn_idx])
                 rendered = np.zeros((0,), np.float16)
                 if not fit.camera.is_identity:  # every training view, as adapt renders them
                     n, v = train.shape[:2]
                     make = ad._training_views(run, ad._training_files(run, n), v, engine.batch, 2)
-                    rendered = ad.rendered_features(engine, fit.camera, make, n * v).reshape(n, v, -1)
+                    rendered = ad.rendered_features(engine, camera, make, n * v, correction=lut).reshape(n, v, -1)
                 print(f"    camera: {fit.camera.describe()} (distance {fit.identity_distance:.2f} -> {fit.distance:.2f}, "
-                      f"{fit.evaluations} renderings)", flush=True)
-                return {"rendered": rendered, "fit": np.array(json.dumps(fit.to_json()))}
+                      f"{fit.evaluations} renderings{f'; corrected {camera.tone_only().describe()}' if lut is not None else ''})",
+                      flush=True)
+                res = {"rendered": rendered, "fit": np.array(json.dumps(fit.to_json()))}
+                if lut is not None:  # the adapted run's frames pass through its table: val and the target too
+                    from toolkit.preprocess import apply_correction
+
+                    val_views = eval_views("val")
+                    res["val"] = extract_features(engine, lambda k: apply_correction(shifted(val_views[k]), lut), len(val_views))
+                    res["target"] = extract_features(engine, lambda k: apply_correction(shifted(tr[target_idx[k]]), lut),
+                                                     len(target_idx))
+                return res
 
             def render_shift():  # every training view, as fit_camera's renderings would be with an exact fit
                 n, v = train.shape[:2]
@@ -275,7 +289,7 @@ def camera_shifts(name: str, out: Path, adabn_shifts=("none", *SHIFTS), steps=("
             bn = {"train": None, "val": None}
             if shift_name in adabn_shifts:
                 bn = _cached(cache / f"adabn-{tag}.npz", adabn)
-            cam = _cached(cache / f"camera-{tag}.npz", fit_camera) if camera else None
+            cam = _cached(cache / f"camera-v2-{tag}.npz", fit_camera) if camera else None
             label = "none (unshifted val; adapted to unshifted train)" if fn is None else f"{shift_name} {['mild', 'strong'][s]}"
             ora = _cached(cache / f"oracle-{tag}.npz", render_shift) if oracle else None
             rows.append((label, methods(ov["train"][target_idx], ov["val"], bn["train"], bn["val"], cam, ora)))

@@ -37,7 +37,7 @@ def make_manifest(run, exporter, model_file: str, *, parity: dict[str, Any], sta
                   "range": "0-255", "color": "RGB", "batch": static_batch},
         "outputs": ["logits", "probabilities"],
         # Always the current rule (what predict and the Predictor apply), not the run's old record.
-        "preprocessing": preprocessing_record(spec),
+        "preprocessing": preprocessing_record(spec, cfg.get("camera_correction")),
         "backbone": cfg.get("backbone", spec.to_json()),
         # The head the model carries (head selection's choice and its options): `learn` refits that recipe.
         "head": cfg.get("head_selection", {}).get("selected", cfg["train"]["head"]),

@@ -178,8 +178,40 @@ def test_adapt_camera_fits_a_darker_camera_and_refits_the_head(small_run, tiny_d
     assert not np.array_equal(RunDir.open(tmp_path / "a").head_tensors()["layers.1.weight"], head["layers.1.weight"])
 
 
+def test_adapt_camera_undoes_a_darker_tone_at_the_input_of_every_model(small_run, tiny_dataset, tmp_path):
+    """A change of tone curve alone is undone on the new camera's frames, not learnt: the adapted
+    run's preprocessing gains the camera correction table, its Predictor applies it, and an export
+    carries it in manifest.json for the bundle's Predictor (and a C++ node) to apply."""
+    import cv2
+
+    from exporters import export
+    from toolkit.cli import cli
+    from toolkit.runs import RunDir
+    from toolkit.runtime import load_predictor
+
+    dark, files = tmp_path / "dark", sorted((tiny_dataset / "train").rglob("*.*"))
+    dark.mkdir()
+    for f in files:
+        img = cv2.imread(str(f))
+        cv2.imwrite(str(dark / f"{f.parent.name}_{f.stem}.png"), np.clip((img / 255.0) ** 1.6 * 0.5 * 255, 0, 255).astype(np.uint8))
+    out = tmp_path / "a"
+    result = CliRunner().invoke(cli, ["adapt", str(small_run), str(dark), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    cfg = RunDir.open(out).config
+    assert cfg["adapted"]["camera"]["corrects_tone"], cfg["adapted"]["camera"]
+    assert cfg["preprocessing"]["camera_correction"] == cfg["camera_correction"]
+    frame = dark / f"{files[0].parent.name}_{files[0].stem}.png"
+    original = load_predictor(small_run).preprocess(files[0]).astype(float)
+    assert np.abs(load_predictor(small_run).preprocess(frame) - original).mean() > 40
+    assert np.abs(load_predictor(out).preprocess(frame) - original).mean() < 12  # the grid's step, not the shift
+    bundle = export(out, "onnx", tmp_path / "onnx").out_dir
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["preprocessing"]["camera_correction"] == cfg["camera_correction"]
+    np.testing.assert_array_equal(load_predictor(bundle).preprocess(frame), load_predictor(out).preprocess(frame))
+
+
 @pytest.mark.parametrize("case", ["empty", "no_run", "missing_int8", "thumbnails", "adabn_on_int8", "no_source",
-                                  "camera_no_source"])
+                                  "camera_no_source", "corrected"])
 def test_adapt_bad_input_is_one_line_and_writes_nothing(case, small_run, tiny_dataset, tmp_path):
     import cv2
 
@@ -193,11 +225,17 @@ def test_adapt_bad_input_is_one_line_and_writes_nothing(case, small_run, tiny_da
             cv2.imwrite(str(target / f"{i}.png"), np.full((side, side, 3), 20 * i, np.uint8))
     if case == "no_run":
         run = tmp_path / "nothing"
-    if case in ("missing_int8", "adabn_on_int8", "no_source", "camera_no_source"):
+    if case in ("missing_int8", "adabn_on_int8", "no_source", "camera_no_source", "corrected"):
         run = tmp_path / "copy"
         shutil.copytree(small_run, run)
         cfg = json.loads((run / "config.json").read_text())
-        if not case.endswith("no_source"):
+        if case == "corrected":  # adapted before, with a camera correction: its frames are not the training camera's
+            from toolkit.camera import Camera
+            from toolkit.preprocess import correction_record
+
+            cfg["camera_correction"] = correction_record(Camera(level=0.5).correction_lut(), "level 0.5")
+            (run / "config.json").write_text(json.dumps(cfg))
+        if case in ("missing_int8", "adabn_on_int8"):
             cfg["train"]["backbone_precision"] = "int8"
             (run / "config.json").write_text(json.dumps(cfg))
         if case == "adabn_on_int8":

@@ -73,3 +73,28 @@ def test_no_camera_is_fitted_where_the_camera_did_not_change():
     source, other = _views(48, 1), _views(48, 2)
     fit = fit_camera(_features, source, _features(other))
     assert fit.camera.is_identity and fit.to_json()["fitted"] == "unchanged"
+
+
+def test_correction_table_undoes_the_tone_curve_and_white_balance():
+    from toolkit.preprocess import apply_correction
+
+    view = _views(1, 3)[0]
+    assert np.array_equal(apply_correction(view, Camera().correction_lut()), view), "the identity's table changes nothing"
+    dark = Camera(gamma=GRIDS["gamma"][6], level=GRIDS["level"][10], tint1=GRIDS["tint1"][3], tint2=GRIDS["tint2"][1])
+    shot = dark.render(view)
+    assert np.abs(shot.astype(float) - view).mean() > 30
+    back = apply_correction(shot, dark.correction_lut()).astype(float)
+    # 8-bit steps of the dark rendering are stretched back: a few grey levels, never a shift.
+    assert np.abs(back - view).mean() < 3 and abs((back - view).mean()) < 1.5
+    assert np.array_equal(apply_correction(np.stack([shot, shot]), dark.correction_lut())[1], back.astype(np.uint8))
+
+
+@pytest.mark.parametrize("camera, corrects", [(Camera(level=GRIDS["level"][11]), True),
+                                              (Camera(tint2=GRIDS["tint2"][2]), True),
+                                              (Camera(blur=GRIDS["blur"][4]), False)])
+def test_fit_corrects_the_tone_only_where_the_tone_changed(camera, corrects):
+    source, other = _views(48, 1), _views(48, 2)
+    target = _features([camera.render(v, seed=100 + i) for i, v in enumerate(other)])
+    fit = fit_camera(_features, source, target)
+    assert fit.corrects_tone == corrects, fit
+    assert fit.to_json()["corrects_tone"] == corrects

@@ -109,3 +109,39 @@ def test_learn_refits_an_mlp_bundles_own_recipe_without_torch():
         "name, options, _, note = _choose_head('mlp', x, y, 3, 0)\n"
         "print(name, 'head recipe' in note, 'torch' in sys.modules)\n")
     assert out.split()[-3:] == ["mlp", "True", "False"]
+
+
+def test_learn_on_a_camera_corrected_bundle_corrects_the_new_images(exported, tmp_path):
+    """A bundle of a run adapted to a new camera corrects that camera's frames (manifest
+    preprocessing.camera_correction): images `learn` is given come from the same camera, so their
+    features in the new memory are those of the corrected images, and the new bundle keeps the table."""
+    from toolkit.camera import Camera
+    from toolkit.learn import learn
+    from toolkit.preprocess import correction_record
+
+    dark = Camera(gamma=2.0, level=0.35, tint2=0.7)
+    plain = exported("onnx").out_dir
+    corrected = tmp_path / "corrected"
+    shutil.copytree(plain, corrected)
+    manifest = json.loads((corrected / "manifest.json").read_text())
+    manifest["preprocessing"]["camera_correction"] = correction_record(dark.correction_lut(), dark.describe())
+    (corrected / "manifest.json").write_text(json.dumps(manifest))
+    bright, darker = _new_class(tmp_path / "bright"), _new_class(tmp_path / "dark")
+    for f in sorted((darker / "stripes").iterdir()):  # RGB order for the camera, as the preprocessing reads it
+        cv2.imwrite(str(f.with_suffix(".png")), dark.render(cv2.imread(str(f))[..., ::-1])[..., ::-1])
+        f.unlink()
+
+    def stripes_memory(bundle, data, out):
+        learn(bundle, data, tmp_path / out)
+        new = json.loads((tmp_path / out / "manifest.json").read_text())
+        with np.load(tmp_path / out / new["feature_memory"]["file"]) as d:
+            return new, d["features"][d["labels"] == new["labels"].index("stripes")].astype(np.float64)
+
+    new, undone = stripes_memory(corrected, darker, "undone")
+    assert new["preprocessing"]["camera_correction"] == manifest["preprocessing"]["camera_correction"]
+    _, reference = stripes_memory(plain, bright, "reference")
+    _, unseen = stripes_memory(plain, darker, "unseen")
+    # The same 8 images (file names, so the split, are the same) in the same order: cosine gap per image.
+    gap = lambda a: float(np.mean(1 - (a * reference).sum(1) / np.linalg.norm(a, axis=1)  # noqa: E731
+                                  / np.linalg.norm(reference, axis=1)))
+    assert gap(undone) < 0.5 * gap(unseen), (gap(undone), gap(unseen))

@@ -24,8 +24,12 @@ benchmarks/small_data.py, reports it):
     camera  a camera model (blur, exposure, white balance, noise, JPEG; toolkit.camera) fitted to
             the target images, every training view (clean and augmented) rendered through it, and
             the run's selected head refitted on them beside the views it had: the head has seen
-            the new camera with labels. The backbone is untouched; with +diag the refitted head is
-            aligned too. Needs the run's training images (split.json).
+            the new camera with labels. Where the fitted tone curve or white balance explain a real
+            part of the change, they are undone instead: the adapted run's preprocessing ends in a
+            per-channel lookup table (toolkit.preprocess "camera_correction", in every export's
+            manifest) applied to the new camera's frames, and the renderings the head is refitted
+            on pass through the same table. The backbone is untouched; with +diag the refitted head
+            is aligned too. Needs the run's training images (split.json).
 
 Only the unlabelled target images are read from the new camera; labels never enter. The new run
 is written beside the old one (never modified), atomically: a temporary folder renamed at the end.
@@ -318,14 +322,32 @@ def fit_run_camera(engine, source_views: list[np.ndarray], target: np.ndarray, *
                       progress=progress)
 
 
-def rendered_features(engine, camera, make_view: Callable[[int], np.ndarray], count: int, *, workers: int = 2,
-                      progress: Callable[[int], None] | None = None) -> np.ndarray:
-    """Features of views 0..count-1 (`make_view`: uint8 views as the backbone reads them) rendered
-    by `camera`, each with its own noise seed (its index): the result never depends on thread timing."""
-    from toolkit.features import extract_features
+def render_and_correct(fit, source_views: list[np.ndarray], target_views: list[np.ndarray]):
+    """(camera to render the training views with, correction table or None) for a camera fit.
 
-    return extract_features(engine, lambda k: camera.render(make_view(k), seed=k), count, workers=workers,
-                            progress=progress)
+    Where the fit says the tone or white balance changed (CameraFit.corrects_tone), they are undone
+    on the new camera's frames (and on the renderings) by a lookup table instead of learnt by the
+    head, with the curve fitted to the pixels of `source_views` and `target_views` (the fit's own
+    images; toolkit.camera.fit_tone). Chosen on training images only (benchmarks/adapt_choices.py:
+    head on half of each class, target the other half shifted, scored on it): the figures are in BENCHMARKS.md "Camera shift (adapt)"."""
+    from toolkit.camera import fit_tone
+
+    if not fit.corrects_tone:
+        return fit.camera, None
+    camera = fit.camera.with_tone(fit_tone(source_views, target_views))
+    return camera, camera.correction_lut()
+
+
+def rendered_features(engine, camera, make_view: Callable[[int], np.ndarray], count: int, *, workers: int = 2,
+                      progress: Callable[[int], None] | None = None, correction: np.ndarray | None = None) -> np.ndarray:
+    """Features of views 0..count-1 (`make_view`: uint8 views as the backbone reads them) rendered
+    by `camera`, each with its own noise seed (its index): the result never depends on thread timing.
+    `correction`: the camera correction table the adapted run's frames will pass through."""
+    from toolkit.features import extract_features
+    from toolkit.preprocess import apply_correction
+
+    return extract_features(engine, lambda k: apply_correction(camera.render(make_view(k), seed=k), correction),
+                            count, workers=workers, progress=progress)
 
 
 def refit_head(run, features: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
@@ -406,6 +428,9 @@ def adapt(run_path: Path, unlabeled: Path, out: Path, *, method: str = DEFAULT_M
     if run.has_backbone_weights:
         raise EdgetuneError(f"{run.path} has a fine-tuned backbone (--unfreeze or adapted with adabn): "
                             "adapt the run it came from.")
+    if cfg.get("camera_correction"):
+        raise EdgetuneError(f"{run.path} corrects its input for the camera it was adapted to: adapt the run it came "
+                            f"from ({cfg.get('adapted', {}).get('from', 'its source run')}).")
     if first == "adabn" and precision != "fp32":
         raise EdgetuneError(f"--method {method} re-estimates BatchNorm in the fp32 backbone: this run uses an "
                             f"{precision} backbone; use --method {step or 'diag'}.")
@@ -417,6 +442,7 @@ def adapt(run_path: Path, unlabeled: Path, out: Path, *, method: str = DEFAULT_M
     head = run.head_tensors()
     tensors: dict[str, np.ndarray] = {}
     record: dict[str, Any] = {}
+    correction: dict[str, Any] | None = None
     expected = source  # the features the head expects; a refitted head expects the rendered ones
     if first == "adabn":
         from toolkit.augment import eval_view
@@ -436,19 +462,34 @@ def adapt(run_path: Path, unlabeled: Path, out: Path, *, method: str = DEFAULT_M
         engine = _run_engine(run)
         target = _engine_features(run, engine, images, workers, progress)
         if first == "camera":
-            fit_target = target[_subset(list(range(len(target))), MAX_BN_IMAGES)]
-            fit = fit_run_camera(engine, _source_views(run, workers), fit_target, workers=workers,
+            fit_idx = _subset(list(range(len(target))), MAX_BN_IMAGES)
+            source_views = _source_views(run, workers)
+            fit = fit_run_camera(engine, source_views, target[fit_idx], workers=workers,
                                  progress=lambda d: progress("camera fit", d, None))
             record = {"camera": fit.to_json()}
             if not fit.camera.is_identity:
                 n, v = cached.shape[:2]
+                from toolkit.augment import eval_view
+
+                camera, lut = render_and_correct(fit, source_views, [eval_view(images[i], run.spec.input_size)
+                                                                     for i in fit_idx])
+                if lut is not None:
+                    from dataclasses import asdict
+
+                    from toolkit.preprocess import correction_record
+
+                    undone = camera.tone_only().describe()
+                    correction = correction_record(lut, f"the new camera's {undone}")
+                    record["camera"].update(corrected_at_input=undone, corrected_settings=asdict(camera.tone_only()),
+                                            learnt_by_head=camera.without_tone().describe())
+                    target = _engine_features(run, engine, images, workers, progress, correction=lut)
                 # Every view the head was trained on, rendered: the new camera gets as many (and as
                 # varied) views as the old one. Measured on training images only (head on half of
                 # each class, target the other half shifted, scored on it): rendering the clean view
                 # alone won back 13% / 71% of the shifts' cost (ants/bees / caltech50), all views
                 # 24% / 72% (diag: 18% / 34%).
                 make = _training_views(run, train_files, v, engine.batch, workers)
-                rendered = rendered_features(engine, fit.camera, make, n * v, workers=workers,
+                rendered = rendered_features(engine, camera, make, n * v, workers=workers, correction=lut,
                                              progress=lambda d: progress("rendered training views", d, n * v))
                 rendered = rendered.reshape(n, v, -1)
                 head = refit_head(run, np.concatenate([cached, rendered], axis=1), labels)
@@ -461,7 +502,7 @@ def adapt(run_path: Path, unlabeled: Path, out: Path, *, method: str = DEFAULT_M
     if target is not None:
         mu_s, mu_t = source.astype(np.float64).mean(0), target.astype(np.float64).mean(0)
         record["relative_mean_shift"] = round(float(np.linalg.norm(mu_t - mu_s) / max(np.linalg.norm(mu_s), 1e-9)), 4)
-    _write_run(run, out, tensors, record)
+    _write_run(run, out, tensors, record, correction)
     return record
 
 
@@ -529,19 +570,23 @@ def _run_engine(run):
     return create_engine(spec.name, "openvino", "CPU", precision=precision)
 
 
-def _engine_features(run, engine, images, workers, progress) -> np.ndarray:
+def _engine_features(run, engine, images, workers, progress, correction: np.ndarray | None = None) -> np.ndarray:
     from toolkit.augment import eval_view
     from toolkit.features import extract_features
+    from toolkit.preprocess import apply_correction
 
     size = run.spec.input_size
-    return extract_features(engine, lambda k: eval_view(images[k], size), len(images), workers=workers,
-                            progress=lambda d: progress("target features", d, len(images)))
+    return extract_features(engine, lambda k: apply_correction(eval_view(images[k], size), correction), len(images),
+                            workers=workers, progress=lambda d: progress("target features", d, len(images)))
 
 
-def _write_run(run, out: Path, tensors: dict[str, np.ndarray], record: dict[str, Any]) -> None:
+def _write_run(run, out: Path, tensors: dict[str, np.ndarray], record: dict[str, Any],
+               correction: dict[str, Any] | None = None) -> None:
     """Config, labels, metrics and the adapted weights into out.partial/, renamed to out at the end;
-    state/ (the feature cache) is copied so the adapted run can be exported with memory."""
+    state/ (the feature cache) is copied so the adapted run can be exported with memory.
+    `correction`: the camera correction its frames get (config.json "camera_correction")."""
     from toolkit.runs import RunDir
+    from toolkit.train import preprocessing_record
 
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -549,6 +594,9 @@ def _write_run(run, out: Path, tensors: dict[str, np.ndarray], record: dict[str,
         new = RunDir(tmp)
         cfg = run.config
         cfg["adapted"] = record
+        if correction:
+            cfg["camera_correction"] = correction
+            cfg["preprocessing"] = preprocessing_record(run.spec, correction)
         new.write_config(cfg)
         new.write_labels(run.labels)
         new.write_model(tensors, {"format": "edgetune-run", "backbone": run.spec.name,

@@ -15,6 +15,13 @@ that explains less than MIN_EXPLAINED of the distance is taken as no change of c
 `toolkit.adapt` then refits the run's head on its training images rendered by the fitted camera
 beside the clean ones, so the head has seen the new camera with the labels it knows.
 
+The tone curve and white balance lose nothing that a per-channel lookup table cannot give back
+(short of clipping and 8-bit steps), so where the fit says they changed, `correction_lut` undoes
+them on the new camera's frames before the backbone (a step of the preprocessing, recorded in the
+run and every export) and the head is refitted on renderings passed through the same table: what
+the head sees then differs from the training camera only by what no table undoes (blur, noise,
+compression).
+
 The grids are geometric and generic (not the camera-shift benchmark's settings); a camera outside
 this family (motion blur, vignetting, a different lens) is only approximated by its nearest member.
 """
@@ -68,6 +75,32 @@ class Camera:
     def is_identity(self) -> bool:
         return asdict(self) == IDENTITY
 
+    @property
+    def has_tone(self) -> bool:
+        """Whether the tone curve or white balance differ from the identity."""
+        return (self.gamma, self.level, self.tint1, self.tint2) != (1.0, 1.0, 1.0, 1.0)
+
+    def without_tone(self) -> "Camera":
+        return replace(self, gamma=1.0, level=1.0, tint1=1.0, tint2=1.0)
+
+    def tone_only(self) -> "Camera":
+        return replace(self, blur=0.0, noise=0.0, jpeg=100)
+
+    def with_tone(self, tone: "Camera") -> "Camera":
+        """This camera with the tone curve and white balance of `tone`."""
+        return replace(self, gamma=tone.gamma, level=tone.level, tint1=tone.tint1, tint2=tone.tint2)
+
+    def _gains(self) -> np.ndarray:
+        gain = self.level * 0.5 ** (1.0 - self.gamma)
+        return np.array([gain, gain * self.tint1, gain * self.tint2], np.float64)
+
+    def correction_lut(self) -> np.ndarray:
+        """(256, 3) uint8: per channel, the value a pixel of this camera had before its tone curve
+        and white balance (`render`'s y = gain_c x^gamma inverted, clipped to 0..255)."""
+        y = np.arange(256, dtype=np.float64)[:, None] / 255.0
+        x = np.clip(y / self._gains(), 0.0, 1.0) ** (1.0 / self.gamma)
+        return np.clip(x * 255.0 + 0.5, 0, 255).astype(np.uint8)
+
     def describe(self) -> str:
         """The steps that differ from the identity, e.g. 'blur 2.83 px, jpeg q12'."""
         units = {"blur": " px", "noise": " grey levels", "jpeg": ""}
@@ -82,10 +115,9 @@ class Camera:
         img = view
         if self.blur > 0:
             img = cv2.GaussianBlur(img, (0, 0), sigmaX=self.blur)
-        if (self.gamma, self.level, self.tint1, self.tint2) != (1.0, 1.0, 1.0, 1.0):
-            gain = self.level * 0.5 ** (1.0 - self.gamma)
+        if self.has_tone:
             x = (img.astype(np.float32) / 255.0) ** self.gamma
-            x *= np.array([gain, gain * self.tint1, gain * self.tint2], np.float32)
+            x *= self._gains().astype(np.float32)
             img = np.clip(x * 255.0 + 0.5, 0, 255).astype(np.uint8)
         if self.noise > 0:
             noise = np.random.default_rng(seed).normal(0.0, self.noise, img.shape)
@@ -113,10 +145,21 @@ class CameraFit:
     distance: float  # of the fitted camera's rendering to the target
     identity_distance: float  # of the training images as they are
     evaluations: int
+    # Share of identity_distance that the tone and white-balance steps explain beyond the others
+    # (the fitted camera without them, against with them).
+    tone_explained: float = 0.0
+
+    @property
+    def corrects_tone(self) -> bool:
+        """Undo the tone steps on the new camera's frames: only where they explain a real part of
+        the change. A tone step the fit took up by chance (a slight tint beside a blur or noise, seen
+        on both visible sets) would otherwise be 'undone' on frames that never had it."""
+        return self.camera.has_tone and self.tone_explained >= MIN_EXPLAINED
 
     def to_json(self) -> dict:
         return {"fitted": self.camera.describe(), "settings": asdict(self.camera),
                 "distance": round(self.distance, 3), "identity_distance": round(self.identity_distance, 3),
+                "tone_explained": round(self.tone_explained, 3), "corrects_tone": self.corrects_tone,
                 "evaluations": self.evaluations}
 
 
@@ -158,7 +201,44 @@ def fit_camera(features: Callable[[list[np.ndarray]], np.ndarray], source_views:
             break
     if cost(best) > (1 - MIN_EXPLAINED) * identity:
         best = Camera()  # no better than the camera the run was trained with, within chance
-    return CameraFit(best, cost(best), identity, len(seen))
+    tone = (cost(best.without_tone()) - cost(best)) / identity if best.has_tone else 0.0
+    return CameraFit(best, cost(best), identity, len(seen), tone)
+
+
+# Pixel quantiles the tone fit matches (per channel, pooled over all images of a side), and the
+# range of grey levels it trusts: clipped and near-black pixels say nothing about the curve.
+TONE_QUANTILES = np.linspace(0.02, 0.98, 49)
+TONE_RANGE = (4 / 255, 250 / 255)
+
+
+def fit_tone(source_views: list[np.ndarray], target_views: list[np.ndarray]) -> Camera:
+    """The tone curve and white balance (y_c = gain_c x^gamma) that map the source views' pixel
+    distribution onto the target's, per channel, by least squares on log quantiles (one gamma, three
+    gains), unconstrained by the grids.
+
+    `fit_camera` tells whether the tone changed, to the precision of mean features, and stops as
+    soon as the distance is down to chance: often a level alone where the curve also bent. A table
+    that undoes the tone needs the curve itself, and each side's pooled pixels (tens of thousands
+    per image) pin it down far better, as long as the two sides show similar scenes on average."""
+    def quantiles(views):
+        px = np.concatenate([np.asarray(v).reshape(-1, 3) for v in views]).astype(np.float64)
+        return np.quantile((px + 0.5) / 256.0, TONE_QUANTILES, axis=0)  # (Q, 3)
+
+    s, t = quantiles(source_views), quantiles(target_views)
+    lo, hi = TONE_RANGE
+    ok = (s > lo) & (s < hi) & (t > lo) & (t < hi)
+    rows, rhs = [], []
+    for c in range(3):
+        for q in np.flatnonzero(ok[:, c]):
+            rows.append([np.log(s[q, c])] + [1.0 * (c == k) for k in range(3)])
+            rhs.append(np.log(t[q, c]))
+    if len(rows) < 8 or any(ok[:, c].sum() < 2 for c in range(3)):
+        return Camera()  # too few usable quantiles (a nearly black or white target): no tone fit
+    (gamma, *log_gain), *_ = np.linalg.lstsq(np.array(rows), np.array(rhs), rcond=None)
+    gamma = float(np.clip(gamma, GRIDS["gamma"][0], GRIDS["gamma"][-1]))
+    gain = np.exp(log_gain)
+    return Camera(gamma=round(gamma, 3), level=round(float(gain[0] / 0.5 ** (1.0 - gamma)), 3),
+                  tint1=round(float(gain[1] / gain[0]), 3), tint2=round(float(gain[2] / gain[0]), 3))
 
 
 def _descend(camera: Camera, step: str, grid: tuple[float, ...], cost: Callable[[Camera], float]) -> Camera:

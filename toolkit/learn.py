@@ -123,9 +123,10 @@ def _encode_memory(features: np.ndarray, labels: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _dataset_views(dataset, size: int, what: str) -> tuple[np.ndarray, np.ndarray]:
+def _dataset_views(dataset, size: int, what: str, correction: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """DATA's images as the bundle's model input: the robot's camera, so its camera correction applies."""
     from toolkit.data import decode_images
-    from toolkit.preprocess import eval_resize_shorter, resize_and_crop
+    from toolkit.preprocess import apply_correction, eval_resize_shorter, resize_and_crop
     from toolkit.runtime import to_nchw_float
 
     if dataset is None or not len(dataset):
@@ -136,7 +137,8 @@ def _dataset_views(dataset, size: int, what: str) -> tuple[np.ndarray, np.ndarra
     if not images:
         raise EdgetuneError(f"None of the {len(dataset)} {what} images in {dataset.root} could be read: "
                             "replace the unreadable files.")
-    return to_nchw_float(np.stack([resize_and_crop(img, size) for img in images])), kept.labels()
+    return to_nchw_float(np.stack([apply_correction(resize_and_crop(img, size), correction) for img in images])), \
+        kept.labels()
 
 
 def _folder_classes(data: Path) -> list[str] | None:
@@ -209,8 +211,11 @@ def learn(bundle: Path, data: Path, out: Path, *, device: str = "auto", forget: 
     runner = feature_runner(bundle / manifest["model"], runtime, device=dev.id.partition(":")[2], feature_dim=dim,
                             batch=static, with_logits=True)  # the old model's logits: the "before" column
     progress("decode", 0, 2)
-    fit_x, fit_y = _dataset_views(splits.train, size, "DATA")
-    held_x, held_y = _dataset_views(splits.val, size, "held-out")
+    from toolkit.preprocess import correction_table
+
+    correction = correction_table(manifest.get("preprocessing", {}).get("camera_correction"))
+    fit_x, fit_y = _dataset_views(splits.train, size, "DATA", correction)
+    held_x, held_y = _dataset_views(splits.val, size, "held-out", correction)
     _warm_imports()  # after every bad-input check that reads DATA
     progress("features", 1, 2)
     fit_f = run_batched(runner, fit_x, batch=static)[:, :dim]

@@ -17,6 +17,9 @@ bit-exactly with OpenCV:
              (integer round-half-up of L*S/s, s = the shorter side); cv::resize INTER_AREA when
              shrinking, INTER_LINEAR when enlarging, nothing when s == S.
     crop     centre size x size: top = (H' - size) // 2, left = (W' - size) // 2.
+    correct  only in a run adapted to a new camera (`edgetune adapt`, record "camera_correction"):
+             out[..., c] = lut[c][view[..., c]], a per-channel 256-entry table (cv::LUT) that
+             undoes the new camera's tone curve and white balance. Training images never get it.
     tensor   uint8 HxWx3 RGB view; exported models take it as float32 NCHW 0..255 and normalise
              inside the model.
 
@@ -41,7 +44,7 @@ PREPROCESSING_VERSION = 2
 ImageLike = Union[str, Path, np.ndarray]
 
 __all__ = ["model_input", "load_image", "to_rgb", "resize_and_crop", "eval_view", "eval_resize_shorter",
-           "shrink", "describe", "PREPROCESSING_VERSION"]
+           "shrink", "describe", "correction_record", "correction_table", "apply_correction", "PREPROCESSING_VERSION"]
 
 
 def load_image(path: str | Path) -> np.ndarray:
@@ -103,6 +106,32 @@ def shrink(img: np.ndarray, shorter: int) -> np.ndarray:
     exactly the image `resize_and_crop` crops from, so the views are identical byte for byte.
     """
     return resize_shorter(img, shorter) if min(img.shape[:2]) > shorter else img
+
+
+def correction_record(lut: np.ndarray, undoes: str) -> dict[str, Any]:
+    """A camera correction as runs and manifests hold it: the (256, 3) table as 3 rows of 256."""
+    return {"lut": np.asarray(lut, np.uint8).T.tolist(), "undoes": undoes,
+            "step": "after the crop, on the uint8 RGB view: out[..., c] = lut[c][view[..., c]] "
+                    "(OpenCV cv::LUT with the three rows as one 3-channel table)"}
+
+
+def correction_table(record: dict[str, Any] | None) -> np.ndarray | None:
+    """The (256, 3) uint8 table of a `correction_record`, or None for none."""
+    if not record:
+        return None
+    table = np.asarray(record["lut"], dtype=np.uint8).T
+    if table.shape != (256, 3):
+        raise ValueError(f"a camera correction table is 3 rows of 256 values, not {table.T.shape}")
+    return np.ascontiguousarray(table)
+
+
+def apply_correction(view: np.ndarray, table: np.ndarray | None) -> np.ndarray:
+    """uint8 HxWx3 (or NxHxWx3) RGB view(s) through a camera correction table (None: unchanged)."""
+    if table is None:
+        return view
+    if view.ndim == 4:
+        return np.stack([cv2.LUT(v, table[None]) for v in view])
+    return cv2.LUT(np.ascontiguousarray(view), table[None])
 
 
 def describe(size: int) -> dict[str, Any]:

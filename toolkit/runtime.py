@@ -20,7 +20,7 @@ from typing import Any, Callable
 import numpy as np
 
 from toolkit.errors import EdgetuneError
-from toolkit.preprocess import model_input
+from toolkit.preprocess import apply_correction, correction_table, model_input
 
 logger = logging.getLogger(__name__)
 
@@ -137,20 +137,23 @@ class Predictor:
     """
 
     def __init__(self, labels: list[str], input_size: int, run_logits: Callable[[np.ndarray], np.ndarray],
-                 description: str, *, static_batch: int | None = None, info: dict[str, Any] | None = None) -> None:
+                 description: str, *, static_batch: int | None = None, info: dict[str, Any] | None = None,
+                 camera_correction: dict[str, Any] | None = None) -> None:
         self.labels = list(labels)
         self.input_size = int(input_size)
         self._run = run_logits  # uint8 NHWC batch of any size -> float32 logits
         self._description = description
         self.static_batch = static_batch
         self.info = info or {}
+        self.correction = correction_table(camera_correction)  # (256, 3) uint8 or None
 
     def preprocess(self, image, *, rgb: bool = True) -> np.ndarray:
         """An image file, or an RGB array of any size (BGR with rgb=False) -> the model's uint8 view.
 
-        The one preprocessing (toolkit.preprocess.model_input) that training and export used.
+        The one preprocessing (toolkit.preprocess.model_input) that training and export used, then,
+        for a run adapted to a new camera, its camera correction.
         """
-        return model_input(image, self.input_size, rgb=rgb)
+        return apply_correction(model_input(image, self.input_size, rgb=rgb), self.correction)
 
     def logits(self, views: np.ndarray) -> np.ndarray:
         views = np.asarray(views)
@@ -229,7 +232,8 @@ def _bundle_predictor(bundle: Path, device: str) -> Predictor:
         raise EdgetuneError(f"{bundle}: unknown runtime '{runtime}' in {MANIFEST}.")
     desc = f"{manifest['format']} bundle {bundle} on {dev.id} ({manifest.get('precision', '?')})"
     return Predictor(manifest["labels"], manifest["input"]["size"], lambda v: run(to_nchw_float(v)), desc,
-                     static_batch=static, info=manifest)
+                     static_batch=static, info=manifest,
+                     camera_correction=manifest.get("preprocessing", {}).get("camera_correction"))
 
 
 def onnx_runner(model: Path, *, provider: str = "CPUExecutionProvider") -> Callable[[np.ndarray], np.ndarray]:
@@ -301,7 +305,7 @@ def _run_predictor(path: Path, device: str) -> Predictor:
     mismatch = ", NOT the int8 backbone the head trained on" if int8 is not None and engine.precision != "int8" else ""
     desc = f"run {path} ({engine.name}{mismatch} + numpy {cfg['train']['head']} head{trained})"
     return Predictor(labels, spec.input_size, lambda v: head(engine.extract(np.ascontiguousarray(v))), desc,
-                     info={"run_dir": str(path)})
+                     info={"run_dir": str(path)}, camera_correction=cfg.get("camera_correction"))
 
 
 def _finetuned_predictor(run, runtime: str, name: str, device_id: str) -> Predictor:
@@ -318,7 +322,8 @@ def _finetuned_predictor(run, runtime: str, name: str, device_id: str) -> Predic
             with torch.inference_mode():
                 return classifier(torch.from_numpy(to_nchw_float(v)).to(name)).float().cpu().numpy()
 
-        return Predictor(run.labels, spec.input_size, run_torch, desc, info={"run_dir": str(run.path)})
+        return Predictor(run.labels, spec.input_size, run_torch, desc, info={"run_dir": str(run.path)},
+                         camera_correction=run.config.get("camera_correction"))
     if runtime != "openvino":
         raise EdgetuneError(f"A run with a fine-tuned backbone runs on OpenVINO or torch here, not {device_id}: "
                             "export it (`edgetune export RUN --format onnx`) for ONNX Runtime.")
@@ -326,4 +331,5 @@ def _finetuned_predictor(run, runtime: str, name: str, device_id: str) -> Predic
     from toolkit.convert import to_openvino
 
     infer = per_thread_infer(compile_model(to_openvino(classifier, spec.input_size), name))
-    return Predictor(run.labels, spec.input_size, lambda v: infer(to_nchw_float(v)), desc, info={"run_dir": str(run.path)})
+    return Predictor(run.labels, spec.input_size, lambda v: infer(to_nchw_float(v)), desc, info={"run_dir": str(run.path)},
+                     camera_correction=run.config.get("camera_correction"))

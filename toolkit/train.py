@@ -332,12 +332,14 @@ def _config_record(config: TrainConfig, data: Path, plan, spec) -> dict[str, Any
     }
 
 
-def preprocessing_record(spec) -> dict[str, Any]:
-    """How an image becomes the model input: recorded in runs and in every export."""
+def preprocessing_record(spec, camera_correction: dict[str, Any] | None = None) -> dict[str, Any]:
+    """How an image becomes the model input: recorded in runs and in every export (with the
+    camera correction of a run adapted to a new camera, toolkit.preprocess.correction_record)."""
     from toolkit.preprocess import describe
 
     return {
         **describe(spec.input_size),
+        **({"camera_correction": camera_correction} if camera_correction else {}),
         "input_range": "0-255 float32, NCHW",
         "normalization": {"mean": list(spec.mean), "std": list(spec.std), "inside_model": True},
     }
