@@ -10,7 +10,8 @@ labelled). Variants: diag; 5+1 = the run's views + the rendered clean view; 5+5 
 rendered (the augmented views re-drawn as training drew them); 5+5 corrected (adapt's default since
 2026-12-04) = 5+5, but where the fit says the tone or white balance changed (CameraFit.corrects_tone)
 the curve is fitted to pixels (toolkit.camera.fit_tone), undone on B by its lookup table, and the
-renderings pass through the same table. Prints each shift and, per variant,
+renderings pass through the same table; the head is refitted on them unless the table undoes all
+the fit found (toolkit.adapt.refits_head: then the run's head is kept). Prints each shift and, per variant,
 the mean share of each shift's cost won back (shifts costing > 0.5 pt), the share of the summed
 cost and the change on the unshifted set. BENCHMARKS.md "Camera shift (adapt)" quotes its output.
 """
@@ -80,9 +81,11 @@ for sname, fn in {'none': None, **SHIFTS}.items():
             camc, lut = ad.render_and_correct(cf, [views[i] for i in fit_s], target_views)
             if lut is not None:  # as adapt does: the tone undone on the frames and the renderings
                 xc = F([apply_correction(sh(views[i]), lut) for i in B])
-                rc = extract_features(eng, lambda k: rendered_view(k, camc, lut), len(A) * V).reshape(len(A), V, -1)
-                with one_blas_thread():
-                    hc = fit(np.concatenate([tr[A], rc], 1), y[A])
+                hc = head  # kept where the table undoes all the fit found
+                if ad.refits_head(camc, lut):
+                    rc = extract_features(eng, lambda k: rendered_view(k, camc, lut), len(A) * V).reshape(len(A), V, -1)
+                    with one_blas_thread():
+                        hc = fit(np.concatenate([tr[A], rc], 1), y[A])
         r['5+1'], r['5+5'], r['5+5 corrected'] = acc(h51, xb), acc(h55, xb), acc(hc, xc)
         rows.append((f'{sname}-{s}', r))
         corrected = f'; corrected {camc.tone_only().describe()}' if cf.corrects_tone else ''

@@ -261,7 +261,7 @@ def camera_shifts(name: str, out: Path, adabn_shifts=("none", *SHIFTS), steps=("
                 fit = ad.fit_run_camera(engine, source_views, ov["train"][bn_idx])
                 camera, lut = ad.render_and_correct(fit, source_views, [shifted(tr[i]) for i in bn_idx])
                 rendered = np.zeros((0,), np.float16)
-                if not fit.camera.is_identity:  # every training view, as adapt renders them
+                if not fit.camera.is_identity and ad.refits_head(camera, lut):  # every training view, as adapt renders them
                     n, v = train.shape[:2]
                     make = ad._training_views(run, ad._training_files(run, n), v, engine.batch, 2)
                     rendered = ad.rendered_features(engine, camera, make, n * v, correction=lut).reshape(n, v, -1)
@@ -289,7 +289,7 @@ def camera_shifts(name: str, out: Path, adabn_shifts=("none", *SHIFTS), steps=("
             bn = {"train": None, "val": None}
             if shift_name in adabn_shifts:
                 bn = _cached(cache / f"adabn-{tag}.npz", adabn)
-            cam = _cached(cache / f"camera-v2-{tag}.npz", fit_camera) if camera else None
+            cam = _cached(cache / f"camera-v3-{tag}.npz", fit_camera) if camera else None
             label = "none (unshifted val; adapted to unshifted train)" if fn is None else f"{shift_name} {['mild', 'strong'][s]}"
             ora = _cached(cache / f"oracle-{tag}.npz", render_shift) if oracle else None
             rows.append((label, methods(ov["train"][target_idx], ov["val"], bn["train"], bn["val"], cam, ora)))

@@ -155,9 +155,10 @@ def test_adapt_writes_a_new_run_that_predicts(method, small_run, tiny_dataset, t
         assert result.parity["max_abs_diff"] < 1e-3
 
 
-def test_adapt_camera_fits_a_darker_camera_and_refits_the_head(small_run, tiny_dataset, tmp_path):
-    """--method camera: the target is the training scenes under a darker exposure; adapt fits a
-    camera that darkens, refits the head on the training images rendered through it, and says so.
+def test_adapt_camera_fits_a_blurrier_darker_camera_and_refits_the_head(small_run, tiny_dataset, tmp_path):
+    """--method camera: the target is the training scenes through a softer lens and a darker
+    exposure; adapt fits a camera that blurs and darkens, undoes the tone at the input, refits the
+    head on the training images rendered with the blur, and says so.
     (Adapting to the run's own images: test_adapt_writes_a_new_run_that_predicts.)"""
     import cv2
 
@@ -167,21 +168,23 @@ def test_adapt_camera_fits_a_darker_camera_and_refits_the_head(small_run, tiny_d
     dark = tmp_path / "dark"
     dark.mkdir()
     for f in sorted((tiny_dataset / "train").rglob("*.*")):
-        img = cv2.imread(str(f))
+        img = cv2.GaussianBlur(cv2.imread(str(f)), (0, 0), 2.0)
         cv2.imwrite(str(dark / f"{f.parent.name}_{f.stem}.png"), np.clip((img / 255.0) ** 1.6 * 0.5 * 255, 0, 255).astype(np.uint8))
     result = CliRunner().invoke(cli, ["adapt", str(small_run), str(dark), "--out", str(tmp_path / "a"), "--method", "camera"])
     assert result.exit_code == 0, result.output
     fitted = RunDir.open(tmp_path / "a").config["adapted"]["camera"]
     assert fitted["settings"]["level"] < 0.8 and fitted["distance"] < 0.5 * fitted["identity_distance"], fitted
+    assert fitted["settings"]["blur"] > 0 and fitted["head_refitted"], fitted
     assert f"camera: {fitted['fitted']}" in " ".join(result.output.split())
     head = RunDir.open(small_run).head_tensors()
     assert not np.array_equal(RunDir.open(tmp_path / "a").head_tensors()["layers.1.weight"], head["layers.1.weight"])
 
 
 def test_adapt_camera_undoes_a_darker_tone_at_the_input_of_every_model(small_run, tiny_dataset, tmp_path):
-    """A change of tone curve alone is undone on the new camera's frames, not learnt: the adapted
-    run's preprocessing gains the camera correction table, its Predictor applies it, and an export
-    carries it in manifest.json for the bundle's Predictor (and a C++ node) to apply."""
+    """A change of tone curve alone is undone on the new camera's frames, not learnt (the run's head
+    is kept as it is): the adapted run's preprocessing gains the camera correction table, its
+    Predictor applies it, and an export carries it in manifest.json for the bundle's Predictor (and
+    a C++ node) to apply."""
     import cv2
 
     from exporters import export
@@ -200,6 +203,10 @@ def test_adapt_camera_undoes_a_darker_tone_at_the_input_of_every_model(small_run
     cfg = RunDir.open(out).config
     assert cfg["adapted"]["camera"]["corrects_tone"], cfg["adapted"]["camera"]
     assert cfg["preprocessing"]["camera_correction"] == cfg["camera_correction"]
+    camera = cfg["adapted"]["camera"]
+    assert camera["learnt_by_head"] == "unchanged" and not camera["head_refitted"]  # the table undid it all
+    for k, v in RunDir.open(small_run).head_tensors().items():
+        np.testing.assert_array_equal(RunDir.open(out).head_tensors()[k], v)
     frame = dark / f"{files[0].parent.name}_{files[0].stem}.png"
     original = load_predictor(small_run).preprocess(files[0]).astype(float)
     assert np.abs(load_predictor(small_run).preprocess(frame) - original).mean() > 40
