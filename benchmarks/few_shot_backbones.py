@@ -41,9 +41,14 @@ def backbone_run(name: str, backbone: str, given: dict[str, str]) -> Path:
     return Path(given[f"{name}:{backbone}"]) if f"{name}:{backbone}" in given else default_run(name, backbone)[1]
 
 
-def training_split(train: np.ndarray, labels: np.ndarray, n_classes: int, seeds: int) -> dict[int, float]:
+def training_split(train: np.ndarray, labels: np.ndarray, n_classes: int, seeds: int, backbone: str) -> dict[int, float]:
+    from toolkit.backbones import get_spec
+    from toolkit.features import imagenet_prior
     from toolkit.head_fit import fit_head, head_logits
-    from toolkit.selection import FEW_SHOT_RULE, FEW_SHOT_RULE_OPTIONS
+    from toolkit.selection import few_shot_rule
+
+    prior = imagenet_prior(get_spec(backbone))
+    rule, rule_options = few_shot_rule(prior)
 
     out = {}
     for k in SPLIT_SHOTS:
@@ -53,8 +58,8 @@ def training_split(train: np.ndarray, labels: np.ndarray, n_classes: int, seeds:
             support = np.concatenate([rng.choice(np.flatnonzero(labels == c), k, replace=False)
                                       for c in range(n_classes)])
             query = np.setdiff1d(np.arange(len(labels)), support)
-            params = fit_head(FEW_SHOT_RULE, train[support], labels[support], n_classes, seed=seed,
-                              **FEW_SHOT_RULE_OPTIONS)
+            params = fit_head(rule, train[support], labels[support], n_classes, seed=seed, prior=prior,
+                              **rule_options)
             accs.append(float((head_logits(params, train[query, 0]).argmax(1) == labels[query]).mean()))
         out[k] = float(np.mean(accs))
     return out
@@ -76,9 +81,10 @@ def main() -> None:
             out = backbone_run(name, backbone, given)
             train, ytr, xval, yva, n_classes = run_features(out)
             full = json.loads((out / "metrics.json").read_text())
-            split[backbone] = training_split(train, ytr, n_classes, SEEDS[name])
+            split[backbone] = training_split(train, ytr, n_classes, SEEDS[name], backbone)
             print(f"{name} {backbone} training split: {split[backbone]}", flush=True)
-            cells = grid(train, ytr, xval, yva, n_classes, VAL_SHOTS, 20, ("prototypes", "imprint", "logreg"), (), 0)
+            cells = grid(train, ytr, xval, yva, n_classes, VAL_SHOTS, 20, ("prototypes", "prior", "imprint", "logreg"), (), 0,
+                         backbone=backbone)
             val[backbone] = ({s: np.mean(cells[(s, "auto")]) for s in VAL_SHOTS},
                              {s: np.mean(cells[(s, "prototypes")]) for s in VAL_SHOTS},
                              (full["cv_accuracy"] or {}).get("mean"), full["val_accuracy"])

@@ -36,7 +36,7 @@ from benchmarks._common import (SHARED_DATASETS, cpu_flags, REPO, command_line, 
 SECTION = "Small data"
 DATASETS = {"hymenoptera": SHARED_DATASETS / "hymenoptera", "caltech50": SHARED_DATASETS / "caltech50"}
 CACHE = Path("/tmp/edgetune-small-data")
-HEADS = ("prototypes", "imprint", "logreg", "linear", "mlp")
+HEADS = ("prototypes", "prior", "imprint", "logreg", "linear", "mlp")
 
 
 def default_run(name: str, backbone: str | None = None) -> tuple[dict, Path]:
@@ -64,13 +64,18 @@ def run_features(out: Path):
     return z["train"], z["train_labels"], z["val"], z["val_labels"], len(RunDir.open(out).labels)
 
 
-def grid(train, ytr, val, yva, n_classes, shots_list, seeds, heads, vae_shots, vae_seeds):
+def grid(train, ytr, val, yva, n_classes, shots_list, seeds, heads, vae_shots, vae_seeds, backbone=None):
     """One CV per cell scores every head's settings at once: a forced head's own selection is its
     best row of that table, and auto is the table's winner (what select_head does, done once)."""
+    from toolkit.backbones import get_spec
+    from toolkit.features import imagenet_prior
     from toolkit.generate import vae_augmenter
     from toolkit.head_fit import cross_validate, fit_head, head_logits
-    from toolkit.selection import FEW_SHOT_MAX, FEW_SHOT_RULE, FEW_SHOT_RULE_OPTIONS, keep_shots, select_head
+    from toolkit.selection import FEW_SHOT_MAX, few_shot_rule, keep_shots, select_head
+    from toolkit.train import TrainConfig
 
+    prior = imagenet_prior(get_spec(backbone or TrainConfig().backbone))  # the features' backbone
+    rule, rule_options = few_shot_rule(prior)
     results: dict[tuple[str, str], list[float]] = {}
     names = [str(i) for i in range(n_classes)]
 
@@ -85,25 +90,25 @@ def grid(train, ytr, val, yva, n_classes, shots_list, seeds, heads, vae_shots, v
             cell: dict[str, float] = {}
             if np.bincount(y, minlength=n_classes).min() < 2:  # 1 shot: no CV, each head at its defaults
                 for h in heads:
-                    cell[h] = score(fit_head(h, x, y, n_classes, seed=seed,
-                                             **(FEW_SHOT_RULE_OPTIONS if h == FEW_SHOT_RULE else {})))
-                cell["auto"] = cell[FEW_SHOT_RULE]
+                    cell[h] = score(fit_head(h, x, y, n_classes, seed=seed, prior=prior,
+                                             **(rule_options if h == rule else {})))
+                cell["auto"] = cell[rule]
             else:
-                cv = cross_validate(heads, x, y, n_classes, seed=seed)
+                cv = cross_validate(heads, x, y, n_classes, seed=seed, prior=prior)
                 fits = {c.name: c for c in cv.best_per_head()}
                 for h in heads:
-                    cell[h] = score(fit_head(h, x, y, n_classes, seed=seed, **fits[h].options))
+                    cell[h] = score(fit_head(h, x, y, n_classes, seed=seed, prior=prior, **fits[h].options))
                 best = cv.best
                 if np.bincount(y, minlength=n_classes).min() <= FEW_SHOT_MAX:  # auto's few-shot rule
-                    cell["auto"] = score(fit_head(FEW_SHOT_RULE, x, y, n_classes, seed=seed, **FEW_SHOT_RULE_OPTIONS))
+                    cell["auto"] = score(fit_head(rule, x, y, n_classes, seed=seed, prior=prior, **rule_options))
                 elif best.options == fits[best.name].options:
                     cell["auto"] = cell[best.name]
                 else:
-                    cell["auto"] = score(fit_head(best.name, x, y, n_classes, seed=seed, **best.options))
+                    cell["auto"] = score(fit_head(best.name, x, y, n_classes, seed=seed, prior=prior, **best.options))
                 cell["auto pick"] = best.label
             if str(shots) in vae_shots and seed < vae_seeds:
                 sel = select_head("auto", x, y, n_classes, seed=seed, augment=vae_augmenter(1.0, seed=seed),
-                                  candidates=tuple(heads))
+                                  candidates=tuple(heads), prior=prior)
                 cell["auto + vae"] = score(sel.params)
             for k, v in cell.items():
                 if k != "auto pick":

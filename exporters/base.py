@@ -246,8 +246,11 @@ def _robot_extras(run: RunDir, model: Path, runtime: str, stage: Path, ctx: Expo
     calibration = run.config.get("calibration")  # fitted at training from head selection's CV
     if calibration is None:  # a run without CV (--unfreeze, older runs): cross-validate the memory
         head = run.config.get("head_selection", {}).get("selected", run.config["train"]["head"])
+        from toolkit.head_fit import Prior
+
         calibration = bundle.heldout_calibration(features, labels, len(run.labels), head,
-                                                 seed=run.config["train"].get("seed", 0)).to_json()
+                                                 seed=run.config["train"].get("seed", 0),
+                                                 prior=Prior.from_tensors(run.head_tensors())).to_json()
     return {"feature_memory": bundle.memory_manifest(features, labels, run.labels), "calibration": calibration}
 
 

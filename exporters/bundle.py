@@ -134,7 +134,6 @@ def write_feature_memory(run, model: Path, runtime: str, stage: Path, *, static_
     again. Images are decoded and run a chunk at a time, never all held. Returns (features float32,
     labels)."""
     import dataclasses
-    import io
 
     import numpy as np
 
@@ -170,10 +169,23 @@ def write_feature_memory(run, model: Path, runtime: str, stage: Path, *, static_
     if not chunks:
         raise EdgetuneError(f"none of the run's training images in {run.config['data']} can be read")
     features, labels = np.concatenate(chunks), np.array(labels, np.int16)
-    buf = io.BytesIO()
-    np.savez_compressed(buf, features=features, labels=labels)
-    atomic.write_bytes(Path(stage) / MEMORY_FILE, buf.getvalue())
+    from toolkit.head_fit import Prior
+
+    atomic.write_bytes(Path(stage) / MEMORY_FILE, encode_memory(features, labels, Prior.from_tensors(run.head_tensors())))
     return features.astype(np.float32), labels.astype(np.int64)
+
+
+def encode_memory(features, labels, prior=None) -> bytes:
+    """features.npz: float16 features, int16 labels, and the head's prior (the backbone's ImageNet
+    classifier) where it has one, so `learn` refits a prior head without the backbone's weights."""
+    import io
+
+    import numpy as np
+
+    extra = {} if prior is None else {"prior_weight": prior.weight, "prior_bias": prior.bias}
+    buf = io.BytesIO()
+    np.savez_compressed(buf, features=features.astype(np.float16), labels=labels.astype(np.int16), **extra)
+    return buf.getvalue()
 
 
 def memory_manifest(features, labels, labels_names: list[str], *, cap: int = MEMORY_PER_CLASS) -> dict[str, Any]:
@@ -186,7 +198,7 @@ def memory_manifest(features, labels, labels_names: list[str], *, cap: int = MEM
             "source": "the bundle's own backbone on its own runtime, clean views of the run's training split"}
 
 
-def heldout_calibration(features, labels, n_classes: int, head: str, *, seed: int = 0):
+def heldout_calibration(features, labels, n_classes: int, head: str, *, seed: int = 0, prior=None):
     """Temperature and unknown threshold from out-of-fold logits of `head` (the bundle's head recipe)
     cross-validated on the feature memory: held-out training images, never the val split."""
     from toolkit.calibration import Calibration, fit_calibration
@@ -195,7 +207,7 @@ def heldout_calibration(features, labels, n_classes: int, head: str, *, seed: in
     if head not in HEADS:
         return Calibration(source=f"none: head '{head}' has no registered fitting to cross-validate")
     try:
-        cv = cross_validate([head], features, labels, n_classes, folds=5, seed=seed)
+        cv = cross_validate([head], features, labels, n_classes, folds=5, seed=seed, prior=prior)
     except EdgetuneError as e:  # too few images per class to hold any out
         return Calibration(source=f"none: {e}")
     best = cv.best

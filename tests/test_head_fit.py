@@ -52,12 +52,13 @@ def test_every_head_fits_without_torch():
     from .test_robot import stdout_without_torch
 
     out = stdout_without_torch(
-        "from toolkit.head_fit import HEADS, fit_head, head_logits\n"
+        "from toolkit.head_fit import HEADS, Prior, fit_head, head_logits\n"
+        "prior = Prior(np.random.default_rng(0).normal(size=(7, x.shape[1])).astype(np.float32), np.zeros(7, np.float32))\n"
         "for name in HEADS:\n"
-        "    assert (head_logits(fit_head(name, x, y, 3), x).argmax(1) == y).mean() > 0.9, name\n"
+        "    assert (head_logits(fit_head(name, x, y, 3, prior=prior), x).argmax(1) == y).mean() > 0.9, name\n"
         "print(sorted(HEADS), 'torch' in sys.modules)\n")
     names, loaded = out.strip().rsplit(" ", 1)
-    assert loaded == "False" and {"logreg", "prototypes", "imprint", "linear", "mlp"} <= set(eval(names))
+    assert loaded == "False" and {"logreg", "prototypes", "prior", "imprint", "linear", "mlp"} <= set(eval(names))
 
 
 @pytest.mark.parametrize("hidden", [None, 6])

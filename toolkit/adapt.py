@@ -129,14 +129,16 @@ def coral_map(source: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.nd
 def fold_coral(head: dict[str, np.ndarray], a: np.ndarray, mu_t: np.ndarray, mu_s: np.ndarray) -> dict[str, np.ndarray]:
     """New head tensors computing head(A (x - mu_t) + mu_s) in the same layout:
     (x - mu_t) * s @ W'.T + b' with W' = W diag(inv_std) A diag(1/s), b' = b + W diag(inv_std)(mu_s - m)."""
-    m, inv_std, w, b = (head[k].astype(np.float64) for k in ("feature_mean", "feature_inv_std",
-                                                             "layers.1.weight", "layers.1.bias"))
+    m, inv_std = (head[k].astype(np.float64) for k in ("feature_mean", "feature_inv_std"))
     s = inv_std  # keep the per-channel scale the head had: its weights stay in an fp16-safe range
-    w_new = (w * inv_std) @ a / s
-    b_new = b + (w * inv_std) @ (mu_s - m)
     out = dict(head)
-    out.update({"feature_mean": mu_t.astype(np.float32), "feature_inv_std": s.astype(np.float32),
-                "layers.1.weight": w_new.astype(np.float32), "layers.1.bias": b_new.astype(np.float32)})
+    out.update({"feature_mean": mu_t.astype(np.float32), "feature_inv_std": s.astype(np.float32)})
+    # Every layer that reads the standardised features: the first layer, and a prior head's classifier.
+    for layer in ("layers.1", "prior"):
+        if f"{layer}.weight" in head:
+            w, b = head[f"{layer}.weight"].astype(np.float64), head[f"{layer}.bias"].astype(np.float64)
+            out[f"{layer}.weight"] = ((w * inv_std) @ a / s).astype(np.float32)
+            out[f"{layer}.bias"] = (b + (w * inv_std) @ (mu_s - m)).astype(np.float32)
     return out
 
 
@@ -361,7 +363,7 @@ def refit_head(run, features: np.ndarray, labels: np.ndarray) -> dict[str, np.nd
     `features` ((N, V, D) views of its training images): the layout the exporters already ship.
     A run trained with --generate vae is refitted without generated points (CV kept them only where
     they helped, and the rendered views are the new points here)."""
-    from toolkit.head_fit import fit_head, one_blas_thread
+    from toolkit.head_fit import Prior, fit_head, one_blas_thread
 
     cfg = run.config
     chosen = cfg.get("head_selection") or {}
@@ -370,7 +372,7 @@ def refit_head(run, features: np.ndarray, labels: np.ndarray) -> dict[str, np.nd
                           "with this version, or use --method diag.")
     with one_blas_thread():
         params = fit_head(chosen["selected"], features, labels, len(run.labels), seed=int(cfg["train"]["seed"]),
-                          **chosen.get("options", {}))
+                          prior=Prior.from_tensors(run.head_tensors()), **chosen.get("options", {}))
     return params.tensors
 
 

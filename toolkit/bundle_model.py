@@ -67,8 +67,9 @@ def onnx_features_model(model_path: Path) -> bytes:
 
 
 def _attach_onnx_head(g, feature: str, tensors: dict[str, np.ndarray], kind: str) -> list:
-    """Head nodes reading `feature` (standardise, linear or linear-ReLU-linear, softmax) with
-    their weights as initializers of `g`; `g`'s outputs become "logits" and "probabilities"."""
+    """Head nodes reading `feature` (standardise, linear, linear-ReLU-linear or linear + prior
+    branch, softmax) with their weights as initializers of `g`; `g`'s outputs become "logits" and
+    "probabilities"."""
     import onnx
     from onnx import helper, numpy_helper
 
@@ -79,6 +80,14 @@ def _attach_onnx_head(g, feature: str, tensors: dict[str, np.ndarray], kind: str
     if kind == "linear":
         nodes.append(helper.make_node("Gemm", ["head/standardized", prefix + "layers.1.weight", prefix + "layers.1.bias"],
                                       ["logits"], transB=1))
+    elif kind == "prior":
+        nodes += [helper.make_node("Gemm", ["head/standardized", prefix + "layers.1.weight", prefix + "layers.1.bias"],
+                                   ["head/feature_logits"], transB=1),
+                  helper.make_node("Gemm", ["head/standardized", prefix + "prior.weight", prefix + "prior.bias"],
+                                   ["head/prior_logits"], transB=1),
+                  helper.make_node("Softmax", ["head/prior_logits"], ["head/prior"], axis=1),
+                  helper.make_node("Gemm", ["head/prior", prefix + "prior_out.weight"], ["head/prior_votes"], transB=1),
+                  helper.make_node("Add", ["head/feature_logits", "head/prior_votes"], ["logits"])]
     else:
         nodes += [helper.make_node("Gemm", ["head/standardized", prefix + "layers.1.weight", prefix + "layers.1.bias"],
                                    ["head/hidden"], transB=1),
@@ -186,10 +195,13 @@ def openvino_classifier(model, features, tensors: dict[str, np.ndarray], kind: s
     def const(name: str):
         return ops.constant(np.ascontiguousarray(tensors[name], np.float32), name=f"edgetune.head.{name}")
 
-    x = ops.multiply(ops.subtract(features, const("feature_mean")), const("feature_inv_std"))
-    x = ops.add(ops.matmul(x, const("layers.1.weight"), False, True), const("layers.1.bias"))
+    standardized = ops.multiply(ops.subtract(features, const("feature_mean")), const("feature_inv_std"))
+    x = ops.add(ops.matmul(standardized, const("layers.1.weight"), False, True), const("layers.1.bias"))
     if kind == "mlp":
         x = ops.add(ops.matmul(ops.relu(x), const("layers.4.weight"), False, True), const("layers.4.bias"))
+    elif kind == "prior":
+        prior = ops.softmax(ops.add(ops.matmul(standardized, const("prior.weight"), False, True), const("prior.bias")), 1)
+        x = ops.add(x, ops.matmul(prior, const("prior_out.weight"), False, True))
     logits = x.output(0)
     probs = ops.softmax(logits, 1).output(0)
     logits.get_tensor().set_names({"logits"})

@@ -140,7 +140,7 @@ def _parse_overrides(items: tuple[str, ...]) -> dict[str, dict[str, Any]]:
 @click.option("--out", type=click.Path(path_type=Path), help="Run directory [default: runs/<DATA name>].")
 @click.option("--resume", "resume", type=click.Path(path_type=Path), help="Continue an interrupted run directory.")
 @click.option("--backbone", default=None, help="Pretrained backbone (see `edgetune backbones`).")
-@click.option("--head", type=click.Choice(["auto", "logreg", "prototypes", "imprint", "linear", "mlp"]), default=None,
+@click.option("--head", type=click.Choice(["auto", "logreg", "prototypes", "prior", "imprint", "linear", "mlp"]), default=None,
               help="Classifier head; auto (default) picks by k-fold CV on the training features.")
 @click.option("--cv-folds", type=int, default=None, help="Folds of the head-selection cross-validation [5].")
 @click.option("--shots", type=int, default=None, help="Keep K training images per class (seeded): few-shot.")

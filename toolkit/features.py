@@ -462,6 +462,33 @@ def cached_onnx_backbone(spec: BackboneSpec) -> Path:
     return path
 
 
+def imagenet_prior(spec: BackboneSpec):
+    """The backbone's own pretrained (ImageNet) classifier as a toolkit.head_fit.Prior, for the
+    "prior" head: read from the weights package once per machine (torch) and cached as .npz, so
+    later runs load it without torch. None where it cannot be had (no torch and no cache, a backbone
+    without a classifier): the heads that need it are then left out, and say why at -v."""
+    from toolkit.head_fit import Prior
+
+    path = cache_dir() / "prior" / f"{spec.name}-{hashlib.sha1(backbone_cache_key(spec, 'classifier').encode()).hexdigest()[:12]}.npz"
+    if not path.exists():
+        try:
+            import torch
+
+            model = create_backbone(spec.name, with_classifier=True)
+        except Exception as e:  # noqa: BLE001 - any reason means "no prior here", never a failed run
+            logger.info("No pretrained classifier for %s (%s): the prior head is not a candidate.", spec.name, e)
+            return None
+        linear = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+        if not linear or linear[-1].in_features != spec.feature_dim:
+            return None
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
+        np.savez(tmp, weight=linear[-1].weight.detach().numpy(), bias=linear[-1].bias.detach().numpy())
+        os.replace(tmp, path)
+    with np.load(path) as z:
+        return Prior(z["weight"].astype(np.float32), z["bias"].astype(np.float32))
+
+
 def batches_ahead(workers: int) -> int:
     """Batches `extract_features` builds ahead of the engine: bounded, so memory stays flat."""
     return max(2, workers * 2)

@@ -11,6 +11,8 @@ Every head reduces to the layers the exporters already ship, with the state-dict
     feature_mean, feature_inv_std      x = (features - feature_mean) * feature_inv_std
     layers.1.weight, layers.1.bias     linear:  logits = x @ W.T + b
     layers.4.weight, layers.4.bias     mlp:     logits = relu(x @ W1.T + b1) @ W2.T + b2
+    prior.weight, prior.bias,          prior:   logits = x @ W.T + b + softmax(x @ P.T + c) @ V.T
+    prior_out.weight                            (P, c: the backbone's own ImageNet classifier, frozen)
 
 `cross_validate` scores candidates by stratified k-fold on the TRAINING features only: features
 of shape (N, V, D) hold V views per image (view 0 clean, the rest augmented); the views of one
@@ -38,12 +40,40 @@ SGD_EPOCH_CHECKPOINTS = (5, 10, 20, 40)  # passes over the images CV may pick fo
 # so the 1-SE rule could not pick it, and it cost a third of the SGD heads' CV time)
 STOP_SE = 2.0  # CV stops an SGD head's epoch path once a checkpoint falls this many SE below its best
 COSINE_SCALE = 10.0  # softmax scale of the cosine heads: confident but not saturated
+# Weights of the ImageNet-posterior prototypes beside the feature prototypes (the "prior" head)
+# that CV scores (no weight is simpler than another: CV's best mean decides). The few-shot rule's
+# weight, measured on the training splits: toolkit.selection.PRIOR_RULE_WEIGHT.
+PRIOR_WEIGHTS = (0.1, 0.25, 0.5, 1.0)
 CHUNK_ROWS = 8192  # feature rows cast to float32 at a time where the work streams (logits, prototypes)
+
+
+@dataclass(frozen=True)
+class Prior:
+    """The backbone's own pretrained classifier (ImageNet: weight (K, D), bias (K)), which the
+    "prior" head reads as a second, semantic view of the features."""
+
+    weight: np.ndarray
+    bias: np.ndarray
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, np.ndarray]) -> "Prior | None":
+        """The prior a fitted head carries (a bundle's or a run's head), or None."""
+        if "prior.weight" not in tensors:
+            return None
+        return cls(np.asarray(tensors["prior.weight"], np.float32), np.asarray(tensors["prior.bias"], np.float32))
+
+    def posteriors(self, x: np.ndarray) -> np.ndarray:
+        """softmax(x @ W.T + b) in float32, for (rows, D) features already in the head's frame."""
+        z = np.asarray(x, np.float32) @ self.weight.T + self.bias
+        z -= z.max(1, keepdims=True)
+        np.exp(z, out=z)
+        z /= z.sum(1, keepdims=True)
+        return z
 
 
 @dataclass
 class HeadParams:
-    kind: str  # "linear" | "mlp": the exported graph's layout
+    kind: str  # "linear" | "mlp" | "prior": the exported graph's layout
     tensors: dict[str, np.ndarray]
     name: str  # the fitter that made it, e.g. "logreg"
     options: dict[str, Any] = field(default_factory=dict)
@@ -69,6 +99,14 @@ class HeadFitter:
     # Rank of its CV time among the heads (higher = longer): cross-validation starts the longest
     # first, so two workers finish together (measured on ants/bees and caltech50 features).
     cost: int = 0
+    # Whether its paths take `prior=` (a Prior): without one (a backbone with no pretrained
+    # classifier, a bundle whose head has none) the head is not a candidate.
+    needs_prior: bool = False
+    # Whether its path runs from the simplest setting to the most flexible (a C path, epochs, a
+    # decreasing pull), so CV may take the simplest within one standard error of the best. False
+    # where no setting is simpler than another (the prior head's weight: two prototype estimates,
+    # mixed): CV's best mean decides.
+    ordered_path: bool = True
 
 
 HEADS: dict[str, HeadFitter] = {}
@@ -98,9 +136,21 @@ def _check(features: np.ndarray, labels: np.ndarray, n_classes: int) -> None:
         raise EdgetuneError(f"Labels must lie in 0..{n_classes - 1}.")
 
 
+def _prior_kwargs(name: str, prior: Prior | None) -> dict[str, Any]:
+    if not HEADS[name].needs_prior:
+        return {}
+    if prior is None:
+        from toolkit.errors import EdgetuneError
+
+        raise EdgetuneError(f"Head '{name}' needs the backbone's pretrained (ImageNet) classifier, which is not "
+                            "available here: choose another head (--head logreg, prototypes, ...).")
+    return {"prior": prior}
+
+
 def fit_head(name: str, features: np.ndarray, labels: np.ndarray, n_classes: int, *, seed: int = 0,
-             **options: Any) -> HeadParams:
-    """Fit head `name` on all given features ((N, D), or (N, V, D) views) with fixed options."""
+             prior: Prior | None = None, **options: Any) -> HeadParams:
+    """Fit head `name` on all given features ((N, D), or (N, V, D) views) with fixed options;
+    `prior` for the heads that read the backbone's own classifier."""
     if name not in HEADS:
         from toolkit.errors import unknown_choice
 
@@ -108,7 +158,7 @@ def fit_head(name: str, features: np.ndarray, labels: np.ndarray, n_classes: int
     views = features.shape[1] if np.ndim(features) == 3 else 1
     x, y = _flatten(features, labels)
     _check(x, y, n_classes)
-    fitted = HEADS[name].path(x, y, n_classes, seed, final=True, views=views, **options)
+    fitted = HEADS[name].path(x, y, n_classes, seed, final=True, views=views, **_prior_kwargs(name, prior), **options)
     return fitted[-1][1]
 
 
@@ -116,15 +166,17 @@ def head_logits(params: HeadParams, features: np.ndarray) -> np.ndarray:
     """(N, D) features (any float dtype) -> (N, C) float32 logits, CHUNK_ROWS rows at a time: a
     float16 cache of any size is never copied to float32 whole."""
     t = params.tensors
-    last = "layers.1" if params.kind == "linear" else "layers.4"
+    last = "layers.4" if params.kind == "mlp" else "layers.1"
+    prior = Prior.from_tensors(t) if params.kind == "prior" else None
     out = np.empty((len(features), len(t[f"{last}.bias"])), np.float32)
     for start in range(0, len(features), CHUNK_ROWS):
         x = np.array(features[start:start + CHUNK_ROWS], dtype=np.float32)  # a copy, standardised in place
         x -= t["feature_mean"]
         x *= t["feature_inv_std"]
+        votes = prior.posteriors(x) @ t["prior_out.weight"].T if prior is not None else 0.0
         if params.kind == "mlp":
             x = np.maximum(x @ t["layers.1.weight"].T + t["layers.1.bias"], 0.0)
-        out[start:start + len(x)] = x @ t[f"{last}.weight"].T + t[f"{last}.bias"]
+        out[start:start + len(x)] = x @ t[f"{last}.weight"].T + t[f"{last}.bias"] + votes
     return out
 
 
@@ -267,26 +319,71 @@ def _cosine_head(mean, inv_std, w_unit, typical_norm, name, options, n_classes, 
     return _linear(mean, inv_std, w_unit * (COSINE_SCALE / typical_norm), bias, name, options)
 
 
-def _prototypes_path(x, y, n_classes, seed, *, final=False, rows=None, **_):
-    """Class means of the L2-normalised rows (all, or `rows`), CHUNK_ROWS at a time: memory stays
-    at the features' own size however many images there are."""
-    idx = np.arange(len(y)) if rows is None else np.asarray(rows)
-    sums = np.zeros((n_classes, x.shape[1]), np.float64)
-    norms = np.empty(len(idx), np.float32)
-    for start in range(0, len(idx), CHUNK_ROWS):
-        part = idx[start:start + CHUNK_ROWS]
+def _unit_prototypes(x, y, n_classes: int, rows: list[np.ndarray], transform=None) -> list[tuple[np.ndarray, float]]:
+    """Per row subset: (unit class means of its L2-normalised rows of x, through `transform` if
+    given; their median norm). One pass over the rows, CHUNK_ROWS at a time, each chunk transformed
+    once for every subset that holds it: memory stays at the features' own size however many
+    images there are, and the CV folds share the transform's cost."""
+    union = rows[0] if len(rows) == 1 else np.unique(np.concatenate(rows))
+    member = np.zeros((len(rows), len(y)), bool)
+    for f, r in enumerate(rows):
+        member[f, r] = True
+    sums: list[np.ndarray | float] = [0.0] * len(rows)
+    norms = np.zeros(len(y), np.float32)
+    for start in range(0, len(union), CHUNK_ROWS):
+        part = union[start:start + CHUNK_ROWS]
         chunk = np.asarray(x[part], dtype=np.float32)
-        norms[start:start + len(part)] = np.linalg.norm(chunk, axis=1)
-        chunk /= np.maximum(norms[start:start + len(part)], 1e-6)[:, None]
-        sums += np.eye(n_classes, dtype=np.float32)[y[part]].T @ chunk
-    protos = sums / np.maximum(np.linalg.norm(sums, axis=1, keepdims=True), 1e-6)
+        if transform is not None:
+            chunk = transform(chunk)
+        norms[part] = np.linalg.norm(chunk, axis=1)
+        chunk /= np.maximum(norms[part], 1e-6)[:, None]
+        onehot = np.eye(n_classes, dtype=np.float32)[y[part]]
+        for f in range(len(rows)):
+            inside = member[f, part]
+            sums[f] = sums[f] + (onehot[inside].T @ chunk[inside]).astype(np.float64)
+    return [(s / np.maximum(np.linalg.norm(s, axis=1, keepdims=True), 1e-6), float(np.median(norms[r])))
+            for s, r in zip(sums, rows)]
+
+
+def _prototypes_path(x, y, n_classes, seed, *, final=False, rows=None, **_):
+    """Class means of the L2-normalised rows (all, or `rows`)."""
+    idx = np.arange(len(y)) if rows is None else np.asarray(rows)
+    (protos, typical), = _unit_prototypes(x, y, n_classes, [idx])
     d = x.shape[1]
-    return [({}, _cosine_head(np.zeros(d, np.float32), np.ones(d, np.float32), protos, float(np.median(norms)),
+    return [({}, _cosine_head(np.zeros(d, np.float32), np.ones(d, np.float32), protos, typical,
                               "prototypes", {}, n_classes, np.unique(y[idx])))]
 
 
 def _prototypes_folds(x, y, rows, n_classes, seeds, **_):
     return [_prototypes_path(x, y, n_classes, s, rows=r) for r, s in zip(rows, seeds)]
+
+
+def _prior_path(x, y, n_classes, seed, *, final=False, rows=None, prior: Prior, weight=None, **_):
+    """Prototypes twice: of the L2-normalised features, and of the backbone's own ImageNet
+    posteriors softmax(x @ P.T + c) (which ImageNet classes the images look like), the second
+    weighted by `weight` (the path: PRIOR_WEIGHTS). Both are linear in what they read (a cosine
+    head's argmax is scale invariant, and each side divides by its typical norm), so the head
+    exports as one linear layer plus the frozen classifier, a softmax and a second linear layer.
+    With one image per class the posterior carries what one image cannot: measured on the
+    training splits, see toolkit.selection.PRIOR_RULE_WEIGHT."""
+    return _prior_folds(x, y, [np.arange(len(y)) if rows is None else np.asarray(rows)], n_classes, [seed],
+                        prior=prior, weight=weight)[0]
+
+
+def _prior_folds(x, y, rows, n_classes, seeds, *, prior: Prior, weight=None, **_):
+    d = x.shape[1]
+    paths = []
+    for r, (protos, typical), (votes, typical_votes) in zip(rows, _unit_prototypes(x, y, n_classes, rows),
+                                                            _unit_prototypes(x, y, n_classes, rows, prior.posteriors)):
+        base = _cosine_head(np.zeros(d, np.float32), np.ones(d, np.float32), protos, typical, "prior", {},
+                            n_classes, np.unique(y[r]))
+        path = []
+        for w in ((weight,) if weight is not None else PRIOR_WEIGHTS):
+            tensors = {**base.tensors, "prior.weight": prior.weight, "prior.bias": prior.bias,
+                       "prior_out.weight": (votes * (w * COSINE_SCALE / typical_votes)).astype(np.float32)}
+            path.append(({"weight": w}, HeadParams("prior", tensors, "prior", {"weight": w})))
+        paths.append(path)
+    return paths
 
 
 def _imprint_path(x, y, n_classes, seed, *, final=False, reg=None, **_):
@@ -503,6 +600,9 @@ def _train_sgd(kind, x, y, rows, n_classes, seeds, checkpoints, *, views: int = 
 
 register_head(HeadFitter("prototypes", "linear", _prototypes_path,
                          "nearest class mean on L2-normalised features", _prototypes_folds, cost=1))
+register_head(HeadFitter("prior", "prior", _prior_path,
+                         "prototypes of the features and of the backbone's ImageNet posteriors", _prior_folds,
+                         cost=1, needs_prior=True, ordered_path=False))
 register_head(HeadFitter("imprint", "linear", _imprint_path,
                          "prototype-imprinted cosine softmax, lightly fine-tuned (few shots)", cost=4))
 register_head(HeadFitter("logreg", "linear", _logreg_path, "L2 logistic regression (L-BFGS), C swept",
@@ -562,6 +662,8 @@ class CVResult:
         took imprint at 0.943 over logistic regression at 0.950, which then scored 0.7 points
         lower on val), while along one head's path it only trades noise for regularisation."""
         top = self.ranked()[0]
+        if not HEADS[top.name].ordered_path:
+            return top
         se = float(np.std(top.fold_accuracy, ddof=1) / np.sqrt(len(top.fold_accuracy))) if self.folds > 1 else 0.0
         return next(c for c in self.candidates if c.name == top.name and c.accuracy >= top.accuracy - se - 1e-9)
 
@@ -627,7 +729,8 @@ def _path_stopper(views: np.ndarray, labels: np.ndarray, splits) -> Callable[[li
 
 def cross_validate(names, features: np.ndarray, labels: np.ndarray, n_classes: int, *, folds: int = 5,
                    seed: int = 0, options: dict[str, dict[str, Any]] | None = None,
-                   augment: Callable[..., tuple[np.ndarray, np.ndarray]] | None = None) -> CVResult:
+                   augment: Callable[..., tuple[np.ndarray, np.ndarray]] | None = None,
+                   prior: Prior | None = None) -> CVResult:
     """Score every setting on each head's path by stratified k-fold over images.
 
     features: (N, D), or (N, V, D) with V views per image (view 0 clean, scored). `options` gives
@@ -657,11 +760,12 @@ def cross_validate(names, features: np.ndarray, labels: np.ndarray, n_classes: i
     def fit_paths(name: str) -> tuple[list, float]:
         fitter, opts_in = HEADS[name], options.get(name, {})
         t0 = time.perf_counter()
+        extra = _prior_kwargs(name, prior)
         if fitter.folds_path is not None:
             paths = fitter.folds_path(x_all, y_all, rows, n_classes, seeds, views=group,
-                                      stop=_path_stopper(views, labels, splits), **opts_in)
+                                      stop=_path_stopper(views, labels, splits), **extra, **opts_in)
         else:
-            paths = [fitter.path(x_all[r].astype(np.float32), y_all[r], n_classes, s, views=group, **opts_in)
+            paths = [fitter.path(x_all[r].astype(np.float32), y_all[r], n_classes, s, views=group, **extra, **opts_in)
                      for r, s in zip(rows, seeds)]
         return paths, (time.perf_counter() - t0) / len(splits)
 

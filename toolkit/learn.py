@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 import shutil
 import time
@@ -108,19 +107,18 @@ def _warm_imports() -> None:
     threading.Thread(target=run, name="edgetune-warm-imports", daemon=True).start()
 
 
-def _read_memory(bundle: Path, manifest: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+def _read_memory(bundle: Path, manifest: dict[str, Any]):
+    """(features, labels, the head's Prior or None) of the bundle's feature memory."""
+    from toolkit.head_fit import Prior
+
     info = manifest.get("feature_memory")
     if not info or not (bundle / info["file"]).is_file():
         raise EdgetuneError(f"{bundle} has no feature memory: re-export it with this edgetune (`edgetune export`) "
                             "so `learn` can keep its classes.")
     with np.load(bundle / info["file"]) as d:
-        return d["features"].astype(np.float32), d["labels"].astype(np.int64)
-
-
-def _encode_memory(features: np.ndarray, labels: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.savez_compressed(buf, features=features.astype(np.float16), labels=labels.astype(np.int16))
-    return buf.getvalue()
+        prior = Prior(d["prior_weight"].astype(np.float32), d["prior_bias"].astype(np.float32)) \
+            if "prior_weight" in d.files else None
+        return d["features"].astype(np.float32), d["labels"].astype(np.int64), prior
 
 
 def _dataset_views(dataset, size: int, what: str, correction: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -151,18 +149,18 @@ def _folder_classes(data: Path) -> list[str] | None:
     return sorted(d.name for d in _subdirs(root)) or None
 
 
-def _choose_head(manifest_head: str, features, labels, n_classes: int, seed: int):
+def _choose_head(manifest_head: str, features, labels, n_classes: int, seed: int, prior=None):
     from toolkit.head_fit import HEADS, cross_validate
 
-    known = manifest_head in HEADS
-    names = [manifest_head] if known else list(HEADS)
+    known = manifest_head in HEADS and (prior is not None or not HEADS[manifest_head].needs_prior)
+    names = [manifest_head] if known else [n for n in HEADS if prior is not None or not HEADS[n].needs_prior]
     note = (f"the bundle's head recipe ({manifest_head})" if known else
             f"the bundle's head '{manifest_head}' is not one this edgetune knows: the best head by cross-validation")
     counts = np.bincount(labels, minlength=n_classes)
     if counts[counts > 0].min() < 2:
         name = "prototypes" if "prototypes" in HEADS else names[0]
         return name, {}, None, f"{name}: a class has one image, too few to cross-validate"
-    cv = cross_validate(names, features, labels, n_classes, folds=5, seed=seed)
+    cv = cross_validate(names, features, labels, n_classes, folds=5, seed=seed, prior=prior)
     best = cv.best
     return best.name, best.options, (best.oof_logits, cv.labels), \
         f"{note}: {best.label}, {cv.folds}-fold CV accuracy {best.accuracy:.3f}"
@@ -188,7 +186,7 @@ def learn(bundle: Path, data: Path, out: Path, *, device: str = "auto", forget: 
     if out.exists():
         raise EdgetuneError(f"--out {out} already exists: pick a new folder (the old bundle stays as it is).")
     manifest = check_bundle(bundle)
-    memory, mem_labels = _read_memory(bundle, manifest)
+    memory, mem_labels, prior = _read_memory(bundle, manifest)
     old_labels: list[str] = list(manifest["labels"])
     for name in (*forget, *replace):
         if name not in old_labels:
@@ -235,8 +233,9 @@ def learn(bundle: Path, data: Path, out: Path, *, device: str = "auto", forget: 
     from toolkit.head_fit import one_blas_thread
 
     with one_blas_thread():
-        head_name, options, oof, note = _choose_head(manifest.get("head", "?"), features, targets, n_classes, seed)
-        params = fit_head(head_name, features, targets, n_classes, seed=seed, **options)
+        head_name, options, oof, note = _choose_head(manifest.get("head", "?"), features, targets, n_classes, seed,
+                                                     prior)
+        params = fit_head(head_name, features, targets, n_classes, seed=seed, prior=prior, **options)
     calibration = fit_calibration(*oof, source=f"out-of-fold logits of {head_name} on memory + DATA") if oof else \
         Calibration(source="none: too few images to hold any out")
 
@@ -282,7 +281,7 @@ def learn(bundle: Path, data: Path, out: Path, *, device: str = "auto", forget: 
         if diff > VERIFY_TOLERANCE * scale or agreement < 1.0:
             raise EdgetuneError(f"The rewritten model disagrees with the fitted head (max |logit diff| {diff:.2e}): "
                                 f"nothing written to {out}; please report this.")
-        atomic.write_bytes(stage / bundle_io.MEMORY_FILE, _encode_memory(mem_f, mem_l))
+        atomic.write_bytes(stage / bundle_io.MEMORY_FILE, bundle_io.encode_memory(mem_f, mem_l, prior))
         for name in manifest.get("files", []):  # companions (e.g. notes) travel unchanged
             src = bundle / name
             if src.is_file() and not (stage / name).exists() and name != "manifest.json":

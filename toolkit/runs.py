@@ -152,7 +152,9 @@ class RunDir:
         from toolkit.heads import head_from_config
 
         state = {k[len("head."):]: torch.from_numpy(v) for k, v in self.model_state().items() if k.startswith("head.")}
-        head = head_from_config(self.config["train"], self.spec.feature_dim, len(self.labels))
+        prior = state.get("prior.weight")
+        head = head_from_config(self.config["train"], self.spec.feature_dim, len(self.labels),
+                                **({"prior_classes": int(prior.shape[0])} if prior is not None else {}))
         head.load_state_dict(state)
         return head.eval()
 

@@ -198,6 +198,7 @@ def train(
 def _fit_on_features(run: RunDir, config: TrainConfig, prep: Prepared, plan, progress: Progress, t0: float):
     """Cached features -> head chosen by CV on the training features -> val reported once."""
     from toolkit.data import files_key
+    from toolkit.features import imagenet_prior
     from toolkit.head_fit import head_logits, model_tensors
     from toolkit.learners import CachedFeatures
     from toolkit.selection import select_head
@@ -212,7 +213,8 @@ def _fit_on_features(run: RunDir, config: TrainConfig, prep: Prepared, plan, pro
         augment = vae_augmenter(config.generate_ratio, seed=config.seed)
     selection = select_head(config.head, feats.train_feats, prep.train_labels, len(prep.classes),
                             folds=config.cv_folds, seed=config.seed, options=head_options, augment=augment,
-                            class_names=prep.classes)
+                            class_names=prep.classes,
+                            prior=imagenet_prior(get_spec(config.backbone)) if config.head in ("auto", "prior") else None)
     progress("head selection", 1, 1)
     params = selection.params
     run.write_model(model_tensors(params), {"format": "edgetune-run", "backbone": config.backbone,
