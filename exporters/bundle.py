@@ -182,7 +182,8 @@ def encode_memory(features, labels, prior=None) -> bytes:
 
     import numpy as np
 
-    extra = {} if prior is None else {"prior_weight": prior.weight, "prior_bias": prior.bias}
+    # float16 like the features: half the file, and learn's refit writes the weights it fitted with.
+    extra = {} if prior is None else {"prior_weight": prior.weight.astype(np.float16), "prior_bias": prior.bias}
     buf = io.BytesIO()
     np.savez_compressed(buf, features=features.astype(np.float16), labels=labels.astype(np.int16), **extra)
     return buf.getvalue()

@@ -27,8 +27,8 @@ AUTO_HEADS = ("prototypes", "prior", "imprint", "logreg", "linear", "mlp")
 # With 1 image per class nothing can be cross-validated. The rule: prototypes of the features and
 # of the backbone's ImageNet posteriors, the posteriors at weight PRIOR_RULE_WEIGHT. Measured on
 # the TRAINING splits only (K support images per class, scored on the other training images;
-# ants/bees 20 seeds, caltech50 10; exported form), plain feature prototypes -> prior at weight
-# 0.1 / 0.25 / 0.5:
+# ants/bees 20 seeds, caltech50 10; exported form; `benchmarks/prior_weight.py`, BENCHMARKS.md
+# "Few-shot prior weight"), plain feature prototypes -> prior at weight 0.1 / 0.25 / 0.5:
 #   ants/bees 1 shot 0.878 -> 0.919 / 0.947 / 0.963; 5 shots 0.950 -> 0.966 / 0.974 / 0.979
 #   caltech50 1 shot 0.763 -> 0.788 / 0.795 / 0.793; 5 shots 0.909 -> 0.913 / 0.911 / 0.905
 # 0.25 is the largest weight that never fell below plain prototypes on either set: ants/bees' two

@@ -1,0 +1,95 @@
+"""Few-shot: the weight of the ImageNet-posterior prototypes in the "prior" head, on training splits.
+
+    python benchmarks/prior_weight.py [--datasets hymenoptera caltech50] [--runs NAME=RUN ...] [--no-write]
+
+The measurement behind toolkit.selection.PRIOR_RULE_WEIGHT (the few-shot rule's weight). On the
+cached features of a default run (small_data's, or --runs), the TRAINING-split protocol only: K
+support images per class drawn from the training images (seeded per seed), the head fitted on all
+their views with toolkit.head_fit (the exported form: each side divided by its typical norm),
+scored on the clean view of every other training image. Val is never read. Columns: plain feature
+prototypes (weight 0), then the prior head at each weight. Rewrites the "## Few-shot prior weight"
+section of BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._common import command_line, load_average, machine_description, update_benchmarks_md  # noqa: E402
+from benchmarks.small_data import default_run, run_features  # noqa: E402
+
+SECTION = "Few-shot prior weight"
+SHOTS = (1, 2, 5)
+SEEDS = {"hymenoptera": 20, "caltech50": 10}
+WEIGHTS = (0.1, 0.25, 0.5, 1.0)
+
+
+def training_split(train, labels, n_classes: int, seeds: int, prior) -> dict[tuple[int, float], float]:
+    """Mean accuracy per (shots, weight); weight 0 = plain prototypes."""
+    from toolkit.head_fit import fit_head, head_logits
+
+    acc: dict[tuple[int, float], list[float]] = {}
+    for k in SHOTS:
+        for seed in range(seeds):
+            rng = np.random.default_rng(seed)
+            support = np.concatenate([rng.choice(np.flatnonzero(labels == c), k, replace=False) for c in range(n_classes)])
+            query = np.setdiff1d(np.arange(len(labels)), support)
+            heads = {0.0: fit_head("prototypes", train[support], labels[support], n_classes)}
+            heads.update({w: fit_head("prior", train[support], labels[support], n_classes, prior=prior, weight=w)
+                          for w in WEIGHTS})
+            for w, params in heads.items():
+                pred = head_logits(params, train[query, 0]).argmax(1)
+                acc.setdefault((k, w), []).append(float((pred == labels[query]).mean()))
+    return {key: float(np.mean(v)) for key, v in acc.items()}
+
+
+def main() -> None:
+    from toolkit.backbones import get_spec
+    from toolkit.features import imagenet_prior
+    from toolkit.runs import RunDir
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--datasets", nargs="+", default=list(SEEDS))
+    ap.add_argument("--runs", nargs="*", default=[], metavar="NAME=RUN", help="reuse this run's cached features")
+    ap.add_argument("--no-write", action="store_true")
+    args = ap.parse_args()
+    given = dict(r.split("=", 1) for r in args.runs)
+    t0, start_load = time.perf_counter(), load_average()
+    rows = []
+    for name in args.datasets:
+        out = Path(given[name]) if name in given else default_run(name)[1]
+        train, ytr, _, _, n_classes = run_features(out)  # val is not used
+        prior = imagenet_prior(get_spec(RunDir.open(out).spec.name))
+        res = training_split(train, ytr, n_classes, SEEDS[name], prior)
+        for k in SHOTS:
+            base = res[(k, 0.0)]
+            rows.append(f"| {name} ({SEEDS[name]} seeds) | {k} | {base:.4f} | " +
+                        " | ".join(f"{res[(k, w)]:.4f} ({100 * (res[(k, w)] - base):+.1f})" for w in WEIGHTS) + " |")
+            print(rows[-1], flush=True)
+    lines = [
+        f"Command: `{command_line()}`  ",
+        f"Machine: {machine_description()}; load average {start_load} -> {load_average()}; "
+        f"{time.perf_counter() - t0:.0f} s.",
+        "",
+        "TRAINING-split protocol only (K support images per class from the training images, scored on every other "
+        "training image's clean view; val never read). Accuracy, and points over plain feature prototypes:",
+        "",
+        "| set | shots | prototypes | " + " | ".join(f"prior, weight {w}" for w in WEIGHTS) + " |",
+        "|---|---|---|" + "---|" * len(WEIGHTS),
+        *rows,
+    ]
+    print("\n".join(lines))
+    if not args.no_write:
+        update_benchmarks_md(SECTION, "\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
