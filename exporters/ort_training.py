@@ -3,7 +3,10 @@
 Writes training_model.onnx, eval_model.onnx, optimizer_model.onnx and checkpoint (for
 onnxruntime.training.api), plus inference.onnx exported from them, which the parity check and
 `edgetune predict` run. Only the head's parameters get gradients; the backbone is exported in eval
-mode, so BatchNorm uses its running statistics and never updates them.
+mode and its BatchNorm layers are folded into the convolutions before the artifacts are made:
+onnxruntime-training turns every BatchNormalization of a training graph into its training-mode
+kernel (batch statistics), so a robot's train step would otherwise see other features than its
+inference, and a head trained there would not carry over.
 """
 
 from __future__ import annotations
@@ -62,6 +65,46 @@ def export_trainable_onnx(classifier, path: Path, ctx: ExportContext) -> None:
     cap_ir_version(path)
 
 
+def fold_batchnorm(model) -> int:
+    """In place: every BatchNormalization that alone reads a Conv's output is folded into that
+    Conv's weight and bias (eval-mode statistics: y = (conv(x) - mean) * scale / sqrt(var + eps) + B).
+    Returns how many were folded."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    g = model.graph
+    inits = {i.name: i for i in g.initializer}
+    producer = {o: n for n in g.node for o in n.output}
+    readers: dict[str, int] = {}
+    for n in g.node:
+        for i in n.input:
+            readers[i] = readers.get(i, 0) + 1
+    folded = []
+    for bn in [n for n in g.node if n.op_type == "BatchNormalization"]:
+        conv = producer.get(bn.input[0])
+        if conv is None or conv.op_type != "Conv" or readers.get(bn.input[0], 0) != 1 or len(bn.output) != 1 \
+                or conv.input[1] not in inits or not all(i in inits for i in bn.input[1:]):
+            continue
+        eps = next((a.f for a in bn.attribute if a.name == "epsilon"), 1e-5)
+        scale, beta, mean, var = (numpy_helper.to_array(inits[i]).astype(np.float64) for i in bn.input[1:5])
+        w = numpy_helper.to_array(inits[conv.input[1]]).astype(np.float64)
+        b = numpy_helper.to_array(inits[conv.input[2]]).astype(np.float64) if len(conv.input) > 2 else np.zeros(len(w))
+        k = scale / np.sqrt(var + eps)
+        inits[conv.input[1]].CopyFrom(numpy_helper.from_array((w * k.reshape(-1, *[1] * (w.ndim - 1))).astype(np.float32),
+                                                              conv.input[1]))
+        bias_name = f"{conv.input[1]}_folded_bias"
+        g.initializer.append(numpy_helper.from_array(((b - mean) * k + beta).astype(np.float32), bias_name))
+        conv.input[:] = [conv.input[0], conv.input[1], bias_name]
+        conv.output[0] = bn.output[0]
+        folded.append(bn)
+    for bn in folded:
+        g.node.remove(bn)
+    used = {i for n in g.node for i in n.input}
+    for init in [i for i in g.initializer if i.name not in used]:
+        g.initializer.remove(init)
+    return len(folded)
+
+
 def add_probabilities(path: Path) -> None:
     """Append softmax probabilities as a second output, like every other export has."""
     import onnx
@@ -98,6 +141,7 @@ class OrtTrainingExporter(Exporter):
             base = Path(work) / "base.onnx"
             export_trainable_onnx(classifier, base, ctx)
             model = onnx.load(str(base))
+            folded = fold_batchnorm(model)
             names = {init.name for init in model.graph.initializer}
             missing = [n for n in trainable if n not in names]
             if missing:
@@ -117,6 +161,7 @@ class OrtTrainingExporter(Exporter):
         ctx.extra.update({
             "outputs": ["logits", "probabilities"],
             "training": {"artifacts": list(ARTIFACTS), "trainable": trainable, "loss": "CrossEntropyLoss",
-                         "optimizer": "AdamW", "labels_input": "labels (int64, N)", "backbone": "frozen, eval mode"},
+                         "optimizer": "AdamW", "labels_input": "labels (int64, N)",
+                         "backbone": f"frozen, eval mode ({folded} BatchNorm layers folded into their convolutions)"},
         })
         return out_dir / INFERENCE_MODEL

@@ -220,6 +220,15 @@ def test_ort_training_loss_falls_and_exports_inference(exported, trained_run, tm
             views.append(eval_view(read_image(f), size))
             targets.append(target)
     x, y = to_nchw_float(np.stack(views)), np.array(targets, np.int64)
+    # A train step sees the features inference sees: BatchNorm is folded away, never run on batch
+    # statistics (onnxruntime-training's training-mode kernel), so the first loss is the
+    # cross-entropy of the bundle's own inference logits.
+    import onnx
+
+    assert not any("BatchNorm" in n.op_type for n in onnx.load(str(work / "training_model.onnx")).graph.node)
+    before = onnx_runner(bundle / "inference.onnx")(x)
+    z = before - before.max(1, keepdims=True)
+    expected_loss = float(-(z[np.arange(len(y)), y] - np.log(np.exp(z).sum(1))).mean())
     module.train()
     losses = []
     for _ in range(8):
@@ -227,6 +236,7 @@ def test_ort_training_loss_falls_and_exports_inference(exported, trained_run, tm
         optimizer.step()
         module.lazy_reset_grad()
         losses.append(float(loss))
+    assert losses[0] == pytest.approx(expected_loss, rel=1e-3, abs=1e-4), (losses[0], expected_loss)
     assert losses[-1] < losses[0] * 0.8, losses
     module.eval()
     out = tmp_path / "trained_inference.onnx"
