@@ -131,8 +131,9 @@ def select_head(requested: str, features: np.ndarray, labels: np.ndarray, n_clas
     x, y = _with_generated(features, labels, n_classes, seed, augment)
     with one_blas_thread():
         params = fit_head(best.name, x, y, n_classes, seed=seed, prior=prior, **best.options)
-    reason = (f"best {cv.folds}-fold CV accuracy on the training features, at the simplest setting within one "
-              f"standard error ({best.accuracy:.4f} ± {best.std:.4f})")
+    setting = "at the simplest setting within one standard error" if HEADS[best.name].ordered_path else \
+        "at its best setting"
+    reason = f"best {cv.folds}-fold CV accuracy on the training features, {setting} ({best.accuracy:.4f} ± {best.std:.4f})"
     return Selection(params, requested, reason, cv, cv_seconds, time.perf_counter() - t0)
 
 
