@@ -123,16 +123,6 @@ def test_one_shot_falls_back_to_a_rule(tiny_dataset, tmp_path):
     assert "too few to cross-validate" in metrics["head"]["reason"]
 
 
-def test_few_shot_runs_are_told_which_backbone_measured_better():
-    from toolkit.selection import few_shot_backbone_hint
-
-    hint = few_shot_backbone_hint(np.array([40, 2, 5]), ["ant", "bee", "wasp"], "efficientnet_lite1")
-    assert "Class 'bee' has 2 training image(s)" in hint and "--backbone efficientnet_lite2" in hint
-    assert few_shot_backbone_hint(np.array([40, 6, 6]), ["a", "b", "c"], "efficientnet_lite1") is None
-    for other in ("efficientnet_lite2", "efficientnet_lite0"):  # lite2 is the advice; lite0 was not measured
-        assert few_shot_backbone_hint(np.array([1, 1]), ["a", "b"], other) is None
-
-
 @pytest.mark.parametrize("shots, match", [(0, "at least 1"), (10_000, "more than the")])
 def test_bad_shots_write_nothing(shots, match, tiny_dataset, tmp_path):
     with pytest.raises(EdgetuneError, match=match):

@@ -45,23 +45,11 @@ FEW_SHOT_FALLBACK_OPTIONS = {"reg": 1.0}
 # CV picks whichever flexible head was lucky (ants/bees 5 shots: the SGD head, 6 points below
 # prototypes on some seeds): the few-shot rule decides there too.
 FEW_SHOT_MAX = 5
-# With a few images per class the backbone matters more than the head. On the TRAINING splits (K
-# support images per class, the rule's head, scored on the other training images; 20 / 10 seeds)
-# efficientnet_lite2 beat lite1 by +2.9 / +3.5 / +2.5 / +1.0 points at 1 / 2 / 3 / 5 shots on
-# ants/bees, and by +0.6 / +0.1 / -0.4 / -0.7 on caltech50 (and lost on both full sets by CV). Not
-# one way on both sets, and 1.35x the inference per image: advice the user can act on, not a switch.
-FEW_SHOT_BACKBONE = "efficientnet_lite2"
-
-
-def few_shot_backbone_hint(counts: np.ndarray, classes: list[str], backbone: str) -> str | None:
-    """The line to show when the few-shot rule will decide and a lite2 backbone may do better."""
-    if backbone != "efficientnet_lite1" or counts.min() > FEW_SHOT_MAX:  # the one pair measured
-        return None
-    small = int(np.argmin(counts))
-    return (f"Class '{classes[small]}' has {counts[small]} training image(s): with this few, the backbone "
-            f"matters more than the head. Try --backbone {FEW_SHOT_BACKBONE} (1.35x the inference per image; "
-            f"measured +1 to +3.5 points over lite1 at 1-5 images per class on ants/bees, -0.7 to +0.6 on "
-            "caltech50) and compare on labelled images of your own.")
+# With a few images per class the rule's head matters more than the backbone: with the earlier
+# imprint rule, efficientnet_lite2 beat lite1 by 1-3.5 points at 1-5 shots on ants/bees (and edgetune
+# suggested it); with the prior rule, on the TRAINING splits (20 / 10 seeds), lite2 wins by only
+# +1.8 / +0.8 / +0.2 / +0.1 points at 1 / 2 / 3 / 5 shots on ants/bees and loses by 1.1-1.7 at every
+# shot count on caltech50, at 1.35x the inference (`benchmarks/few_shot_backbones.py`): no suggestion.
 
 
 @dataclass

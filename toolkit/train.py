@@ -164,12 +164,6 @@ def train(
     spec = get_spec(config.backbone)
     plan = _plan_devices(config)  # before decoding: an absent device fails in a second
     prep = _prepare_data(Path(data), config, spec.input_size, progress)
-    from toolkit.selection import few_shot_backbone_hint
-
-    hint = few_shot_backbone_hint(np.bincount(prep.train_labels, minlength=len(prep.classes)), prep.classes,
-                                  config.backbone)
-    if hint and not config.unfreeze:
-        logger.warning(hint)
     if not resume:  # a resumed run keeps the precision its config.json records
         from toolkit.precision import choose_backbone_precision
 
