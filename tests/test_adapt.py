@@ -28,10 +28,15 @@ def _accuracy(params, x, y):
 
 
 @pytest.mark.parametrize("step", ["mean", "diag", "coral"])
-@pytest.mark.parametrize("head", ["logreg", "mlp"])
+@pytest.mark.parametrize("head", ["logreg", "mlp", "prior"])
 def test_folded_head_equals_aligning_the_features_then_the_head(step, head):
+    from toolkit.head_fit import Prior
+
     y, source, target = _shifted_features()
-    p = fit_head(head, source.astype(np.float32), y, 3, seed=0)
+    # The prior head's frozen classifier reads the same features: alignment must reach it too.
+    prior = Prior(np.random.default_rng(3).normal(0, 0.5, (7, source.shape[1])).astype(np.float32),
+                  np.zeros(7, np.float32))
+    p = fit_head(head, source.astype(np.float32), y, 3, seed=0, prior=prior)
     (mu_s, sd_s), (mu_t, sd_t) = channel_stats(source), channel_stats(target)
     if step == "mean":
         aligned = target - mu_t + mu_s
