@@ -6,7 +6,7 @@
 Per dataset and backbone, one default `train()` with that backbone caches its features (clean +
 augmented views); then, on those features only:
   - the TRAINING-split protocol, which is what decides: K support images per class drawn from the
-    training images, the few-shot rule's head (imprint) fitted on their views, scored on the clean
+    training images, the few-shot rule's head fitted on their views, scored on the clean
     view of every other training image (20 seeds for ants/bees, 10 for caltech50);
   - the val split, reported only: small_data.grid's cells (K images per class, seeded as `--shots`)
     for prototypes and auto, 20 seeds.
@@ -48,10 +48,10 @@ def training_split(train: np.ndarray, labels: np.ndarray, n_classes: int, seeds:
     from toolkit.selection import few_shot_rule
 
     prior = imagenet_prior(get_spec(backbone))
-    rule, rule_options = few_shot_rule(prior)
 
     out = {}
     for k in SPLIT_SHOTS:
+        rule, rule_options = few_shot_rule(prior, k)
         accs = []
         for seed in range(seeds):
             rng = np.random.default_rng(seed)

@@ -1,9 +1,12 @@
 """Few-shot: the weight of the ImageNet-posterior prototypes in the "prior" head, on training splits.
 
-    python benchmarks/prior_weight.py [--datasets hymenoptera caltech50] [--runs NAME=RUN ...] [--no-write]
+    python benchmarks/prior_weight.py [--datasets hymenoptera caltech50 tabletop] [--runs NAME=RUN ...] [--no-write]
 
-The measurement behind toolkit.selection.PRIOR_RULE_WEIGHT (the few-shot rule's weight). On the
-cached features of a default run (small_data's, or --runs), the TRAINING-split protocol only: K
+(--runs also adds sets of your own: `--datasets parts --runs parts=runs/parts`, 20 seeds.)
+
+The measurement behind toolkit.selection.prior_rule_weight (the few-shot rule's weight). On the
+cached features of a default run (small_data's, or --runs; "tabletop" is `edgetune demo`'s generated
+set, 40 training images a class, drawn shapes unlike any ImageNet photo), the TRAINING-split protocol only: K
 support images per class drawn from the training images (seeded per seed), the head fitted on all
 their views with toolkit.head_fit (the exported form: each side divided by its typical norm),
 scored on the clean view of every other training image. Val is never read. Columns: plain feature
@@ -27,14 +30,28 @@ from benchmarks._common import command_line, load_average, machine_description, 
 from benchmarks.small_data import default_run, run_features  # noqa: E402
 
 SECTION = "Few-shot prior weight"
-SHOTS = (1, 2, 5)
-SEEDS = {"hymenoptera": 20, "caltech50": 10}
+SHOTS = (1, 2, 3, 5)
+SEEDS = {"hymenoptera": 20, "caltech50": 10, "tabletop": 20}
 WEIGHTS = (0.1, 0.25, 0.5, 1.0)
+
+
+def tabletop_run() -> Path:
+    """A default run of the generated tabletop set (cached beside small_data's runs)."""
+    from benchmarks import small_data
+    from toolkit.synthetic import make_tabletop_dataset
+    from toolkit.train import TrainConfig, train
+
+    root = small_data.CACHE / "tabletop"
+    if not (root / "run" / "metrics.json").exists():
+        make_tabletop_dataset(root / "data", per_class=40, val_per_class=15)
+        train(root / "data", root / "run", TrainConfig())
+    return root / "run"
 
 
 def training_split(train, labels, n_classes: int, seeds: int, prior) -> dict[tuple[int, float], float]:
     """Mean accuracy per (shots, weight); weight 0 = plain prototypes."""
     from toolkit.head_fit import fit_head, head_logits
+    from toolkit.selection import prior_rule_weight
 
     acc: dict[tuple[int, float], list[float]] = {}
     for k in SHOTS:
@@ -44,7 +61,7 @@ def training_split(train, labels, n_classes: int, seeds: int, prior) -> dict[tup
             query = np.setdiff1d(np.arange(len(labels)), support)
             heads = {0.0: fit_head("prototypes", train[support], labels[support], n_classes)}
             heads.update({w: fit_head("prior", train[support], labels[support], n_classes, prior=prior, weight=w)
-                          for w in WEIGHTS})
+                          for w in (*WEIGHTS, prior_rule_weight(k))})
             for w, params in heads.items():
                 pred = head_logits(params, train[query, 0]).argmax(1)
                 acc.setdefault((k, w), []).append(float((pred == labels[query]).mean()))
@@ -55,6 +72,7 @@ def main() -> None:
     from toolkit.backbones import get_spec
     from toolkit.features import imagenet_prior
     from toolkit.runs import RunDir
+    from toolkit.selection import prior_rule_weight
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--datasets", nargs="+", default=list(SEEDS))
@@ -65,14 +83,16 @@ def main() -> None:
     t0, start_load = time.perf_counter(), load_average()
     rows = []
     for name in args.datasets:
-        out = Path(given[name]) if name in given else default_run(name)[1]
+        out = Path(given[name]) if name in given else tabletop_run() if name == "tabletop" else default_run(name)[1]
         train, ytr, _, _, n_classes = run_features(out)  # val is not used
         prior = imagenet_prior(get_spec(RunDir.open(out).spec.name))
-        res = training_split(train, ytr, n_classes, SEEDS[name], prior)
+        seeds = SEEDS.get(name, 20)
+        res = training_split(train, ytr, n_classes, seeds, prior)
         for k in SHOTS:
             base = res[(k, 0.0)]
-            rows.append(f"| {name} ({SEEDS[name]} seeds) | {k} | {base:.4f} | " +
-                        " | ".join(f"{res[(k, w)]:.4f} ({100 * (res[(k, w)] - base):+.1f})" for w in WEIGHTS) + " |")
+            rows.append(f"| {name} ({seeds} seeds) | {k} | {base:.4f} | " +
+                        " | ".join(f"{res[(k, w)]:.4f} ({100 * (res[(k, w)] - base):+.1f})"
+                                   for w in (*WEIGHTS, prior_rule_weight(k))) + f" ({prior_rule_weight(k):.3g}) |")
             print(rows[-1], flush=True)
     lines = [
         f"Command: `{command_line()}`  ",
@@ -82,8 +102,8 @@ def main() -> None:
         "TRAINING-split protocol only (K support images per class from the training images, scored on every other "
         "training image's clean view; val never read). Accuracy, and points over plain feature prototypes:",
         "",
-        "| set | shots | prototypes | " + " | ".join(f"prior, weight {w}" for w in WEIGHTS) + " |",
-        "|---|---|---|" + "---|" * len(WEIGHTS),
+        "| set | shots | prototypes | " + " | ".join(f"prior, weight {w}" for w in WEIGHTS) + " | the rule (its weight) |",
+        "|---|---|---|" + "---|" * (len(WEIGHTS) + 1),
         *rows,
     ]
     print("\n".join(lines))

@@ -75,7 +75,6 @@ def grid(train, ytr, val, yva, n_classes, shots_list, seeds, heads, vae_shots, v
     from toolkit.train import TrainConfig
 
     prior = imagenet_prior(get_spec(backbone or TrainConfig().backbone))  # the features' backbone
-    rule, rule_options = few_shot_rule(prior)
     results: dict[tuple[str, str], list[float]] = {}
     names = [str(i) for i in range(n_classes)]
 
@@ -87,6 +86,7 @@ def grid(train, ytr, val, yva, n_classes, shots_list, seeds, heads, vae_shots, v
             t0 = time.perf_counter()
             idx = np.arange(len(ytr)) if shots == "all" else keep_shots(ytr, int(shots), seed, names, "bench")
             x, y = train[idx], ytr[idx]
+            rule, rule_options = few_shot_rule(prior, int(np.bincount(y, minlength=n_classes).min()))
             cell: dict[str, float] = {}
             if np.bincount(y, minlength=n_classes).min() < 2:  # 1 shot: no CV, each head at its defaults
                 for h in heads:

@@ -58,13 +58,17 @@ def test_prior_head_cv_scores_its_weight_path_and_needs_a_prior():
 
 
 def test_few_shot_rule_is_the_prior_head_with_a_prior_and_imprint_without():
-    from toolkit.selection import PRIOR_RULE_WEIGHT, select_head
+    from toolkit.selection import prior_rule_weight, select_head
 
     x, y, prior = ambiguous(n_per_class=1)
     sel = select_head("auto", x, y, 2, prior=prior)
-    assert sel.cv is None and sel.params.name == "prior" and sel.params.options == {"weight": PRIOR_RULE_WEIGHT}
+    assert sel.cv is None and sel.params.name == "prior" and sel.params.options == {"weight": 0.25}
     assert "picks prior" in sel.reason
     assert select_head("auto", x, y, 2).params.name == "imprint"
+    # The prior is trusted less as the class means it corrects come from more images.
+    x, y, prior = ambiguous(n_per_class=5)
+    assert select_head("auto", x, y, 2, prior=prior).params.options == {"weight": 0.1}
+    assert [prior_rule_weight(k) for k in (1, 2, 4, 5)] == [0.25, 0.25, 0.125, 0.1]
 
 
 def _prior_params():

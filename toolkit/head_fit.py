@@ -42,7 +42,7 @@ STOP_SE = 2.0  # CV stops an SGD head's epoch path once a checkpoint falls this 
 COSINE_SCALE = 10.0  # softmax scale of the cosine heads: confident but not saturated
 # Weights of the ImageNet-posterior prototypes beside the feature prototypes (the "prior" head)
 # that CV scores (no weight is simpler than another: CV's best mean decides). The few-shot rule's
-# weight, measured on the training splits: toolkit.selection.PRIOR_RULE_WEIGHT.
+# weight, measured on the training splits: toolkit.selection.prior_rule_weight.
 PRIOR_WEIGHTS = (0.1, 0.25, 0.5, 1.0)
 CHUNK_ROWS = 8192  # feature rows cast to float32 at a time where the work streams (logits, prototypes)
 
@@ -365,7 +365,7 @@ def _prior_path(x, y, n_classes, seed, *, final=False, rows=None, prior: Prior, 
     head's argmax is scale invariant, and each side divides by its typical norm), so the head
     exports as one linear layer plus the frozen classifier, a softmax and a second linear layer.
     With one image per class the posterior carries what one image cannot: measured on the
-    training splits, see toolkit.selection.PRIOR_RULE_WEIGHT."""
+    training splits, see toolkit.selection.prior_rule_weight."""
     return _prior_folds(x, y, [np.arange(len(y)) if rows is None else np.asarray(rows)], n_classes, [seed],
                         prior=prior, weight=weight)[0]
 
