@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 from toolkit.head_fit import HEADS, cross_validate, cv_folds, fit_head, head_logits, model_tensors
-from toolkit.heads import numpy_head
 
 
 def blobs(n_per_class=12, n_classes=3, d=16, views=1, seed=0, spread=1.0):
@@ -34,8 +33,15 @@ def test_tensors_use_the_exported_state_dict_names():
     p = fit_head("logreg", x, y, 3, C=0.1)
     assert set(p.tensors) == {"feature_mean", "feature_inv_std", "layers.1.weight", "layers.1.bias"}
     assert p.tensors["layers.1.weight"].shape == (3, 16)
-    # The runtime's numpy head (what exports are checked against) gives the same logits.
-    np.testing.assert_allclose(numpy_head(p.tensors, p.kind)(x), head_logits(p, x), rtol=1e-5, atol=1e-5)
+    # The torch head the exporters convert (toolkit.heads, built from the same state dict) gives the same logits.
+    import torch
+
+    from toolkit.heads import create_head
+
+    head = create_head(p.kind, 16, 3)
+    head.load_state_dict({k: torch.from_numpy(v) for k, v in p.tensors.items()})
+    with torch.no_grad():
+        np.testing.assert_allclose(head.eval()(torch.from_numpy(x)).numpy(), head_logits(p, x), rtol=1e-5, atol=1e-5)
     assert all(k.startswith("head.") for k in model_tensors(p))
 
 
@@ -177,7 +183,10 @@ def test_mlp_head_has_the_mlp_layout():
     x, y = blobs()
     p = fit_head("mlp", x, y, 3, hidden=8, epochs=3)
     assert p.kind == "mlp" and p.tensors["layers.4.weight"].shape == (3, 8) and p.hidden == 8
-    np.testing.assert_allclose(numpy_head(p.tensors, "mlp")(x), head_logits(p, x), rtol=1e-4, atol=1e-4)
+    t = p.tensors  # the documented layout, written out: relu(x @ W1.T + b1) @ W2.T + b2 on standardised x
+    xs = (x - t["feature_mean"]) * t["feature_inv_std"]
+    expected = np.maximum(xs @ t["layers.1.weight"].T + t["layers.1.bias"], 0) @ t["layers.4.weight"].T + t["layers.4.bias"]
+    np.testing.assert_allclose(head_logits(p, x), expected, rtol=1e-4, atol=1e-4)
 
 
 def test_views_of_one_image_stay_in_one_fold():
