@@ -157,9 +157,11 @@ def _choose_head(manifest_head: str, features, labels, n_classes: int, seed: int
     note = (f"the bundle's head recipe ({manifest_head})" if known else
             f"the bundle's head '{manifest_head}' is not one this edgetune knows: the best head by cross-validation")
     counts = np.bincount(labels, minlength=n_classes)
-    if counts[counts > 0].min() < 2:
-        name = "prototypes" if "prototypes" in HEADS else names[0]
-        return name, {}, None, f"{name}: a class has one image, too few to cross-validate"
+    if counts[counts > 0].min() < 2:  # train's few-shot rule where the bundle carries its prior
+        from toolkit.selection import few_shot_rule
+
+        name, opts = few_shot_rule(prior, 1) if prior is not None else ("prototypes", {})
+        return name, opts, None, f"{name}: a class has one image, too few to cross-validate"
     cv = cross_validate(names, features, labels, n_classes, folds=5, seed=seed, prior=prior)
     best = cv.best
     return best.name, best.options, (best.oof_logits, cv.labels), \
