@@ -27,7 +27,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._common import command_line, load_average, machine_description, update_benchmarks_md  # noqa: E402
-from benchmarks.small_data import DATASETS, default_run, grid, run_features  # noqa: E402
+from benchmarks.small_data import DATASETS, default_run, grid, run_features, support_and_query  # noqa: E402
 
 SECTION = "Few-shot backbones"
 BACKBONES = ("efficientnet_lite1", "efficientnet_lite2")
@@ -54,10 +54,7 @@ def training_split(train: np.ndarray, labels: np.ndarray, n_classes: int, seeds:
         rule, rule_options = few_shot_rule(prior, k)
         accs = []
         for seed in range(seeds):
-            rng = np.random.default_rng(seed)
-            support = np.concatenate([rng.choice(np.flatnonzero(labels == c), k, replace=False)
-                                      for c in range(n_classes)])
-            query = np.setdiff1d(np.arange(len(labels)), support)
+            support, query = support_and_query(labels, n_classes, k, seed)
             params = fit_head(rule, train[support], labels[support], n_classes, seed=seed, prior=prior,
                               **rule_options)
             accs.append(float((head_logits(params, train[query, 0]).argmax(1) == labels[query]).mean()))

@@ -27,7 +27,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._common import command_line, load_average, machine_description, update_benchmarks_md  # noqa: E402
-from benchmarks.small_data import default_run, run_features  # noqa: E402
+from benchmarks.small_data import default_run, run_features, support_and_query  # noqa: E402
 
 SECTION = "Few-shot prior weight"
 SHOTS = (1, 2, 3, 5)
@@ -56,9 +56,7 @@ def training_split(train, labels, n_classes: int, seeds: int, prior) -> dict[tup
     acc: dict[tuple[int, float], list[float]] = {}
     for k in SHOTS:
         for seed in range(seeds):
-            rng = np.random.default_rng(seed)
-            support = np.concatenate([rng.choice(np.flatnonzero(labels == c), k, replace=False) for c in range(n_classes)])
-            query = np.setdiff1d(np.arange(len(labels)), support)
+            support, query = support_and_query(labels, n_classes, k, seed)
             heads = {0.0: fit_head("prototypes", train[support], labels[support], n_classes)}
             heads.update({w: fit_head("prior", train[support], labels[support], n_classes, prior=prior, weight=w)
                           for w in (*WEIGHTS, prior_rule_weight(k))})

@@ -57,6 +57,14 @@ def default_run(name: str, backbone: str | None = None) -> tuple[dict, Path]:
     return metrics, out
 
 
+def support_and_query(labels: np.ndarray, n_classes: int, shots: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The training-split protocol: `shots` support images per class drawn from the training
+    images (seeded), and every other training image as the query set. Val is never touched."""
+    rng = np.random.default_rng(seed)
+    support = np.concatenate([rng.choice(np.flatnonzero(labels == c), shots, replace=False) for c in range(n_classes)])
+    return support, np.setdiff1d(np.arange(len(labels)), support)
+
+
 def run_features(out: Path):
     from toolkit.runs import RunDir
 
