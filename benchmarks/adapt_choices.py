@@ -11,7 +11,9 @@ rendered (the augmented views re-drawn as training drew them); 5+5 corrected (ad
 2026-12-04) = 5+5, but where the fit says the tone or white balance changed (CameraFit.corrects_tone)
 the curve is fitted to pixels (toolkit.camera.fit_tone), undone on B by its lookup table, and the
 renderings pass through the same table; the head is refitted on them unless the table undoes all
-the fit found (toolkit.adapt.refits_head: then the run's head is kept). Prints each shift and, per variant,
+the fit found (toolkit.adapt.refits_head: then the run's head is kept); rendered only = the head fitted
+on the rendered views alone; corrected+diag = the table where the fit found a tone change, then the
+run's head aligned by diag (no refit). Prints each shift and, per variant,
 the mean share of each shift's cost won back (shifts costing > 0.5 pt), the share of the summed
 cost and the change on the unshifted set. BENCHMARKS.md "Camera shift (adapt)" quotes its output.
 """
@@ -29,7 +31,7 @@ from toolkit.augment import build_augmentation, eval_resize_shorter, eval_view, 
 from toolkit.data import decode_images, discover
 from toolkit.features import create_engine, extract_features
 from toolkit.preprocess import apply_correction
-from toolkit.head_fit import fit_head, head_logits, HeadParams, one_blas_thread
+from toolkit.head_fit import fit_head, head_logits, HeadParams, Prior, one_blas_thread
 from toolkit.runs import RunDir
 
 name, runp = sys.argv[1], sys.argv[2]
@@ -42,7 +44,8 @@ rng = np.random.default_rng(0)
 A = np.sort(np.concatenate([rng.permutation(np.flatnonzero(y == k))[: (y == k).sum() // 2] for k in np.unique(y)]))
 B = np.setdiff1d(np.arange(len(y)), A)
 n_classes = int(y.max()) + 1
-fit = lambda x, yy: fit_head(sel['selected'], x, yy, n_classes, seed=0, **sel['options']).tensors
+prior = Prior.from_tensors(run.head_tensors())  # a prior head refits with the classifier it carries
+fit = lambda x, yy: fit_head(sel['selected'], x, yy, n_classes, seed=0, prior=prior, **sel['options']).tensors
 with one_blas_thread():
     head = fit(tr[A], y[A])
 splits = discover(DATASETS[name])
@@ -66,8 +69,9 @@ for sname, fn in {'none': None, **SHIFTS}.items():
         r = {'clean': clean, 'none': acc(head, xb), 'diag': acc(ad.align_head(head, 'diag', tr[A, 0], xa), xb)}
         target_views = [sh(views[i]) for i in fit_t]
         cf = ad.fit_run_camera(eng, [views[i] for i in fit_s], F(target_views))
-        h51 = h55 = hc = head
+        h51 = h55 = hc = hr = head
         xc = xb
+        hd = ad.align_head(head, 'diag', tr[A, 0], xa)  # corrected+diag: the table where it applies, then diag
         if not cf.camera.is_identity:
             cam = cf.camera
             def rendered_view(k, cam=cam, lut=None):
@@ -81,17 +85,25 @@ for sname, fn in {'none': None, **SHIFTS}.items():
             camc, lut = ad.render_and_correct(cf, [views[i] for i in fit_s], target_views)
             if lut is not None:  # as adapt does: the tone undone on the frames and the renderings
                 xc = F([apply_correction(sh(views[i]), lut) for i in B])
+                hd = ad.align_head(head, 'diag', tr[A, 0], F([apply_correction(sh(views[i]), lut) for i in A]))
                 hc = head  # kept where the table undoes all the fit found
                 if ad.refits_head(camc, lut):
                     rc = extract_features(eng, lambda k: rendered_view(k, camc, lut), len(A) * V).reshape(len(A), V, -1)
                     with one_blas_thread():
                         hc = fit(np.concatenate([tr[A], rc], 1), y[A])
+                        hr = fit(rc, y[A])
+            else:
+                with one_blas_thread():
+                    hr = fit(rend, y[A])
         r['5+1'], r['5+5'], r['5+5 corrected'] = acc(h51, xb), acc(h55, xb), acc(hc, xc)
+        # the head fitted on the rendered views alone (the new camera's only), through the table where it applies
+        r['rendered only'] = acc(hr, xc)
+        r['corrected+diag'] = acc(hd, xc)
         rows.append((f'{sname}-{s}', r))
         corrected = f'; corrected {camc.tone_only().describe()}' if cf.corrects_tone else ''
         print(f'{sname}-{s} ({time.perf_counter()-t0:.0f}s) {cf.camera.describe()}{corrected}', {k: round(v, 4) for k, v in r.items()}, flush=True)
 print('clean B', clean)
-for k in ('diag', '5+1', '5+5', '5+5 corrected'):
+for k in ('diag', '5+1', '5+5', '5+5 corrected', 'rendered only', 'corrected+diag'):
     sh = [r for n, r in rows if not n.startswith('none')]
     shares = [(r[k] - r['none']) / (r['clean'] - r['none']) for r in sh if r['clean'] - r['none'] > 0.005]
     summed = sum(r[k] - r['none'] for r in sh) / sum(r['clean'] - r['none'] for r in sh)

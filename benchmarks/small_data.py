@@ -155,7 +155,9 @@ SHIFT_INTRO = [
     "then aligned); where the fit says the tone or white balance changed, they are undone instead by the",
     "adapted run's camera correction (a per-channel lookup table on every frame: shifted val and target",
     "pass through it, and so do the renderings); oracle camera (`--oracle-datasets`) = the same refit on every training view rendered by",
-    "the shift itself, an exact camera fit: the most a head refitted on a camera model can win back.", ""]
+    "the shift itself, an exact camera fit: the most a head refitted on a camera model can win back. A run",
+    "whose head is the `prior` head is not refitted: camera aligns it by diag instead (after the table, if",
+    "any), as adapt does (toolkit.adapt.ALIGN_INSTEAD_OF_REFIT).", ""]
 
 
 def _cached(path: Path, compute) -> dict[str, np.ndarray]:
@@ -230,13 +232,16 @@ def camera_shifts(name: str, out: Path, adabn_shifts=("none", *SHIFTS), steps=("
             res[step] = acc(ad.align_head(head.tensors, step, source, xt), xv)
         if cam is not None:
             cam_head, expected = head.tensors, source
+            cam_xt, cam_xv = cam.get("target", xt), cam.get("val", xv)  # through the camera correction, if any
             if cam["rendered"].size:
                 cam_head = refit_on(cam["rendered"])
                 expected = cam["rendered"][:, 0]
-            cam_xt, cam_xv = cam.get("target", xt), cam.get("val", xv)  # through the camera correction, if any
+            if "aligned" in cam:  # as adapt does for a head that renderings cannot teach: aligned, not refitted
+                cam_head = ad.align_head(head.tensors, str(cam["aligned"]), source, cam_xt)
             res["camera"] = acc(cam_head, cam_xv)
             # As adapt aligns: from the target onto what the (refitted) head expects, all training images.
-            res["camera+diag"] = acc(ad.align_head(cam_head, "diag", expected, cam_xt), cam_xv)
+            res["camera+diag"] = res["camera"] if "aligned" in cam else \
+                acc(ad.align_head(cam_head, "diag", expected, cam_xt), cam_xv)
         if ora is not None:
             res["oracle camera"] = acc(refit_on(ora["rendered"]) if ora["rendered"].size else head.tensors, xv)
         if bv is None:
@@ -274,14 +279,17 @@ def camera_shifts(name: str, out: Path, adabn_shifts=("none", *SHIFTS), steps=("
                 fit = ad.fit_run_camera(engine, source_views, ov["train"][bn_idx])
                 camera, lut = ad.render_and_correct(fit, source_views, [shifted(tr[i]) for i in bn_idx])
                 rendered = np.zeros((0,), np.float16)
-                if not fit.camera.is_identity and ad.refits_head(camera, lut):  # every training view, as adapt renders them
+                refit = not fit.camera.is_identity and ad.refits_head(camera, lut)
+                aligned = ad.ALIGN_INSTEAD_OF_REFIT.get(run.config["train"]["head"]) if refit else None
+                if refit and aligned is None:  # every training view, as adapt renders them
                     n, v = train.shape[:2]
                     make = ad._training_views(run, ad._training_files(run, n), v, engine.batch, 2)
                     rendered = ad.rendered_features(engine, camera, make, n * v, correction=lut).reshape(n, v, -1)
                 print(f"    camera: {fit.camera.describe()} (distance {fit.identity_distance:.2f} -> {fit.distance:.2f}, "
                       f"{fit.evaluations} renderings{f'; corrected {camera.tone_only().describe()}' if lut is not None else ''})",
                       flush=True)
-                res = {"rendered": rendered, "fit": np.array(json.dumps(fit.to_json()))}
+                res = {"rendered": rendered, "fit": np.array(json.dumps(fit.to_json())),
+                       **({"aligned": np.array(aligned)} if aligned else {})}
                 if lut is not None:  # the adapted run's frames pass through its table: val and the target too
                     from toolkit.preprocess import apply_correction
 
@@ -302,7 +310,7 @@ def camera_shifts(name: str, out: Path, adabn_shifts=("none", *SHIFTS), steps=("
             bn = {"train": None, "val": None}
             if shift_name in adabn_shifts:
                 bn = _cached(cache / f"adabn-{tag}.npz", adabn)
-            cam = _cached(cache / f"camera-v3-{tag}.npz", fit_camera) if camera else None
+            cam = _cached(cache / f"camera-v4-{tag}.npz", fit_camera) if camera else None
             label = "none (unshifted val; adapted to unshifted train)" if fn is None else f"{shift_name} {['mild', 'strong'][s]}"
             ora = _cached(cache / f"oracle-{tag}.npz", render_shift) if oracle else None
             rows.append((label, methods(ov["train"][target_idx], ov["val"], bn["train"], bn["val"], cam, ora)))

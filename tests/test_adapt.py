@@ -185,6 +185,32 @@ def test_adapt_camera_fits_a_blurrier_darker_camera_and_refits_the_head(small_ru
     assert not np.array_equal(RunDir.open(tmp_path / "a").head_tensors()["layers.1.weight"], head["layers.1.weight"])
 
 
+def test_adapt_camera_aligns_a_prior_head_instead_of_refitting_it(tiny_dataset, tmp_path):
+    """A prior head (class means) cannot learn a new camera from renderings: --method camera aligns it
+    by diag where it would refit, says so, and the adapted run keeps the prior head's layout."""
+    import cv2
+
+    from toolkit.cli import cli
+    from toolkit.runs import RunDir
+    from toolkit.train import TrainConfig, train
+
+    run = tmp_path / "run"
+    train(tiny_dataset, run, TrainConfig(backbone="efficientnet_lite0", views=1, head="prior"))
+    blurred = tmp_path / "blurred"
+    blurred.mkdir()
+    for f in sorted((tiny_dataset / "train").rglob("*.*")):
+        cv2.imwrite(str(blurred / f"{f.parent.name}_{f.stem}.png"), cv2.GaussianBlur(cv2.imread(str(f)), (0, 0), 3.0))
+    result = CliRunner().invoke(cli, ["adapt", str(run), str(blurred), "--out", str(tmp_path / "a")])
+    assert result.exit_code == 0, result.output
+    adapted = RunDir.open(tmp_path / "a")
+    camera = adapted.config["adapted"]["camera"]
+    assert camera["settings"]["blur"] > 0 and not camera["head_refitted"], camera
+    assert camera["aligned_instead_of_refit"] == "diag" and "diag alignment" in " ".join(result.output.split())
+    before, after = RunDir.open(run).head_tensors(), adapted.head_tensors()
+    assert set(after) == set(before) and not np.array_equal(after["feature_inv_std"], before["feature_inv_std"])
+    np.testing.assert_array_equal(after["prior_out.weight"], before["prior_out.weight"])  # aligned, not refitted
+
+
 def test_adapt_camera_undoes_a_darker_tone_at_the_input_of_every_model(small_run, tiny_dataset, tmp_path):
     """A change of tone curve alone is undone on the new camera's frames, not learnt (the run's head
     is kept as it is): the adapted run's preprocessing gains the camera correction table, its

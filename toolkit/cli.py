@@ -231,7 +231,8 @@ def _print_train_summary(console, run_dir: Path, m: dict[str, Any]) -> None:
                                             "camera+diag"]),
               default="camera", show_default=True,
               help="camera: a camera model (blur, exposure, colour, noise, JPEG) fitted to the images, the head "
-                   "refitted on the training images rendered through it, a changed exposure or colour undone on "
+                   "refitted on the training images rendered through it (a prior head: diag-aligned), a changed "
+                   "exposure or colour undone on "
                    "the frames by a lookup table the exports carry (measured best, BENCHMARKS.md 'Camera shift "
                    "(adapt)'; needs the run's training images); diag: per-channel feature mean and std aligned, "
                    "folded into the head (fast, no training images); mean: mean only; coral: full covariance; "
@@ -250,6 +251,8 @@ def adapt(run: Path, unlabeled: Path, out: Path, method: str, workers: int) -> N
         shift += f"; camera: {record['camera']['fitted']}"
         if "corrected_at_input" in record["camera"]:  # undone on every frame by a lookup table, in every export
             shift += f"; frames corrected for {record['camera']['corrected_at_input']}"
+        if "aligned_instead_of_refit" in record["camera"]:  # a head that renderings cannot teach
+            shift += f"; {record['camera']['aligned_instead_of_refit']} alignment (the prior head is not refitted)"
     _console().print(f"adapted {run} to {record['target_images']} images of {unlabeled} ({method}{shift}) -> {out}")
 
 
