@@ -245,12 +245,15 @@ def _robot_extras(run: RunDir, model: Path, runtime: str, stage: Path, ctx: Expo
         return {}
     calibration = run.config.get("calibration")  # fitted at training from head selection's CV
     if calibration is None:  # a run without CV (--unfreeze, older runs): cross-validate the memory
-        head = run.config.get("head_selection", {}).get("selected", run.config["train"]["head"])
+        chosen = run.config.get("head_selection", {})
+        head = chosen.get("selected", run.config["train"]["head"])
         from toolkit.head_fit import Prior
 
+        # The head that ships, with its own settings (not re-chosen on the memory).
         calibration = bundle.heldout_calibration(features, labels, len(run.labels), head,
                                                  seed=run.config["train"].get("seed", 0),
-                                                 prior=Prior.from_tensors(run.head_tensors())).to_json()
+                                                 prior=Prior.from_tensors(run.head_tensors()),
+                                                 options=chosen.get("options")).to_json()
     return {"feature_memory": bundle.memory_manifest(features, labels, run.labels), "calibration": calibration}
 
 

@@ -144,7 +144,12 @@ def write_feature_memory(run, model: Path, runtime: str, stage: Path, *, static_
     from toolkit.runtime import run_batched
 
     size = run.spec.input_size
-    subset = _memory_samples(_splits(run).train, cap)
+    from toolkit.selection import with_shots
+
+    # The memory holds what the head learnt from: a --shots run's K images per class, not the whole folder
+    # (int8 calibration, which needs no labels, may still use every training image).
+    train = run.config["train"]
+    subset = _memory_samples(with_shots(_splits(run).train, train.get("shots"), train["seed"], run.config["data"]), cap)
     decoded = decoded or {}
     device = "CPUExecutionProvider" if runtime == "onnxruntime" else "CPU"
     runner = feature_runner(model, runtime, device=device, feature_dim=run.spec.feature_dim, batch=static_batch)
@@ -199,7 +204,8 @@ def memory_manifest(features, labels, labels_names: list[str], *, cap: int = MEM
             "source": "the bundle's own backbone on its own runtime, clean views of the run's training split"}
 
 
-def heldout_calibration(features, labels, n_classes: int, head: str, *, seed: int = 0, prior=None):
+def heldout_calibration(features, labels, n_classes: int, head: str, *, seed: int = 0, prior=None,
+                        options: dict[str, Any] | None = None):
     """Temperature and unknown threshold from out-of-fold logits of `head` (the bundle's head recipe)
     cross-validated on the feature memory: held-out training images, never the val split."""
     from toolkit.calibration import Calibration, fit_calibration
@@ -208,7 +214,8 @@ def heldout_calibration(features, labels, n_classes: int, head: str, *, seed: in
     if head not in HEADS:
         return Calibration(source=f"none: head '{head}' has no registered fitting to cross-validate")
     try:
-        cv = cross_validate([head], features, labels, n_classes, folds=5, seed=seed, prior=prior)
+        cv = cross_validate([head], features, labels, n_classes, folds=5, seed=seed, prior=prior,
+                            options={head: dict(options)} if options else None)
     except EdgetuneError as e:  # too few images per class to hold any out
         return Calibration(source=f"none: {e}")
     best = cv.best

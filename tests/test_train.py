@@ -123,6 +123,24 @@ def test_one_shot_falls_back_to_a_rule(tiny_dataset, tmp_path):
     assert "too few to cross-validate" in metrics["head"]["reason"]
 
 
+def test_a_few_shot_runs_bundle_remembers_only_its_shots(tiny_dataset, tmp_path):
+    """A --shots K run's bundle keeps, for `learn`, the K images per class the head learnt from (not
+    every image of the folder), and calibrates the head it ships (the rule's own weight)."""
+    import json
+    import warnings
+
+    from exporters import export
+
+    metrics = train(tiny_dataset, tmp_path / "two", TrainConfig(**{**FAST, "shots": 2}))
+    assert metrics["n_train"] == 6 and metrics["head"]["selected"] == "prior"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = export(tmp_path / "two", "onnx", tmp_path / "bundle")
+    manifest = json.loads((result.out_dir / "manifest.json").read_text())
+    assert manifest["feature_memory"]["counts"] == {"red": 2, "green": 2, "blue": 2}
+    assert f"prior(weight={metrics['head']['options']['weight']})" in manifest["calibration"]["source"]
+
+
 @pytest.mark.parametrize("shots, match", [(0, "at least 1"), (10_000, "more than the")])
 def test_bad_shots_write_nothing(shots, match, tiny_dataset, tmp_path):
     with pytest.raises(EdgetuneError, match=match):

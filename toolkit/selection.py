@@ -145,6 +145,18 @@ def _with_generated(features, labels, n_classes, seed, augment):
     return augment(x, y, n_classes, seed)
 
 
+def with_shots(dataset, shots: int | None, seed: int, where: str):
+    """`dataset` (a toolkit.data.Dataset) cut to `shots` images per class as `--shots` keeps them;
+    unchanged when shots is None. Training and every later reader of the run's training images
+    (exports' feature memory and calibration images) call this, so they see the same images."""
+    if shots is None:
+        return dataset
+    import dataclasses
+
+    keep = keep_shots(dataset.labels(), int(shots), seed, dataset.classes, where)
+    return dataclasses.replace(dataset, samples=[dataset.samples[i] for i in keep])
+
+
 def keep_shots(labels: np.ndarray, shots: int, seed: int, classes: list[str], where: str) -> np.ndarray:
     """Indices of `shots` images per class, drawn with a per-class seed (adding a class never
     changes which images another class keeps)."""

@@ -278,11 +278,9 @@ def _prepare_data(data: Path, config: TrainConfig, size: int, progress: Progress
     splits = discover(data, val_fraction=config.val_fraction, seed=config.seed)
     if splits.val is None or len(splits.val) == 0:
         raise EdgetuneError(f"{data} leaves no validation images: add a val/ folder or more images per class.")
-    if config.shots is not None:
-        from toolkit.selection import keep_shots
+    from toolkit.selection import with_shots
 
-        keep = keep_shots(splits.train.labels(), config.shots, config.seed, splits.train.classes, str(data))
-        splits.train = dataclasses.replace(splits.train, samples=[splits.train.samples[i] for i in keep])
+    splits.train = with_shots(splits.train, config.shots, config.seed, str(data))
     total = len(splits.train) + len(splits.val)
     done = [0]
 
