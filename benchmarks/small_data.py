@@ -279,9 +279,9 @@ def camera_shifts(name: str, out: Path, adabn_shifts=("none", *SHIFTS), steps=("
                 fit = ad.fit_run_camera(engine, source_views, ov["train"][bn_idx])
                 camera, lut = ad.render_and_correct(fit, source_views, [shifted(tr[i]) for i in bn_idx])
                 rendered = np.zeros((0,), np.float16)
-                refit = not fit.camera.is_identity and ad.refits_head(camera, lut)
-                aligned = ad.ALIGN_INSTEAD_OF_REFIT.get(run.config["train"]["head"]) if refit else None
-                if refit and aligned is None:  # every training view, as adapt renders them
+                update = None if fit.camera.is_identity else ad.camera_head_update(run.config["train"]["head"], camera, lut)
+                aligned = update if update not in (None, "refit") else None
+                if update == "refit":  # every training view, as adapt renders them
                     n, v = train.shape[:2]
                     make = ad._training_views(run, ad._training_files(run, n), v, engine.batch, 2)
                     rendered = ad.rendered_features(engine, camera, make, n * v, correction=lut).reshape(n, v, -1)

@@ -367,6 +367,15 @@ def rendered_features(engine, camera, make_view: Callable[[int], np.ndarray], co
 ALIGN_INSTEAD_OF_REFIT = {"prior": "diag"}
 
 
+def camera_head_update(head_kind: str, camera, correction: np.ndarray | None) -> str | None:
+    """What --method camera does to a run's head for what the correction table leaves: "refit" on
+    renderings, an alignment step for the kinds renderings cannot teach (ALIGN_INSTEAD_OF_REFIT),
+    or None where the table undoes all the fit found (the head is kept)."""
+    if not refits_head(camera, correction):
+        return None
+    return ALIGN_INSTEAD_OF_REFIT.get(head_kind, "refit")
+
+
 def refit_head(run, features: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
     """The run's selected head (same kind and options, config.json head_selection) fitted again on
     `features` ((N, V, D) views of its training images): the layout the exporters already ship.
@@ -505,11 +514,11 @@ def adapt(run_path: Path, unlabeled: Path, out: Path, *, method: str = DEFAULT_M
                 # the curve and back won back less where the shifts cost most (training-split protocol
                 # below, tone shifts only, mean share won back: ants/bees 75% kept vs 34% refitted;
                 # caltech50 126% vs 221%, where the refit on more views beats even the unshifted head).
-                aligned = ALIGN_INSTEAD_OF_REFIT.get(run.config["train"]["head"]) if refits_head(camera, lut) else None
-                record["camera"]["head_refitted"] = refits_head(camera, lut) and aligned is None
-                if aligned is not None:  # the target features (through the table, if any) onto the training ones
-                    record["camera"]["aligned_instead_of_refit"] = aligned
-                    step = step or aligned
+                update = camera_head_update(run.config["train"]["head"], camera, lut)
+                record["camera"]["head_refitted"] = update == "refit"
+                if update not in (None, "refit"):  # the target features (through the table, if any) onto the training ones
+                    record["camera"]["aligned_instead_of_refit"] = update
+                    step = step or update
                 if record["camera"]["head_refitted"]:
                     # Every view the head was trained on, rendered: the new camera gets as many (and
                     # as varied) views as the old one. Measured on training images only (head on half

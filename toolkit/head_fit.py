@@ -136,6 +136,11 @@ def _check(features: np.ndarray, labels: np.ndarray, n_classes: int) -> None:
         raise EdgetuneError(f"Labels must lie in 0..{n_classes - 1}.")
 
 
+def usable_heads(names, prior: Prior | None) -> list[str]:
+    """`names` less the heads that need a prior, where there is none."""
+    return [n for n in names if prior is not None or not HEADS[n].needs_prior]
+
+
 def _prior_kwargs(name: str, prior: Prior | None) -> dict[str, Any]:
     if not HEADS[name].needs_prior:
         return {}

@@ -150,10 +150,10 @@ def _folder_classes(data: Path) -> list[str] | None:
 
 
 def _choose_head(manifest_head: str, features, labels, n_classes: int, seed: int, prior=None):
-    from toolkit.head_fit import HEADS, cross_validate
+    from toolkit.head_fit import HEADS, cross_validate, usable_heads
 
-    known = manifest_head in HEADS and (prior is not None or not HEADS[manifest_head].needs_prior)
-    names = [manifest_head] if known else [n for n in HEADS if prior is not None or not HEADS[n].needs_prior]
+    known = manifest_head in usable_heads(HEADS, prior)
+    names = [manifest_head] if known else usable_heads(HEADS, prior)
     note = (f"the bundle's head recipe ({manifest_head})" if known else
             f"the bundle's head '{manifest_head}' is not one this edgetune knows: the best head by cross-validation")
     counts = np.bincount(labels, minlength=n_classes)

@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from toolkit.head_fit import HEADS, CVResult, HeadParams, Prior, cross_validate, fit_head, one_blas_thread
+from toolkit.head_fit import HEADS, CVResult, HeadParams, Prior, cross_validate, fit_head, one_blas_thread, usable_heads
 
 logger = logging.getLogger(__name__)
 
@@ -106,8 +106,7 @@ def select_head(requested: str, features: np.ndarray, labels: np.ndarray, n_clas
     backbone's own classifier (heads that need one are candidates only with it)."""
     options = options or {}
     counts = np.bincount(labels, minlength=n_classes)
-    names = [n for n in candidates if prior is not None or not HEADS[n].needs_prior] if requested == "auto" \
-        else [requested]
+    names = usable_heads(candidates, prior) if requested == "auto" else [requested]
     if counts.min() < 2 or (requested == "auto" and counts.min() <= FEW_SHOT_MAX):
         rule, rule_options = few_shot_rule(prior, int(counts.min()))
         name = rule if requested == "auto" else requested
@@ -147,8 +146,8 @@ def _with_generated(features, labels, n_classes, seed, augment):
 
 def with_shots(dataset, shots: int | None, seed: int, where: str):
     """`dataset` (a toolkit.data.Dataset) cut to `shots` images per class as `--shots` keeps them;
-    unchanged when shots is None. Training and every later reader of the run's training images
-    (exports' feature memory and calibration images) call this, so they see the same images."""
+    unchanged when shots is None. Training and the exports' feature memory call this, so the memory
+    holds the images the head learnt from."""
     if shots is None:
         return dataset
     import dataclasses
