@@ -345,3 +345,33 @@ def test_a_stopped_sgd_path_keeps_the_checkpoints_it_reached():
                          stop=lambda latest: asked.append(len(latest)) or len(asked) == 2)
     assert asked == [2, 2]  # every fold's latest snapshot, at each checkpoint until it said stop
     assert [[o["epochs"] for o, _ in p] for p in paths] == [list(SGD_EPOCH_CHECKPOINTS[:2])] * 2
+
+
+@pytest.mark.parametrize("name", ["logreg", "imprint", "linear", "mlp"])
+def test_heads_streamed_from_float16_match_the_whole_array_fit(name, monkeypatch):
+    # A run too big for ROWS_BUDGET is fitted from its float16 cache a chunk at a time: the same
+    # head as the dense fit, to float rounding, and never a float32 copy of all its rows.
+    import toolkit.head_fit as hf
+
+    x, y = blobs(n_per_class=40, n_classes=3, d=16, spread=0.8, views=3, seed=2)
+    x = x.astype(np.float16)
+    opts = {"mlp": {"hidden": 8, "epochs": 5}, "linear": {"epochs": 5}}.get(name, {})
+    dense = fit_head(name, x, y, 3, **opts)
+    monkeypatch.setattr(hf, "ROWS_BUDGET", 40 * 16 * 4)  # 40 rows held at most
+    monkeypatch.setattr(hf, "CHUNK_ROWS", 32)
+    casts = []
+    real_asarray = np.asarray
+
+    def counting(a, *args, **kwargs):
+        out = real_asarray(a, *args, **kwargs)
+        if kwargs.get("dtype") is np.float32 and out.ndim == 2 and out.shape[1] == 16:
+            casts.append(len(out))
+        return out
+
+    monkeypatch.setattr(hf.np, "asarray", counting)
+    streamed = fit_head(name, x, y, 3, **opts)
+    monkeypatch.undo()
+    assert casts and max(casts) <= 32
+    for key, value in dense.tensors.items():  # L-BFGS stops within its tolerance of the same optimum
+        np.testing.assert_allclose(streamed.tensors[key], value, rtol=1e-2, atol=1e-3, err_msg=key)
+    np.testing.assert_array_equal(head_logits(streamed, x[:, 0]).argmax(1), head_logits(dense, x[:, 0]).argmax(1))

@@ -45,6 +45,10 @@ COSINE_SCALE = 10.0  # softmax scale of the cosine heads: confident but not satu
 # weight, measured on the training splits: toolkit.selection.prior_rule_weight.
 PRIOR_WEIGHTS = (0.1, 0.25, 0.5, 1.0)
 CHUNK_ROWS = 8192  # feature rows cast to float32 at a time where the work streams (logits, prototypes)
+# float32 rows one head fit may hold whole (about 6,000 images x 5 views of 1,280 features). Larger
+# sets are re-read from the float16 cache CHUNK_ROWS at a time on every pass: held whole, each fold
+# of a 50,000-image run was 0.8 GB of float32 per copy, and head selection added 5-7x the features.
+ROWS_BUDGET = 160 * 2**20
 
 
 @dataclass(frozen=True)
@@ -230,6 +234,95 @@ def _standardizer(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return x.mean(0).astype(np.float32), (1.0 / np.maximum(x.std(0), MIN_FEATURE_STD)).astype(np.float32)
 
 
+class _Rows:
+    """Rows `idx` of x (any float dtype: the float16 cache) as float32, read in order by `chunks()`.
+    Held whole when they fit ROWS_BUDGET (then a fit is the same arithmetic as on one dense array),
+    else cast again chunk by chunk on every pass, so a fit's memory stays bounded however many
+    images a run has. `standardize()` / `normalize()` fix the frame the chunks come in."""
+
+    def __init__(self, x: np.ndarray, idx: np.ndarray | None = None):
+        self.x = x
+        self.idx = np.arange(len(x)) if idx is None else np.asarray(idx)
+        self.n = len(self.idx)
+        whole = self.n * x.shape[1] * 4 <= ROWS_BUDGET
+        self._whole = np.asarray(x[self.idx], dtype=np.float32) if whole else None
+        self._frame: Callable[[np.ndarray, slice], np.ndarray] | None = None
+
+    def _raw(self):
+        if self._whole is not None:
+            yield slice(0, self.n), self._whole
+            return
+        for start in range(0, self.n, CHUNK_ROWS):
+            part = slice(start, min(start + CHUNK_ROWS, self.n))
+            yield part, np.asarray(self.x[self.idx[part]], dtype=np.float32)
+
+    def chunks(self):
+        for part, chunk in self._raw():
+            yield part, chunk if self._whole is not None or self._frame is None else self._frame(chunk, part)
+
+    def _set_frame(self, frame: Callable[[np.ndarray, slice], np.ndarray]) -> None:
+        if self._whole is not None:
+            self._whole = frame(self._whole, slice(0, self.n))
+        else:
+            self._frame = frame
+
+    def moments(self) -> tuple[np.ndarray, np.ndarray]:
+        """The rows' per-feature mean and 1 / std (floored as the exported head floors it)."""
+        if self._whole is not None:
+            return _standardizer(self._whole)
+        total = np.zeros(self.x.shape[1])  # two passes, accumulated in float64
+        for _, chunk in self._raw():
+            total += chunk.sum(0, dtype=np.float64)
+        mean = total / self.n
+        square = np.zeros(self.x.shape[1])
+        for _, chunk in self._raw():
+            square += ((chunk - mean) ** 2).sum(0)
+        return mean.astype(np.float32), (1.0 / np.maximum(np.sqrt(square / self.n), MIN_FEATURE_STD)).astype(np.float32)
+
+    def standardize(self) -> tuple[np.ndarray, np.ndarray]:
+        """Centre and scale the rows by their own moments; returns (mean, inv_std)."""
+        mean, inv_std = self.moments()
+
+        def frame(c, _):
+            c -= mean
+            c *= inv_std
+            return c
+
+        self._set_frame(frame)
+        return mean, inv_std
+
+    def normalize(self) -> float:
+        """Scale every row to unit L2 norm; returns the rows' median norm."""
+        norms = np.zeros(self.n, np.float32)
+        for part, chunk in self._raw():
+            norms[part] = np.linalg.norm(chunk, axis=1)
+        safe = np.maximum(norms, 1e-6)[:, None]
+
+        def frame(c, part):
+            c /= safe[part]
+            return c
+
+        self._set_frame(frame)
+        return float(np.median(norms))
+
+
+def _softmax_pass(rows: _Rows, wt: np.ndarray, bias: np.ndarray | float, scale: float, onehot: np.ndarray,
+                  weight: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
+    """The weighted cross-entropy -sum_i weight_i * log softmax(scale * (x_i @ wt) + bias)[y_i]
+    over the rows, and its gradients by (x @ wt) (as (K, D), without `scale`) and by the bias, in
+    one pass: each chunk of a streamed set is cast once per evaluation of the loss."""
+    value, grad_w, grad_b = 0.0, np.zeros((wt.shape[1], rows.x.shape[1])), np.zeros(wt.shape[1])
+    for part, chunk in rows.chunks():
+        z = scale * (chunk @ wt) + bias
+        z -= z.max(1, keepdims=True)
+        logp = z - np.log(np.exp(z).sum(1, keepdims=True))
+        g = (np.exp(logp) - onehot[part]) * weight[part, None]
+        value -= float((weight[part] * (onehot[part] * logp).sum(1)).sum())
+        grad_w += (g.T @ chunk).astype(np.float64)
+        grad_b += g.sum(0, dtype=np.float64)
+    return value, grad_w, grad_b
+
+
 def _balanced_weights(y: np.ndarray, n_classes: int) -> np.ndarray:
     """Per-sample weights giving every class the same total: a class with 3 images is not
     swamped by one with 300 (a no-op on balanced sets)."""
@@ -247,7 +340,7 @@ def _linear(mean, inv_std, weight, bias, name: str, options: dict[str, Any]) -> 
 # -- logistic regression (SciPy's L-BFGS-B on the multinomial log-loss) ---------------------------
 
 
-def _logreg_path(x, y, n_classes, seed, *, final=False, C=None, max_iter: int = 300, **_):
+def _logreg_path(x, y, n_classes, seed, *, final=False, rows=None, C=None, max_iter: int = 300, **_):
     """scikit-learn's LogisticRegression(C, lbfgs, tol=1e-3, warm starts along the C path) on the
     balanced sample weights, written as its objective for SciPy's L-BFGS-B: the weighted mean
     log-loss + ||W||^2 / (2 C sum(weights)), intercept unpenalised, same solver options. Not
@@ -255,9 +348,9 @@ def _logreg_path(x, y, n_classes, seed, *, final=False, C=None, max_iter: int = 
     x86), and every fit agrees with it (tests/test_head_fit.py)."""
     from scipy.optimize import minimize
 
-    x = np.asarray(x, dtype=np.float32)
-    mean, inv_std = _standardizer(x)
-    xs = np.ascontiguousarray((x - mean) * inv_std, dtype=np.float32)
+    xs = _Rows(x, rows)
+    y = np.asarray(y)[xs.idx]
+    mean, inv_std = xs.standardize()
     present = np.unique(y)
     cs = (C,) if C is not None else LOGREG_C
     k, d = len(present), x.shape[1]
@@ -278,13 +371,10 @@ def _logreg_path(x, y, n_classes, seed, *, final=False, C=None, max_iter: int = 
 
             def loss(flat, lam=lam):
                 wm = flat.reshape(k, d + 1)
-                z = xs @ wm[:, :d].T.astype(np.float32) + wm[:, d].astype(np.float32)
-                z -= z.max(1, keepdims=True)
-                logp = z - np.log(np.exp(z).sum(1, keepdims=True))
-                g = (np.exp(logp) - onehot) * swn[:, None]
-                value = -float((swn * (onehot * logp).sum(1)).sum()) + 0.5 * lam * float((wm[:, :d] ** 2).sum())
-                grad = np.hstack([(g.T @ xs).astype(np.float64) + lam * wm[:, :d], g.sum(0, dtype=np.float64)[:, None]])
-                return value, grad.ravel()
+                value, grad_w, grad_b = _softmax_pass(xs, wm[:, :d].T.astype(np.float32), wm[:, d].astype(np.float32),
+                                                      1.0, onehot, swn)
+                value += 0.5 * lam * float((wm[:, :d] ** 2).sum())
+                return value, np.hstack([grad_w + lam * wm[:, :d], grad_b[:, None]]).ravel()
 
             wb = minimize(loss, wb.ravel(), jac=True, method="L-BFGS-B",
                           options={"maxiter": max_iter, "maxls": 50, "gtol": 1e-3,
@@ -298,22 +388,23 @@ def _logreg_path(x, y, n_classes, seed, *, final=False, C=None, max_iter: int = 
 # -- prototypes and imprinting (cosine heads) ----------------------------------------------------
 
 
-def _cosine_frame(x: np.ndarray):
-    """L2-normalised raw features. The L2 norm is not a linear layer, but the argmax of a bias-free
+def _cosine_frame(rows: _Rows):
+    """L2-normalise the raw feature rows; returns the head's identity standardisation and the rows'
+    typical norm. The L2 norm is not a linear layer, but the argmax of a bias-free
     linear layer is scale invariant, so a cosine head exports exactly as x @ W.T with W divided by
     the typical norm. No centring or whitening: SimpleShot centres on a base-class mean we do not
     have, and a mean / per-channel std from a few support images is noise. Measured on the ants/bees
     TRAINING split only (K shots per class, scored on the other training images, 20 seeds): 1-shot
     0.81 raw vs 0.65 centred + whitened; 5-shot 0.934 vs 0.938."""
-    d = x.shape[1]
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return (np.zeros(d, np.float32), np.ones(d, np.float32), x / np.maximum(norms, 1e-6),
-            float(np.median(norms)))
+    d = rows.x.shape[1]
+    typical = rows.normalize()
+    return np.zeros(d, np.float32), np.ones(d, np.float32), typical
 
 
-def _class_means(xn: np.ndarray, y: np.ndarray, n_classes: int) -> np.ndarray:
-    means = np.zeros((n_classes, xn.shape[1]), np.float64)
-    np.add.at(means, y, xn)
+def _class_means(rows: _Rows, y: np.ndarray, n_classes: int) -> np.ndarray:
+    means = np.zeros((n_classes, rows.x.shape[1]), np.float64)
+    for part, chunk in rows.chunks():
+        np.add.at(means, y[part], chunk)
     means /= np.maximum(np.bincount(y, minlength=n_classes), 1)[:, None]
     return means / np.maximum(np.linalg.norm(means, axis=1, keepdims=True), 1e-6)
 
@@ -391,21 +482,21 @@ def _prior_folds(x, y, rows, n_classes, seeds, *, prior: Prior, weight=None, **_
     return paths
 
 
-def _imprint_path(x, y, n_classes, seed, *, final=False, reg=None, **_):
+def _imprint_path(x, y, n_classes, seed, *, final=False, rows=None, reg=None, **_):
     """Weight imprinting, then light fine-tuning: the prototypes start a bias-free cosine softmax
     that L-BFGS fine-tunes on all views, with an L2 pull back to the prototypes (strong pull = few
     shots trust the prototypes; weak pull = enough images to move)."""
     from scipy.optimize import minimize
-    from scipy.special import log_softmax
 
-    mean, inv_std, xn, typical = _cosine_frame(np.asarray(x, dtype=np.float32))
+    xn = _Rows(x, rows)
+    y = np.asarray(y)[xn.idx]
+    mean, inv_std, typical = _cosine_frame(xn)
     w0 = _class_means(xn, y, n_classes)
     present = np.unique(y)
     sw = _balanced_weights(y, n_classes)
     sw = (sw / sw.sum()).astype(np.float32)
     # The two (rows x features) products run in float32: they are the whole cost (float64 doubled
     # it), and the optimiser's own state, the pull and the loss stay float64.
-    xn32 = np.ascontiguousarray(xn, dtype=np.float32)
     onehot = np.eye(n_classes, dtype=np.float32)[y]
     out = []
     w = w0.copy()
@@ -413,12 +504,9 @@ def _imprint_path(x, y, n_classes, seed, *, final=False, reg=None, **_):
 
         def loss(flat, lam=lam):
             wm = flat.reshape(w0.shape)
-            logp = log_softmax(COSINE_SCALE * (xn32 @ wm.T.astype(np.float32)), axis=1)
-            p = np.exp(logp)
+            value, grad_w, _ = _softmax_pass(xn, wm.T.astype(np.float32), 0.0, COSINE_SCALE, onehot, sw)
             diff = wm - w0
-            value = -float((sw * (onehot * logp).sum(1)).sum()) + 0.5 * lam * (diff * diff).sum()
-            grad = COSINE_SCALE * (((p - onehot) * sw[:, None]).T @ xn32).astype(np.float64) + lam * diff
-            return value, grad.ravel()
+            return value + 0.5 * lam * (diff * diff).sum(), (COSINE_SCALE * grad_w + lam * diff).ravel()
 
         w = minimize(loss, w.ravel(), jac=True, method="L-BFGS-B", options={"maxiter": 100}).x.reshape(w0.shape)
         out.append(({"reg": lam}, _cosine_head(mean, inv_std, w, typical, "imprint", {"reg": lam}, n_classes, present)))
@@ -532,7 +620,7 @@ def _train_sgd(kind, x, y, rows, n_classes, seeds, checkpoints, *, views: int = 
     folds, d = len(rows), x.shape[1]
     sizes = [len(r) // views for r in rows]  # images per fold
     n_max = max(sizes)
-    stats = [_standardizer(x[r].astype(np.float32)) for r in rows]
+    stats = [_Rows(x, r).moments() for r in rows]
     y = np.asarray(y, np.int64)
     weights = np.zeros((folds, len(y)), np.float32)
     for f, r in enumerate(rows):
@@ -770,7 +858,7 @@ def cross_validate(names, features: np.ndarray, labels: np.ndarray, n_classes: i
             paths = fitter.folds_path(x_all, y_all, rows, n_classes, seeds, views=group,
                                       stop=_path_stopper(views, labels, splits), **extra, **opts_in)
         else:
-            paths = [fitter.path(x_all[r].astype(np.float32), y_all[r], n_classes, s, views=group, **extra, **opts_in)
+            paths = [fitter.path(x_all, y_all, n_classes, s, rows=r, views=group, **extra, **opts_in)
                      for r, s in zip(rows, seeds)]
         return paths, (time.perf_counter() - t0) / len(splits)
 
