@@ -44,7 +44,7 @@ COSINE_SCALE = 10.0  # softmax scale of the cosine heads: confident but not satu
 # that CV scores (no weight is simpler than another: CV's best mean decides). The few-shot rule's
 # weight, measured on the training splits: toolkit.selection.prior_rule_weight.
 PRIOR_WEIGHTS = (0.1, 0.25, 0.5, 1.0)
-CHUNK_ROWS = 8192  # feature rows cast to float32 at a time where the work streams (logits, prototypes)
+CHUNK_ROWS = 4096  # feature rows cast to float32 at a time where the work streams (logits, prototypes)
 # float32 rows one head fit may hold whole (about 6,000 images x 5 views of 1,280 features). Larger
 # sets are re-read from the float16 cache CHUNK_ROWS at a time on every pass: held whole, each fold
 # of a 50,000-image run was 0.8 GB of float32 per copy, and head selection added 5-7x the features.
@@ -270,14 +270,17 @@ class _Rows:
         """The rows' per-feature mean and 1 / std (floored as the exported head floors it)."""
         if self._whole is not None:
             return _standardizer(self._whole)
-        total = np.zeros(self.x.shape[1])  # two passes, accumulated in float64
+        # Two passes, summed in float64, in place on each fresh float32 chunk (a float64 copy of a
+        # chunk was most of a streamed fit's memory).
+        total = np.zeros(self.x.shape[1])
         for _, chunk in self._raw():
             total += chunk.sum(0, dtype=np.float64)
-        mean = total / self.n
+        mean = (total / self.n).astype(np.float32)
         square = np.zeros(self.x.shape[1])
         for _, chunk in self._raw():
-            square += ((chunk - mean) ** 2).sum(0)
-        return mean.astype(np.float32), (1.0 / np.maximum(np.sqrt(square / self.n), MIN_FEATURE_STD)).astype(np.float32)
+            chunk -= mean
+            square += np.square(chunk, out=chunk).sum(0, dtype=np.float64)
+        return mean, (1.0 / np.maximum(np.sqrt(square / self.n), MIN_FEATURE_STD)).astype(np.float32)
 
     def standardize(self) -> tuple[np.ndarray, np.ndarray]:
         """Centre and scale the rows by their own moments; returns (mean, inv_std)."""
