@@ -375,3 +375,21 @@ def test_heads_streamed_from_float16_match_the_whole_array_fit(name, monkeypatch
     for key, value in dense.tensors.items():  # L-BFGS stops within its tolerance of the same optimum
         np.testing.assert_allclose(streamed.tensors[key], value, rtol=1e-2, atol=1e-3, err_msg=key)
     np.testing.assert_array_equal(head_logits(streamed, x[:, 0]).argmax(1), head_logits(dense, x[:, 0]).argmax(1))
+
+
+@pytest.mark.parametrize("name", sorted(HEADS))
+def test_a_path_on_some_rows_is_the_path_on_a_copy_of_those_rows(name):
+    # Cross-validation hands each fold to a head as row indices into the shared features.
+    from toolkit.head_fit import Prior
+
+    x, y = blobs(n_per_class=20, n_classes=3, d=16, spread=0.8, seed=4)
+    rows = np.random.default_rng(0).permutation(len(y))[:40]
+    kw = {"prior": Prior(np.random.default_rng(1).normal(0, 0.3, (7, 16)).astype(np.float32), np.zeros(7, np.float32))} \
+        if HEADS[name].needs_prior else {}
+    kw.update({"hidden": 8, "epochs": 5} if name == "mlp" else {"epochs": 5} if name == "linear" else {})
+    on_rows = HEADS[name].path(x, y, 3, 0, rows=rows, **kw)
+    on_copy = HEADS[name].path(x[rows], y[rows], 3, 0, **kw)
+    assert [o for o, _ in on_rows] == [o for o, _ in on_copy]
+    for (_, a), (_, b) in zip(on_rows, on_copy):
+        for key in b.tensors:
+            np.testing.assert_array_equal(a.tensors[key], b.tensors[key], err_msg=key)

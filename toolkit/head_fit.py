@@ -91,9 +91,10 @@ class HeadParams:
 class HeadFitter:
     name: str
     kind: str
-    # path(x, y, n_classes, seed, **options) -> [(options, HeadParams)], one per hyperparameter
-    # setting reached along one fit (C path with warm starts, epoch checkpoints): CV scores them all
-    # for the price of one fit.
+    # path(x, y, n_classes, seed, rows=None, **options) -> [(options, HeadParams)], one per
+    # hyperparameter setting reached along one fit (C path with warm starts, epoch checkpoints): CV
+    # scores them all for the price of one fit. `rows` picks the rows of (x, y) it fits on (a CV
+    # fold), read from x as they are needed: no fold is copied whole.
     path: Callable[..., list[tuple[dict[str, Any], HeadParams]]]
     summary: str
     # folds_path(x, y, [rows, ...], n_classes, seeds, **options) -> one path per row subset of the
@@ -520,9 +521,9 @@ def _imprint_path(x, y, n_classes, seed, *, final=False, rows=None, reg=None, **
 
 
 def _sgd_path(kind: str):
-    def path(x, y, n_classes, seed, *, final=False, epochs=None, views=1, **options):
-        return _sgd_folds(kind, x, y, [np.arange(len(y))], n_classes, [seed], epochs=epochs, views=views,
-                          **options)[0]
+    def path(x, y, n_classes, seed, *, final=False, rows=None, epochs=None, views=1, **options):
+        return _sgd_folds(kind, x, y, [np.arange(len(y)) if rows is None else np.asarray(rows)], n_classes, [seed],
+                          epochs=epochs, views=views, **options)[0]
 
     return path
 
