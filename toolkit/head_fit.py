@@ -248,6 +248,7 @@ class _Rows:
         whole = self.n * x.shape[1] * 4 <= ROWS_BUDGET
         self._whole = np.asarray(x[self.idx], dtype=np.float32) if whole else None
         self._frame: Callable[[np.ndarray, slice], np.ndarray] | None = None
+        self._framed = False
 
     def _raw(self):
         if self._whole is not None:
@@ -262,6 +263,10 @@ class _Rows:
             yield part, chunk if self._whole is not None or self._frame is None else self._frame(chunk, part)
 
     def _set_frame(self, frame: Callable[[np.ndarray, slice], np.ndarray]) -> None:
+        # One frame per set of rows: held whole, frames would stack; streamed, a second would
+        # replace the first, and moments / norms would read framed rows in one case, raw in the other.
+        assert not self._framed, "the rows already have a frame"
+        self._framed = True
         if self._whole is not None:
             self._whole = frame(self._whole, slice(0, self.n))
         else:
@@ -269,6 +274,7 @@ class _Rows:
 
     def moments(self) -> tuple[np.ndarray, np.ndarray]:
         """The rows' per-feature mean and 1 / std (floored as the exported head floors it)."""
+        assert not self._framed, "moments are of the raw rows"
         if self._whole is not None:
             return _standardizer(self._whole)
         # Two passes, summed in float64, in place on each fresh float32 chunk (a float64 copy of a
@@ -310,18 +316,22 @@ class _Rows:
         return float(np.median(norms))
 
 
-def _softmax_pass(rows: _Rows, wt: np.ndarray, bias: np.ndarray | float, scale: float, onehot: np.ndarray,
+def _softmax_pass(rows: _Rows, wt: np.ndarray, bias: np.ndarray | float, scale: float, target: np.ndarray,
                   weight: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
-    """The weighted cross-entropy -sum_i weight_i * log softmax(scale * (x_i @ wt) + bias)[y_i]
+    """The weighted cross-entropy -sum_i weight_i * log softmax(scale * (x_i @ wt) + bias)[target_i]
     over the rows, and its gradients by (x @ wt) (as (K, D), without `scale`) and by the bias, in
-    one pass: each chunk of a streamed set is cast once per evaluation of the loss."""
+    one pass: each chunk of a streamed set is cast once per evaluation of the loss. Targets are
+    column indices, not a rows x classes one-hot (250,000 rows of 257 classes would be 257 MB)."""
     value, grad_w, grad_b = 0.0, np.zeros((wt.shape[1], rows.x.shape[1])), np.zeros(wt.shape[1])
     for part, chunk in rows.chunks():
         z = scale * (chunk @ wt) + bias
         z -= z.max(1, keepdims=True)
         logp = z - np.log(np.exp(z).sum(1, keepdims=True))
-        g = (np.exp(logp) - onehot[part]) * weight[part, None]
-        value -= float((weight[part] * (onehot[part] * logp).sum(1)).sum())
+        at = (np.arange(len(chunk)), target[part])
+        g = np.exp(logp)
+        g[at] -= 1.0
+        g *= weight[part, None]
+        value -= float((weight[part] * logp[at]).sum())
         grad_w += (g.T @ chunk).astype(np.float64)
         grad_b += g.sum(0, dtype=np.float64)
     return value, grad_w, grad_b
@@ -361,7 +371,7 @@ def _logreg_path(x, y, n_classes, seed, *, final=False, rows=None, C=None, max_i
     sw = _balanced_weights(y, n_classes)
     sw_sum = float(sw.sum())
     swn = (sw / sw_sum).astype(np.float32)
-    onehot = (np.asarray(y)[:, None] == present[None, :]).astype(np.float32)
+    target = np.searchsorted(present, y)  # each row's column among the classes present
     wb = np.zeros((k, d + 1))  # [W | b] over the classes present
     out = []
     for c in sorted(cs):  # increasing C: each fit starts where the stronger-L2 one ended
@@ -376,7 +386,7 @@ def _logreg_path(x, y, n_classes, seed, *, final=False, rows=None, C=None, max_i
             def loss(flat, lam=lam):
                 wm = flat.reshape(k, d + 1)
                 value, grad_w, grad_b = _softmax_pass(xs, wm[:, :d].T.astype(np.float32), wm[:, d].astype(np.float32),
-                                                      1.0, onehot, swn)
+                                                      1.0, target, swn)
                 value += 0.5 * lam * float((wm[:, :d] ** 2).sum())
                 return value, np.hstack([grad_w + lam * wm[:, :d], grad_b[:, None]]).ravel()
 
@@ -501,14 +511,13 @@ def _imprint_path(x, y, n_classes, seed, *, final=False, rows=None, reg=None, **
     sw = (sw / sw.sum()).astype(np.float32)
     # The two (rows x features) products run in float32: they are the whole cost (float64 doubled
     # it), and the optimiser's own state, the pull and the loss stay float64.
-    onehot = np.eye(n_classes, dtype=np.float32)[y]
     out = []
     w = w0.copy()
     for lam in ((reg,) if reg is not None else IMPRINT_REG):  # decreasing pull: warm starts
 
         def loss(flat, lam=lam):
             wm = flat.reshape(w0.shape)
-            value, grad_w, _ = _softmax_pass(xn, wm.T.astype(np.float32), 0.0, COSINE_SCALE, onehot, sw)
+            value, grad_w, _ = _softmax_pass(xn, wm.T.astype(np.float32), 0.0, COSINE_SCALE, y, sw)
             diff = wm - w0
             return value + 0.5 * lam * (diff * diff).sum(), (COSINE_SCALE * grad_w + lam * diff).ravel()
 
@@ -867,8 +876,8 @@ def cross_validate(names, features: np.ndarray, labels: np.ndarray, n_classes: i
         return paths, (time.perf_counter() - t0) / len(splits)
 
     # Two single-threaded workers (one BLAS thread each), longest head first, so both
-    # cores stay busy to the end. Two, not one per core: each fit holds its own fold copies, and
-    # two is what the memory figures were measured with. Every fit is deterministic on its own,
+    # cores stay busy to the end. Two, not one per core: each fit may hold its fold's rows whole
+    # (up to ROWS_BUDGET), and two is what the memory figures were measured with. Every fit is deterministic on its own,
     # so the result does not depend on how the workers interleave.
     order = sorted(names, key=lambda n: -HEADS[n].cost)
     from devices.probe import usable_cores
