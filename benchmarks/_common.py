@@ -107,6 +107,14 @@ def command_line() -> str:
     return shlex.join(["python", str(script), *sys.argv[1:]])
 
 
+def run_header(start_load: str, started: float) -> list[str]:
+    """The first lines of a section written at the end of a run: the command, then the machine, the
+    load average at the start and now, and the run's wall time."""
+    return [f"Command: `{command_line()}`  ",
+            f"Machine: {machine_description()}; load average {start_load} -> {load_average()}; "
+            f"{time.perf_counter() - started:.0f} s."]
+
+
 # ------------------------------------------------------------------------------------- timing
 
 

@@ -26,7 +26,7 @@ import numpy as np
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import command_line, load_average, machine_description, update_benchmarks_md  # noqa: E402
+from benchmarks._common import load_average, run_header, update_benchmarks_md  # noqa: E402
 from benchmarks.small_data import DATASETS, default_run, grid, run_features, support_and_query  # noqa: E402
 
 SECTION = "Few-shot backbones"
@@ -93,8 +93,7 @@ def main() -> None:
             val_rows.append(f"| {name} | {backbone} | " + " | ".join(f"{auto[s]:.4f} ({protos[s]:.4f})" for s in VAL_SHOTS)
                             + f" | CV {cv:.4f}, val {full_val:.4f} |")
     lines = [
-        f"Command: `{command_line()}`  ",
-        f"Machine: {machine_description()}; load average {start_load} -> {load_average()}; {time.perf_counter() - t0:.0f} s.",
+        *run_header(start_load, t0),
         "",
         "Decides: the TRAINING-split protocol (K support images per class from the training images, the few-shot "
         "rule's head fitted on their views, scored on every other training image's clean view). "

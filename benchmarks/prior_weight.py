@@ -26,7 +26,7 @@ import numpy as np
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import command_line, load_average, machine_description, update_benchmarks_md  # noqa: E402
+from benchmarks._common import load_average, run_header, update_benchmarks_md  # noqa: E402
 from benchmarks.small_data import default_run, run_features, support_and_query  # noqa: E402
 
 SECTION = "Few-shot prior weight"
@@ -93,9 +93,7 @@ def main() -> None:
                                    for w in (*WEIGHTS, prior_rule_weight(k))) + f" ({prior_rule_weight(k):.3g}) |")
             print(rows[-1], flush=True)
     lines = [
-        f"Command: `{command_line()}`  ",
-        f"Machine: {machine_description()}; load average {start_load} -> {load_average()}; "
-        f"{time.perf_counter() - t0:.0f} s.",
+        *run_header(start_load, t0),
         "",
         "TRAINING-split protocol only (K support images per class from the training images, scored on every other "
         "training image's clean view; val never read). Accuracy, and points over plain feature prototypes:",

@@ -94,9 +94,10 @@ def grid(train, ytr, val, yva, n_classes, shots_list, seeds, heads, vae_shots, v
             t0 = time.perf_counter()
             idx = np.arange(len(ytr)) if shots == "all" else keep_shots(ytr, int(shots), seed, names, "bench")
             x, y = train[idx], ytr[idx]
-            rule, rule_options = few_shot_rule(prior, int(np.bincount(y, minlength=n_classes).min()))
+            smallest = int(np.bincount(y, minlength=n_classes).min())
+            rule, rule_options = few_shot_rule(prior, smallest)
             cell: dict[str, float] = {}
-            if np.bincount(y, minlength=n_classes).min() < 2:  # 1 shot: no CV, each head at its defaults
+            if smallest < 2:  # 1 shot: no CV, each head at its defaults
                 for h in heads:
                     cell[h] = score(fit_head(h, x, y, n_classes, seed=seed, prior=prior,
                                              **(rule_options if h == rule else {})))
@@ -107,7 +108,7 @@ def grid(train, ytr, val, yva, n_classes, shots_list, seeds, heads, vae_shots, v
                 for h in heads:
                     cell[h] = score(fit_head(h, x, y, n_classes, seed=seed, prior=prior, **fits[h].options))
                 best = cv.best
-                if np.bincount(y, minlength=n_classes).min() <= FEW_SHOT_MAX:  # auto's few-shot rule
+                if smallest <= FEW_SHOT_MAX:  # auto's few-shot rule
                     cell["auto"] = score(fit_head(rule, x, y, n_classes, seed=seed, prior=prior, **rule_options))
                 elif best.options == fits[best.name].options:
                     cell["auto"] = cell[best.name]

@@ -194,6 +194,18 @@ def encode_memory(features, labels, prior=None) -> bytes:
     return buf.getvalue()
 
 
+def decode_memory(path: Path):
+    """features.npz as `encode_memory` wrote it: (features float32, labels int64, the head's Prior or None)."""
+    import numpy as np
+
+    from toolkit.head_fit import Prior
+
+    with np.load(path) as d:
+        prior = Prior(d["prior_weight"].astype(np.float32), d["prior_bias"].astype(np.float32)) \
+            if "prior_weight" in d.files else None
+        return d["features"].astype(np.float32), d["labels"].astype(np.int64), prior
+
+
 def memory_manifest(features, labels, labels_names: list[str], *, cap: int = MEMORY_PER_CLASS) -> dict[str, Any]:
     import numpy as np
 

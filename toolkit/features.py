@@ -481,10 +481,10 @@ def imagenet_prior(spec: BackboneSpec):
         linear = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
         if not linear or linear[-1].in_features != spec.feature_dim:
             return None
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
-        np.savez(tmp, weight=linear[-1].weight.detach().numpy(), bias=linear[-1].bias.detach().numpy())
-        os.replace(tmp, path)
+        from toolkit import atomic
+
+        with atomic.open_for_write(path) as f:
+            np.savez(f, weight=linear[-1].weight.detach().numpy(), bias=linear[-1].bias.detach().numpy())
     with np.load(path) as z:
         return Prior(z["weight"].astype(np.float32), z["bias"].astype(np.float32))
 

@@ -109,16 +109,13 @@ def _warm_imports() -> None:
 
 def _read_memory(bundle: Path, manifest: dict[str, Any]):
     """(features, labels, the head's Prior or None) of the bundle's feature memory."""
-    from toolkit.head_fit import Prior
+    from exporters.bundle import decode_memory
 
     info = manifest.get("feature_memory")
     if not info or not (bundle / info["file"]).is_file():
         raise EdgetuneError(f"{bundle} has no feature memory: re-export it with this edgetune (`edgetune export`) "
                             "so `learn` can keep its classes.")
-    with np.load(bundle / info["file"]) as d:
-        prior = Prior(d["prior_weight"].astype(np.float32), d["prior_bias"].astype(np.float32)) \
-            if "prior_weight" in d.files else None
-        return d["features"].astype(np.float32), d["labels"].astype(np.int64), prior
+    return decode_memory(bundle / info["file"])
 
 
 def _dataset_views(dataset, size: int, what: str, correction: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
