@@ -118,7 +118,6 @@ class Prepared:
     min_side: int  # decoded images are shrunk to this shorter side: the views stay byte-identical
     skipped: list[dict[str, str]]
     data_key: str  # fingerprint of the files, for the features cache
-    split: dict[str, Any] = field(default_factory=dict)  # split.json: which files trained, which validated
 
     @property
     def train_labels(self) -> np.ndarray:
@@ -163,7 +162,7 @@ def train(
     progress = progress or (lambda *_: None)
     spec = get_spec(config.backbone)
     plan = _plan_devices(config)  # before decoding: an absent device fails in a second
-    prep = _prepare_data(Path(data), config, spec.input_size, progress)
+    prep, split = _prepare_data(Path(data), config, spec.input_size, progress)
     if not resume:  # a resumed run keeps the precision its config.json records
         from toolkit.precision import choose_backbone_precision
 
@@ -179,7 +178,8 @@ def train(
     from toolkit.data import SPLIT_FILE
 
     # Before training, so evaluate can always tell the run's training images from new ones.
-    atomic.write_json(run.path / SPLIT_FILE, prep.split)
+    atomic.write_json(run.path / SPLIT_FILE, split)
+    del split  # a path and a digest per image: 14 MB at 50,000 images, not needed again
     if config.unfreeze:
         from toolkit.learners import UnfrozenLearner
 
@@ -271,7 +271,8 @@ def _resolve(run: RunDir, data, config, resume: bool):
     return config, Path(data).resolve()
 
 
-def _prepare_data(data: Path, config: TrainConfig, size: int, progress: Progress) -> Prepared:
+def _prepare_data(data: Path, config: TrainConfig, size: int, progress: Progress) -> tuple[Prepared, dict[str, Any]]:
+    """The checked files, and split.json's record of every train and val file."""
     from toolkit.data import check_images, discover, files_key, split_record
     from toolkit.preprocess import eval_resize_shorter
 
@@ -291,7 +292,7 @@ def _prepare_data(data: Path, config: TrainConfig, size: int, progress: Progress
     train_ds, skipped_t = check_images(splits.train, workers=config.workers, progress=tick)
     done[0] = len(splits.train)
     val_ds, skipped_v = check_images(splits.val, workers=config.workers, progress=tick)
-    return Prepared(
+    prep = Prepared(
         classes=train_ds.classes,
         train=train_ds,
         val=val_ds,
@@ -299,8 +300,8 @@ def _prepare_data(data: Path, config: TrainConfig, size: int, progress: Progress
         min_side=eval_resize_shorter(size),
         skipped=[{"path": str(s.path), "reason": s.reason} for s in skipped_t + skipped_v],
         data_key=files_key(train_ds.samples + val_ds.samples),
-        split=split_record(splits),
     )
+    return prep, split_record(splits)
 
 
 def _plan_devices(config: TrainConfig):
