@@ -412,3 +412,27 @@ def test_a_path_on_some_rows_is_the_path_on_a_copy_of_those_rows(name):
     for (_, a), (_, b) in zip(on_rows, on_copy):
         for key in b.tensors:
             np.testing.assert_array_equal(a.tensors[key], b.tensors[key], err_msg=key)
+
+
+@pytest.mark.parametrize("budget", [1 << 30, 0])
+def test_class_means_sum_each_class_in_row_order(budget, monkeypatch):
+    # Imprinting starts from each class's mean unit row: shuffled, unbalanced labels (one class
+    # absent), rows held whole or streamed in chunks that split classes, give np.add.at's sums.
+    import toolkit.head_fit as hf
+
+    monkeypatch.setattr(hf, "ROWS_BUDGET", budget)
+    monkeypatch.setattr(hf, "CHUNK_ROWS", 7)
+    rng = np.random.default_rng(6)
+    x = rng.normal(0, 1, (90, 12)).astype(np.float16)
+    y = rng.choice([0, 1, 3], size=90, p=[0.6, 0.3, 0.1])
+    rows = rng.permutation(90)[:61]
+    expected = np.zeros((4, 12))
+    np.add.at(expected, y[rows], x[rows].astype(np.float32))
+    expected /= np.maximum(np.bincount(y[rows], minlength=4), 1)[:, None]
+    expected /= np.maximum(np.linalg.norm(expected, axis=1, keepdims=True), 1e-6)
+    got = hf._class_means(hf._Rows(x, rows), y[rows], 4)
+    if budget:
+        np.testing.assert_array_equal(got, expected)
+    else:
+        np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-15)
+    assert not got[2].any()
