@@ -130,10 +130,14 @@ def run_train(data: Path, out: Path, code: Path, train_args: list[str]) -> dict:
         # The features cache appears when extraction ends: the RSS peak until then is the data
         # pipeline's own, what follows is head selection on the kept features.
         pipeline_peak, features_done = 0.0, False
+        # A sample counts only if the cache was still absent after it was taken: the sample that
+        # first sees the cache may already hold the start of head selection (SciPy, the prior).
         while os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
             if not features_done:
+                rss = _rss_mb(proc.pid)
                 features_done = any((out / "state").glob("features-*.npz"))
-                pipeline_peak = max(pipeline_peak, _rss_mb(proc.pid))
+                if not features_done:
+                    pipeline_peak = max(pipeline_peak, rss)
             time.sleep(0.2)
     output = log.read_text("utf-8", "replace")
     _, status, usage = os.wait4(proc.pid, 0)  # this child's rusage alone, not the script's
