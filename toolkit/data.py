@@ -34,7 +34,7 @@ _IGNORED_DIRS = {"__MACOSX"}
 SCAN_WINDOW = 8  # files in flight per worker while checking or decoding a set
 
 
-# Slotted: a run holds one per image (50,000 images: 5 MB less than with a __dict__ each).
+# Slotted: a run holds one per image (50,000 images: 2 MB less than with a __dict__ each).
 @dataclass(frozen=True, slots=True)
 class Sample:
     path: Path

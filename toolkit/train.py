@@ -179,7 +179,7 @@ def train(
 
     # Before training, so evaluate can always tell the run's training images from new ones.
     atomic.write_json(run.path / SPLIT_FILE, split)
-    del split  # a path and a digest per image: 14 MB at 50,000 images, not needed again
+    del split  # a path and a digest per image: 20 MB at 50,000 images, not needed again
     if config.unfreeze:
         from toolkit.learners import UnfrozenLearner
 
