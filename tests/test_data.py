@@ -209,6 +209,38 @@ def test_check_images_finds_what_decoding_refuses_and_keeps_no_pixels(tmp_path, 
     assert len(warnings) == 2 and all("Skipped 3 of" in w for w in warnings)  # check, then decode
 
 
+def test_checking_a_set_keeps_a_bounded_few_files_in_flight(tmp_path, make_image_folder, monkeypatch):
+    # A set of any size is checked with at most SCAN_WINDOW files per worker submitted ahead of
+    # the results read back (one future per file of 50,000 held 75 MB), in file order, with
+    # progress counting files in order and bad files still skipped.
+    import toolkit.data as data
+
+    class Counted(list):  # counts the samples taken for submission
+        taken = 0
+
+        def __iter__(self):
+            for sample in super().__iter__():
+                self.taken += 1
+                yield sample
+
+    root = make_image_folder(tmp_path, n=12, size=(40, 30))
+    _write(root / "dogs" / "notes.jpg", b"shopping list")
+    found = discover(root, val_fraction=0.1).train
+    ds = Dataset(Counted(found.samples), found.classes, root)
+    monkeypatch.setattr(data, "SCAN_WINDOW", 2)
+    done, ahead = [], []
+
+    def progress(n):
+        done.append(n)
+        ahead.append(ds.samples.taken - n)
+
+    clean, skipped = data._scan(ds, data.check_image, 2, progress)[1:]
+    assert done == list(range(1, len(ds) + 1))
+    assert 0 < max(ahead) <= 2 * 2
+    assert [s.path.name for s in skipped] == ["notes.jpg"]
+    assert clean.samples == [s for s in found.samples if s.path.name != "notes.jpg"]
+
+
 def test_image_stream_keeps_a_bounded_few_and_decodes_each_once(tmp_path, make_image_folder, monkeypatch):
     import threading
     import time
