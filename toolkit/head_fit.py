@@ -45,9 +45,10 @@ COSINE_SCALE = 10.0  # softmax scale of the cosine heads: confident but not satu
 # weight, measured on the training splits: toolkit.selection.prior_rule_weight.
 PRIOR_WEIGHTS = (0.1, 0.25, 0.5, 1.0)
 CHUNK_ROWS = 4096  # feature rows cast to float32 at a time where the work streams (logits, prototypes)
-# float32 rows one head fit may hold whole (about 6,000 images x 5 views of 1,280 features). Larger
-# sets are re-read from the float16 cache CHUNK_ROWS at a time on every pass: held whole, each fold
-# of a 50,000-image run was 0.8 GB of float32 per copy, and head selection added 5-7x the features.
+# float32 rows a set, or one head fit's fold of it, may hold whole (about 6,000 images x 5 views of
+# 1,280 features): head selection then holds at most the set and a fold per worker as float32.
+# Larger sets are re-read from the float16 cache CHUNK_ROWS at a time on every pass: held whole,
+# each fold of a 50,000-image run was 0.8 GB of float32 per copy, and selection added 5-7x the features.
 ROWS_BUDGET = 160 * 2**20
 
 
