@@ -45,10 +45,10 @@ COSINE_SCALE = 10.0  # softmax scale of the cosine heads: confident but not satu
 # weight, measured on the training splits: toolkit.selection.prior_rule_weight.
 PRIOR_WEIGHTS = (0.1, 0.25, 0.5, 1.0)
 CHUNK_ROWS = 4096  # feature rows cast to float32 at a time where the work streams (logits, prototypes)
-# float32 rows a set, or one head fit's fold of it, may hold whole (about 6,000 images x 5 views of
-# 1,280 features): head selection then holds at most the set and a fold per worker as float32.
-# Larger sets are re-read from the float16 cache CHUNK_ROWS at a time on every pass: held whole,
-# each fold of a 50,000-image run was 0.8 GB of float32 per copy, and selection added 5-7x the features.
+# float32 rows one head fit may hold whole (about 6,000 images x 5 views of 1,280 features; a set
+# within half of it is also held whole once for all heads: _float32_within_budget). Larger sets
+# are re-read from the float16 cache CHUNK_ROWS at a time on every pass: held whole, each fold of a
+# 50,000-image run was 0.8 GB of float32 per copy, and head selection added 5-7x the features.
 ROWS_BUDGET = 160 * 2**20
 
 
@@ -233,11 +233,13 @@ _BLAS_LIMITED = 0  # one_blas_thread blocks open in this process
 
 
 def _float32_within_budget(x: np.ndarray) -> np.ndarray:
-    """`x` as float32 when that fits ROWS_BUDGET, else as it is (the float16 cache, cast where
-    used). The SGD heads gather one batch of rows per step and cast it: on ants/bees that per-step
-    float16 cast was half the SGD linear head's CV time, a cast of the whole set each epoch. The
-    values are the same either way (a float16 -> float32 cast is exact)."""
-    return x.astype(np.float32) if x.dtype != np.float32 and x.size * 4 <= ROWS_BUDGET else x
+    """`x` as float32 when that fits half of ROWS_BUDGET, else as it is (the float16 cache, cast
+    where used). The SGD heads gather one batch of rows per step and cast it: on ants/bees that
+    per-step float16 cast was half the SGD linear head's CV time, a cast of the whole set each
+    epoch. Half: with the two workers' folds (0.8 of the set each) CV then holds at most 2.6 x 80 MB
+    of float32, under the two 160 MB folds a larger set may hold (a set at the full budget, 7,500
+    images, peaked 136 MB higher). The values are the same either way (the cast is exact)."""
+    return x.astype(np.float32) if x.dtype != np.float32 and x.size * 4 <= ROWS_BUDGET // 2 else x
 
 
 def _standardizer(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
