@@ -436,3 +436,23 @@ def test_class_means_sum_each_class_in_row_order(budget, monkeypatch):
     else:
         np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-15)
     assert not got[2].any()
+
+
+def test_float16_rows_cast_exactly_and_copy_only_when_asked():
+    # Head fits cast the float16 feature cache through OpenCV: every float16 value (subnormals,
+    # infinities, NaN) comes out as numpy's own cast, in any shape; float32 is copied only on request.
+    from toolkit.head_fit import _to_float32
+
+    every = np.arange(65536, dtype=np.uint16).view(np.float16)
+    for shape in [(65536,), (256, 256), (64, 4, 256)]:
+        x = every.reshape(shape)
+        got = _to_float32(x[:, ::2] if x.ndim == 2 else x)  # a strided view too
+        want = (x[:, ::2] if x.ndim == 2 else x).astype(np.float32)
+        assert got.dtype == np.float32 and got.shape == want.shape
+        np.testing.assert_array_equal(got, want)  # NaNs compare equal here
+    assert _to_float32(np.zeros((0, 8), np.float16)).shape == (0, 8)
+    x32 = np.ones((3, 4), np.float32)
+    assert np.shares_memory(_to_float32(x32), x32)
+    copied = _to_float32(x32, copy=True)
+    copied += 1
+    assert (x32 == 1).all()
