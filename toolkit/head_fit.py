@@ -251,7 +251,7 @@ def _float32_within_budget(x: np.ndarray) -> np.ndarray:
     per-step float16 cast was half the SGD linear head's CV time, a cast of the whole set each
     epoch. Half: with the two workers' folds (0.8 of the set each) CV then holds at most 2.6 x 80 MB
     of float32, under the two 160 MB folds a larger set may hold (a set at the full budget, 7,500
-    images, peaked 136 MB higher). The values are the same either way (the cast is exact)."""
+    images, peaked 136 MB higher)."""
     return _to_float32(x) if x.dtype != np.float32 and x.size * 4 <= ROWS_BUDGET // 2 else x
 
 
@@ -878,7 +878,7 @@ def cross_validate(names, features: np.ndarray, labels: np.ndarray, n_classes: i
     if given, adds generated training rows inside each fold (never to the held-out images).
     """
     options = options or {}
-    # A float32 copy of the whole set only within ROWS_BUDGET (features are cached as float16).
+    # A float32 copy of the whole set only within half of ROWS_BUDGET (features are cached as float16).
     feats = np.asarray(features)
     views = feats if feats.ndim == 3 else feats[:, None, :]
     labels = np.asarray(labels, dtype=np.int64)
