@@ -30,7 +30,7 @@ import numpy as np
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import (SHARED_DATASETS, cpu_flags, REPO, command_line, load_average, machine_description,  # noqa: E402
+from benchmarks._common import (SHARED_DATASETS, cpu_flags, command_line, load_average, machine_description,  # noqa: E402
                                 update_benchmarks_md)
 
 SECTION = "Small data"

@@ -911,8 +911,8 @@ def cross_validate(names, features: np.ndarray, labels: np.ndarray, n_classes: i
 
     # Two single-threaded workers (one BLAS thread each), longest head first, so both
     # cores stay busy to the end. Two, not one per core: each fit may hold its fold's rows whole
-    # (up to ROWS_BUDGET), and two is what the memory figures were measured with. Every fit is deterministic on its own,
-    # so the result does not depend on how the workers interleave.
+    # (up to ROWS_BUDGET), and two is what the memory figures were measured with. Every fit is
+    # deterministic on its own, so the result does not depend on how the workers interleave.
     order = sorted(names, key=lambda n: -HEADS[n].cost)
     from devices.probe import usable_cores
 
