@@ -1,0 +1,130 @@
+"""Rare classes among many: the few-shot rule against cross-validation, on training splits.
+
+    python benchmarks/rare_classes.py [--datasets hymenoptera caltech50 tabletop] [--runs NAME=RUN ...] [--no-write]
+
+A robot's data often has a class with a handful of images beside classes with many (a new object
+taught from three photos). Both ways a head is fitted meet it: `edgetune train` (every cached view of
+each training image; `--head auto`) and `edgetune learn` (clean views only: the bundle's feature
+memory plus the new images; the bundle's own head recipe). The question: does the few-shot rule
+(toolkit.selection.few_shot_rule, what auto uses once the smallest class has <= FEW_SHOT_MAX images)
+or cross-validation (the zoo's winner for train, the recipe's own path for learn) serve such data?
+
+TRAINING-split protocol only (val never read): each class's training images are split in half
+(seeded); the held-out halves are scored. R classes (drawn per seed) keep K images of their other
+half, every other class keeps its whole half. CV can run from K = 2 (fewer folds when a class has
+fewer than 5 images). Columns: accuracy over all held-out images, the rare classes' recall, the other
+classes' accuracy. Rewrites the "## Rare classes among many" section of BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._common import load_average, run_header, update_benchmarks_md  # noqa: E402
+from benchmarks.prior_weight import tabletop_run  # noqa: E402
+from benchmarks.small_data import default_run, run_features  # noqa: E402
+
+SECTION = "Rare classes among many"
+SHOTS = (2, 3, 5)
+SEEDS = {"hymenoptera": 10, "caltech50": 5, "tabletop": 10}
+RARE = {"hymenoptera": 1, "caltech50": 5, "tabletop": 1}  # classes made rare per seed
+
+
+def scenarios(labels: np.ndarray, n_classes: int, n_rare: int, seed: int):
+    """(held-out images, rare classes, {K: training images}) for one seed."""
+    rng = np.random.default_rng([seed, 99])
+    held, pool = [], []
+    for c in range(n_classes):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        held.append(idx[:len(idx) // 2])
+        pool.append(idx[len(idx) // 2:])
+    rare = rng.choice(n_classes, n_rare, replace=False)
+    train = {k: np.concatenate([p[:k] if c in rare else p for c, p in enumerate(pool)]) for k in SHOTS}
+    return np.concatenate(held), rare, train
+
+
+def compare(features, labels, n_classes: int, seeds: int, n_rare: int, prior, recipe: tuple[str, dict]):
+    """Mean (accuracy, rare recall, others' accuracy) per (setting, method, K)."""
+    from toolkit.head_fit import cross_validate, fit_head, head_logits, usable_heads
+    from toolkit.selection import AUTO_HEADS, few_shot_rule
+
+    scores: dict[tuple[str, str, int], list[tuple[float, float, float]]] = {}
+    for seed in range(seeds):
+        held, rare, train = scenarios(labels, n_classes, n_rare, seed)
+        x_held, y_held = features[held, 0], labels[held]
+        is_rare = np.isin(y_held, rare)
+        for k, tr in train.items():
+            for setting, x in (("train", features[tr]), ("learn", features[tr][:, :1])):
+                y = labels[tr]
+                rule, rule_opts = few_shot_rule(prior, k)
+                names = usable_heads(AUTO_HEADS, prior) if setting == "train" else [recipe[0]]
+                cv = cross_validate(names, x, y, n_classes, seed=0, prior=prior,
+                                    options={} if setting == "train" else {recipe[0]: recipe[1]}).best
+                heads = {"rule": fit_head(rule, x, y, n_classes, prior=prior, **rule_opts),
+                         "cv": fit_head(cv.name, x, y, n_classes, prior=prior, **cv.options)}
+                for method, params in heads.items():
+                    hit = head_logits(params, x_held).argmax(1) == y_held
+                    scores.setdefault((setting, method, k), []).append(
+                        (hit.mean(), hit[is_rare].mean(), hit[~is_rare].mean()))
+        print(f"seed {seed} done", flush=True)
+    return {key: tuple(np.mean(v, axis=0)) for key, v in scores.items()}
+
+
+def main() -> None:
+    from toolkit.backbones import get_spec
+    from toolkit.features import imagenet_prior
+    from toolkit.runs import RunDir
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--datasets", nargs="+", default=list(SEEDS))
+    ap.add_argument("--runs", nargs="*", default=[], metavar="NAME=RUN", help="reuse this run's cached features")
+    ap.add_argument("--no-write", action="store_true")
+    args = ap.parse_args()
+    given = dict(r.split("=", 1) for r in args.runs)
+    t0, start_load = time.perf_counter(), load_average()
+    rows = []
+    for name in args.datasets:
+        out = Path(given[name]) if name in given else tabletop_run() if name == "tabletop" else default_run(name)[1]
+        features, labels, _, _, n_classes = run_features(out)  # val is not used
+        run = RunDir.open(out)
+        prior = imagenet_prior(get_spec(run.spec.name))
+        chosen = run.config.get("head_selection", {})
+        recipe = (chosen.get("selected", "logreg"), {})  # learn refits the recipe; its settings by CV
+        seeds, n_rare = SEEDS.get(name, 10), RARE.get(name, 1)
+        res = compare(features, labels, n_classes, seeds, n_rare, prior, recipe)
+        for setting, cv_name in (("train", "CV over the zoo"), ("learn", f"CV of the run's {recipe[0]}")):
+            for k in SHOTS:
+                cells = [f"{a:.4f} / {r:.4f} / {o:.4f}" for a, r, o in (res[(setting, m, k)] for m in ("rule", "cv"))]
+                delta = [100 * (res[(setting, "rule", k)][i] - res[(setting, "cv", k)][i]) for i in range(3)]
+                rows.append(f"| {name} ({n_rare} of {n_classes} classes rare, {seeds} seeds) | {setting}: rule vs "
+                            f"{cv_name} | {k} | {cells[0]} | {cells[1]} | {delta[0]:+.1f} / {delta[1]:+.1f} / "
+                            f"{delta[2]:+.1f} |")
+                print(rows[-1], flush=True)
+    lines = [
+        *run_header(start_load, t0),
+        "",
+        "TRAINING-split protocol only (each class's training images halved; the held-out halves scored; the rare "
+        "classes keep K images of the other half; val never read). Cells: accuracy over all held-out images / "
+        "the rare classes' recall / the other classes' accuracy. `train`: every cached view, the few-shot rule "
+        "against the zoo's CV winner; `learn`: clean views only (a bundle's feature memory), the rule against CV "
+        "of the run's own head (what `edgetune learn` did before 2026-12-07):",
+        "",
+        "| set | setting | K | few-shot rule | CV | rule - CV (points) |",
+        "|---|---|---|---|---|---|",
+        *rows,
+    ]
+    print("\n".join(lines))
+    if not args.no_write:
+        update_benchmarks_md(SECTION, "\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
