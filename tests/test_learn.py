@@ -145,29 +145,3 @@ def test_learn_on_a_camera_corrected_bundle_corrects_the_new_images(exported, tm
     gap = lambda a: float(np.mean(1 - (a * reference).sum(1) / np.linalg.norm(a, axis=1)  # noqa: E731
                                   / np.linalg.norm(reference, axis=1)))
     assert gap(undone) < 0.5 * gap(unseen), (gap(undone), gap(unseen))
-
-
-def test_learn_gives_a_new_class_of_a_few_images_the_few_shot_rule():
-    """A new class of 2-5 images beside old classes of many gets train's few-shot rule (CV would
-    score the old classes almost only and swamp it), still with out-of-fold logits for the
-    calibration; a class of 6 gets the bundle's recipe by CV, and so does a bundle without a prior."""
-    from toolkit.head_fit import Prior
-    from toolkit.learn import _choose_head
-    from toolkit.selection import prior_rule_weight
-
-    rng = np.random.default_rng(0)
-    centres = rng.normal(0, 1, (4, 32))
-    prior = Prior(rng.normal(0, 0.3, (7, 32)).astype(np.float32), np.zeros(7, np.float32))
-
-    def data(new: int):
-        y = np.repeat(np.arange(4), [40, 40, 40, new])
-        return np.maximum(centres[y] + rng.normal(0, 0.8, (len(y), 32)), 0).astype(np.float32), y
-
-    x, y = data(3)
-    name, options, oof, note = _choose_head("logreg", x, y, 4, 0, prior)
-    assert (name, options) == ("prior", {"weight": prior_rule_weight(3)}) and "few-shot rule" in note
-    logits, labels = oof
-    assert logits.shape == (len(y), 4) and np.array_equal(labels, y)
-    assert _choose_head("logreg", *data(6), 4, 0, prior)[0] == "logreg"
-    name, _, oof, note = _choose_head("logreg", x, y, 4, 0, None)
-    assert name == "logreg" and oof is not None and "head recipe" in note

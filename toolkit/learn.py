@@ -4,9 +4,8 @@
     DATA         -> the bundle's own backbone (its own model file, runtime, device; int8 stays int8)
                  -> features, split into fit / held-out (DATA's own val split, or a seeded 20%)
     head         <- toolkit.head_fit: the bundle's head recipe if torch-free, else the best
-                    torch-free head by the same cross-validation; train's few-shot rule while a
-                    class has 5 images or fewer (with the bundle's prior; without, one image);
-                    calibration from its out-of-fold logits
+                    torch-free head by the same cross-validation; calibration from its
+                    out-of-fold logits
     NEW          <- the same model with only the head replaced, verified against the in-memory
                     predictor (features + numpy head), written atomically; BUNDLE is never modified
 """
@@ -149,28 +148,17 @@ def _folder_classes(data: Path) -> list[str] | None:
 
 def _choose_head(manifest_head: str, features, labels, n_classes: int, seed: int, prior=None):
     from toolkit.head_fit import HEADS, cross_validate, usable_heads
-    from toolkit.selection import FEW_SHOT_MAX, few_shot_rule
 
-    counts = np.bincount(labels, minlength=n_classes)
-    smallest = int(counts[counts > 0].min())
-    if smallest < 2 or (prior is not None and smallest <= FEW_SHOT_MAX):
-        # train's few-shot rule, as `--head auto` applies it. A new class of 2-5 images beside old
-        # classes of many: CV scores the old classes' images almost only, so it picks the recipe's
-        # most flexible setting, which swamps the new class (held-out training images, caltech50
-        # with 5 of 50 classes at 2 images: new-class recall 0.50 by CV of logreg, 0.68 by the
-        # rule, the other classes -1.0 point; ants/bees with a bee class of 2: 0.88 against 0.91,
-        # the ants -0.2; BENCHMARKS.md "Rare classes among many", benchmarks/rare_classes.py).
-        name, opts = few_shot_rule(prior, smallest) if prior is not None else ("prototypes", {})
-        note = f"{name}: a class has {smallest} image(s), too few to cross-validate reliably (the few-shot rule)"
-        if smallest < 2:
-            return name, opts, None, note
-        cv = cross_validate([name], features, labels, n_classes, folds=5, seed=seed, prior=prior,
-                            options={name: opts})  # only for the calibration's out-of-fold logits
-        return name, opts, (cv.best.oof_logits, cv.labels), note
     known = manifest_head in usable_heads(HEADS, prior)
     names = [manifest_head] if known else usable_heads(HEADS, prior)
     note = (f"the bundle's head recipe ({manifest_head})" if known else
             f"the bundle's head '{manifest_head}' is not one this edgetune knows: the best head by cross-validation")
+    counts = np.bincount(labels, minlength=n_classes)
+    if counts[counts > 0].min() < 2:  # train's few-shot rule where the bundle carries its prior
+        from toolkit.selection import few_shot_rule
+
+        name, opts = few_shot_rule(prior, 1) if prior is not None else ("prototypes", {})
+        return name, opts, None, f"{name}: a class has one image, too few to cross-validate"
     cv = cross_validate(names, features, labels, n_classes, folds=5, seed=seed, prior=prior)
     best = cv.best
     return best.name, best.options, (best.oof_logits, cv.labels), \
