@@ -5,8 +5,8 @@
 Trains a default ants/bees run (or reuses --run), exports openvino (fp32), openvino-int8, onnx and
 onnx-int8, then for each bundle alternates, round after round: `edgetune benchmark`'s measurement,
 OpenVINO's benchmark_app (-hint latency, then -hint throughput, batch 1) on the same .xml/.onnx, and
-for ONNX bundles a bare onnxruntime session loop. Medians over rounds; interleaving keeps the ratio
-honest on a shared, noisy machine. Also shows the pre-fix measurement (a model compiled for
+for ONNX bundles a bare onnxruntime session loop. Medians over rounds; the latency target is judged
+on each round's ratio (its median), so load that drifts between rounds on a shared machine cancels. Also shows the pre-fix measurement (a model compiled for
 throughput with a dynamic batch, driven by one request), which is what `edgetune benchmark`
 reported before. Replaces the "## Runtime latency" section of BENCHMARKS.md.
 """
@@ -95,10 +95,19 @@ def main() -> None:
             model = next(bundle.glob("model.xml"), None) or bundle / "model.onnx"
             size = int(re.search(r'"size": (\d+)', (bundle / "manifest.json").read_text()).group(1))
             s["size"] = size
-            lat = benchmark_app(model, size, hint="latency", seconds=args.seconds)
-            tput = benchmark_app(model, size, hint="throughput", seconds=args.seconds)
-            s.setdefault("app_p50", []).append(lat["p50"])
-            s.setdefault("app_fps", []).append(tput["fps"])
+            try:
+                lat = benchmark_app(model, size, hint="latency", seconds=args.seconds)
+                tput = benchmark_app(model, size, hint="throughput", seconds=args.seconds)
+                s.setdefault("app_p50", []).append(lat["p50"])
+                s.setdefault("app_fps", []).append(tput["fps"])
+            except RuntimeError as e:
+                if model.suffix != ".onnx":
+                    raise  # the reference of an OpenVINO bundle's target
+                # An .onnx in OpenVINO is only a side note. Under ONEDNN_MAX_CPU_ISA OpenVINO may pick
+                # kernels from CPUID that the capped oneDNN refuses (int8-weight FullyConnected).
+                lines = [ln.strip() for ln in str(e).splitlines()]
+                s["app_error"] = next((ln for ln in lines if "could not" in ln), next(
+                    (ln for ln in lines if "ERROR" in ln), "failed"))
             if model.suffix == ".onnx":
                 s.setdefault("ort_p50", []).append(median(onnx_latency(model, size, runs=args.runs)))
                 s.setdefault("ort_fps", []).append(onnx_throughput(model, size, seconds=args.seconds)[0])
@@ -108,20 +117,28 @@ def main() -> None:
     for label, s in samples.items():
         # The target compares like with like: OpenVINO bundles against benchmark_app on the same .xml,
         # ONNX bundles against a bare onnxruntime loop (benchmark_app would run the .onnx in OpenVINO).
-        ours = median(s["ours_p50"])
-        ref, ref_name = (median(s["ort_p50"]), "bare onnxruntime loop") if "ort_p50" in s else \
-            (median(s["app_p50"]), "benchmark_app -hint latency")
-        ratio = ours / ref
-        rows.append(Row(f"{label}: latency p50 / {ref_name}", f"{ours:.2f} ms / {ref:.2f} ms = {ratio:.2f}x",
-                        f"<= {1 + TOLERANCE:.2f}x", ratio <= 1 + TOLERANCE, f"p99 {median(s['ours_p99']):.2f} ms"))
-        note = f"benchmark_app -hint throughput {median(s['app_fps']):.1f} FPS"
-        if "ort_p50" in s:
+        refs, ref_name = (s["ort_p50"], "bare onnxruntime loop") if "ort_p50" in s else \
+            (s["app_p50"], "benchmark_app -hint latency")
+        # The ratio of each round's pair, measured minutes apart at most: on a shared machine the
+        # load drifts between rounds by more than the 10% the target allows (two runs of one ORT
+        # loop differed by 1.23x as medians of rounds).
+        ratios = [o / r for o, r in zip(s["ours_p50"], refs)]
+        ratio = median(ratios)
+        rows.append(Row(f"{label}: latency p50 / {ref_name}",
+                        f"{median(s['ours_p50']):.2f} ms / {median(refs):.2f} ms; per round {ratio:.2f}x",
+                        f"<= {1 + TOLERANCE:.2f}x", ratio <= 1 + TOLERANCE,
+                        f"rounds {min(ratios):.2f}-{max(ratios):.2f}x; p99 {median(s['ours_p99']):.2f} ms"))
+        if "ort_p50" not in s:
+            note = f"benchmark_app -hint throughput {median(s['app_fps']):.1f} FPS"
+        else:
+            app = (f"p50 {median(s['app_p50']):.2f} ms, {median(s['app_fps']):.1f} FPS" if "app_p50" in s else
+                   f"did not compile ({s['app_error'][:120]})")
             note = (f"bare onnxruntime loop {median(s['ort_fps']):.1f} img/s (batch 8); the .onnx in benchmark_app "
-                    f"(OpenVINO): p50 {median(s['app_p50']):.2f} ms, {median(s['app_fps']):.1f} FPS")
+                    f"(OpenVINO): {app}")
         rows.append(Row(f"{label}: throughput", f"{median(s['ours_fps']):.1f} img/s", "", None, note))
         if "old_p50" in s:
             rows.append(Row(f"{label}: before this fix (THROUGHPUT-compiled, dynamic batch)",
-                            f"{median(s['old_p50']):.2f} ms = {median(s['old_p50']) / ref:.2f}x benchmark_app",
+                            f"{median(s['old_p50']):.2f} ms = {median(s['old_p50']) / median(refs):.2f}x benchmark_app",
                             "", None, "what `edgetune benchmark` reported before"))
 
     title = isa_section("Runtime latency: `edgetune benchmark` vs benchmark_app")
@@ -129,7 +146,8 @@ def main() -> None:
     md = "\n".join([
         f"Machine: {machine_description()}; load average {start_load} -> {load_average()}.",
         f"Command: `{command_line()}`. Medians over {args.rounds} interleaved rounds of {args.runs} batch-1 runs "
-        f"and {args.seconds} s benchmark_app runs each; every bundle from one default ants/bees run.",
+        f"and {args.seconds} s benchmark_app runs each; every bundle from one default ants/bees run. The "
+        "latency target is judged on the median of each round's ratio (edgetune over its reference).",
         "",
         markdown_table(rows),
     ])

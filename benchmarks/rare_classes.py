@@ -53,10 +53,24 @@ def scenarios(labels: np.ndarray, n_classes: int, n_rare: int, seed: int):
     return np.concatenate(held), rare, train
 
 
-def compare(features, labels, n_classes: int, seeds: int, n_rare: int, prior, recipe: tuple[str, dict]):
+def settings(recipe: str, prior) -> dict[str, tuple[bool, list[str]]]:
+    """setting -> (clean views only, the heads CV chooses among). `train` fits on every cached view;
+    `learn` on clean views (a feature memory), CV of the bundle's recipe, and of logistic regression
+    as a bundle of a many-class run would carry it."""
+    from toolkit.head_fit import usable_heads
+    from toolkit.selection import AUTO_HEADS
+
+    out = {"train: CV is the zoo's winner": (False, usable_heads(AUTO_HEADS, prior)),
+           f"learn: CV of the run's {recipe}": (True, [recipe])}
+    if recipe != "logreg":
+        out["learn: CV of logreg (a logreg bundle)"] = (True, ["logreg"])
+    return out
+
+
+def compare(features, labels, n_classes: int, seeds: int, n_rare: int, prior, cases: dict[str, tuple[bool, list]]):
     """Mean (accuracy, rare recall, others' accuracy) per (setting, method, K)."""
-    from toolkit.head_fit import cross_validate, fit_head, head_logits, usable_heads
-    from toolkit.selection import AUTO_HEADS, few_shot_rule
+    from toolkit.head_fit import cross_validate, fit_head, head_logits
+    from toolkit.selection import few_shot_rule
 
     scores: dict[tuple[str, str, int], list[tuple[float, float, float]]] = {}
     for seed in range(seeds):
@@ -64,14 +78,13 @@ def compare(features, labels, n_classes: int, seeds: int, n_rare: int, prior, re
         x_held, y_held = features[held, 0], labels[held]
         is_rare = np.isin(y_held, rare)
         for k, tr in train.items():
-            for setting, x in (("train", features[tr]), ("learn", features[tr][:, :1])):
-                y = labels[tr]
+            for setting, (clean, names) in cases.items():
+                x, y = (features[tr][:, :1] if clean else features[tr]), labels[tr]
                 rule, rule_opts = few_shot_rule(prior, k)
-                names = usable_heads(AUTO_HEADS, prior) if setting == "train" else [recipe[0]]
-                cv = cross_validate(names, x, y, n_classes, seed=0, prior=prior,
-                                    options={} if setting == "train" else {recipe[0]: recipe[1]}).best
+                cv = cross_validate(names, x, y, n_classes, seed=0, prior=prior).best
                 logits = {"rule": head_logits(fit_head(rule, x, y, n_classes, prior=prior, **rule_opts), x_held),
                           "cv": head_logits(fit_head(cv.name, x, y, n_classes, prior=prior, **cv.options), x_held)}
+                # The same argmax and softmax as the two heads' logits summed (what learn ships).
                 logits["both"] = _log_softmax(logits["rule"]) + _log_softmax(logits["cv"])
                 for method, z in logits.items():
                     hit = z.argmax(1) == y_held
@@ -105,15 +118,15 @@ def main() -> None:
         run = RunDir.open(out)
         prior = imagenet_prior(get_spec(run.spec.name))
         chosen = run.config.get("head_selection", {})
-        recipe = (chosen.get("selected", "logreg"), {})  # learn refits the recipe; its settings by CV
+        cases = settings(chosen.get("selected", "logreg"), prior)
         seeds = SEEDS.get(name, 10)
         for n_rare in RARE.get(name, (1,)):
-            res = compare(features, labels, n_classes, seeds, n_rare, prior, recipe)
-            for setting, cv_name in (("train", "the zoo's CV winner"), ("learn", f"CV of the run's {recipe[0]}")):
+            res = compare(features, labels, n_classes, seeds, n_rare, prior, cases)
+            for setting in cases:
                 for k in SHOTS:
                     cells = " | ".join("{:.4f} / {:.4f} / {:.4f}".format(*res[(setting, m, k)]) for m in METHODS)
-                    rows.append(f"| {name} ({n_rare} of {n_classes} classes rare, {seeds} seeds) | {setting}: "
-                                f"{cv_name} | {k} | {cells} |")
+                    rows.append(f"| {name} ({n_rare} of {n_classes} classes rare, {seeds} seeds) | {setting} | {k} | "
+                                f"{cells} |")
                     print(rows[-1], flush=True)
     lines = [
         *run_header(start_load, t0),
@@ -121,11 +134,12 @@ def main() -> None:
         "TRAINING-split protocol only (each class's training images halved; the held-out halves scored; the rare "
         "classes keep K images of the other half; val never read). Cells: accuracy over all held-out images / "
         "the rare classes' recall / the other classes' accuracy. `train`: every cached view, CV = the zoo's winner "
-        "(what auto would fit without its few-shot rule); `learn`: clean views only (a bundle's feature memory), CV "
-        "= the run's own head, its settings by CV (what `edgetune learn` fits from 2 images a class). `both`: the "
-        "rule's and CV's log-probabilities summed (not shipped):",
+        "(what auto would fit without its few-shot rule, which it applies here); `learn`: clean views only (a "
+        "bundle's feature memory), CV = the bundle's recipe, its settings by CV (the run's own head, and logistic "
+        "regression as a bundle of a many-class run carries it). `both`: the rule's and CV's logits summed, a "
+        "product of experts (what `edgetune learn` fits for a logistic-regression bundle with a class of 2-5 images):",
         "",
-        "| set | setting: CV is | K | few-shot rule | CV | both |",
+        "| set | setting | K | few-shot rule | CV | both |",
         "|---|---|---|---|---|---|",
         *rows,
     ]

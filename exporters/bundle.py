@@ -174,15 +174,28 @@ def write_feature_memory(run, model: Path, runtime: str, stage: Path, *, static_
     if not chunks:
         raise EdgetuneError(f"none of the run's training images in {run.config['data']} can be read")
     features, labels = np.concatenate(chunks), np.array(labels, np.int16)
-    from toolkit.head_fit import Prior
-
-    atomic.write_bytes(Path(stage) / MEMORY_FILE, encode_memory(features, labels, Prior.from_tensors(run.head_tensors())))
+    atomic.write_bytes(Path(stage) / MEMORY_FILE, encode_memory(features, labels, _memory_prior(run)))
     return features.astype(np.float32), labels.astype(np.int64)
 
 
+def _memory_prior(run):
+    """The prior `learn` may need: the run's own (a `prior` head), else the backbone's ImageNet
+    classifier, which learn adds to a logistic-regression head when a class has a few images
+    (toolkit.learn._choose_head). None for a fine-tuned backbone (--unfreeze), whose features the
+    pretrained classifier no longer reads."""
+    from toolkit.head_fit import Prior
+
+    own = Prior.from_tensors(run.head_tensors())
+    if own is not None or run.config["train"].get("unfreeze"):
+        return own
+    from toolkit.features import imagenet_prior
+
+    return imagenet_prior(run.spec)
+
+
 def encode_memory(features, labels, prior=None) -> bytes:
-    """features.npz: float16 features, int16 labels, and the head's prior (the backbone's ImageNet
-    classifier) where it has one, so `learn` refits a prior head without the backbone's weights."""
+    """features.npz: float16 features, int16 labels, and the backbone's ImageNet classifier where
+    there is one, so `learn` fits a prior head (or adds the few-shot rule) without the backbone's weights."""
     import io
 
     import numpy as np

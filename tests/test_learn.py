@@ -145,3 +145,36 @@ def test_learn_on_a_camera_corrected_bundle_corrects_the_new_images(exported, tm
     gap = lambda a: float(np.mean(1 - (a * reference).sum(1) / np.linalg.norm(a, axis=1)  # noqa: E731
                                   / np.linalg.norm(reference, axis=1)))
     assert gap(undone) < 0.5 * gap(unseen), (gap(undone), gap(unseen))
+
+
+def test_a_logreg_bundle_adds_the_few_shot_rule_for_a_three_photo_class_then_returns_to_its_recipe(
+        hymenoptera, tmp_path):
+    """Every bundle's memory carries the backbone's ImageNet classifier; a new class of 3 images on
+    a logistic-regression bundle gets logreg plus the few-shot rule (one exported head, verified,
+    calibrated on out-of-fold logits), and once the class has more images the recipe alone returns."""
+    from exporters import export
+    from exporters.bundle import decode_memory
+    from toolkit.backbones import get_spec
+    from toolkit.features import imagenet_prior
+    from toolkit.learn import learn
+    from toolkit.selection import prior_rule_weight
+    from toolkit.train import TrainConfig, train
+
+    from .conftest import copy_subset
+
+    data = copy_subset(hymenoptera, tmp_path / "data")
+    train(data, tmp_path / "run", TrainConfig(head="logreg", views=0, workers=2))
+    bundle = export(tmp_path / "run", "onnx", tmp_path / "bundle").out_dir
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["head"] == "logreg"
+    _, _, prior = decode_memory(bundle / manifest["feature_memory"]["file"])
+    expected = imagenet_prior(get_spec(manifest["backbone"]["name"]))
+    assert prior is not None and np.allclose(prior.weight, expected.weight, atol=1e-3)
+
+    few = learn(bundle, _new_class(tmp_path / "few", n=4), tmp_path / "b2")  # 3 to fit, 1 held out
+    new = json.loads((tmp_path / "b2" / "manifest.json").read_text())
+    assert new["head"] == "logreg+prior" and new["head_options"]["prior_weight"] == prior_rule_weight(3)
+    assert "few-shot rule" in few.head_note and new["learned"]["recipe"] == "logreg"
+    assert few.verification["agreement"] == 1.0 and new["calibration"]["temperature"] > 0
+    learn(tmp_path / "b2", _new_class(tmp_path / "more", n=10), tmp_path / "b3")
+    assert json.loads((tmp_path / "b3" / "manifest.json").read_text())["head"] == "logreg"

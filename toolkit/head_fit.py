@@ -192,6 +192,29 @@ def head_logits(params: HeadParams, features: np.ndarray) -> np.ndarray:
     return out
 
 
+def with_prior_votes(head: HeadParams, rule: HeadParams) -> HeadParams:
+    """A linear `head` and a `prior` head (train's few-shot rule) as one prior-layout head whose
+    logits are the sum of theirs: a product of experts, softmax(a + b) being softmax(a) * softmax(b)
+    renormalised. Each side's standardisation folds into its own weights, so the sum reads the raw
+    features and exports as the prior head's one graph. For a class of a few images beside classes of
+    many: the linear head keeps the many apart, the rule keeps the few from being swamped
+    (benchmarks/rare_classes.py)."""
+    if head.kind != "linear" or rule.kind != "prior":
+        raise ValueError(f"with_prior_votes needs a linear head and a prior head, not {head.kind} and {rule.kind}")
+
+    def raw(t: dict[str, np.ndarray], name: str) -> tuple[np.ndarray, np.ndarray]:
+        w = t[f"{name}.weight"].astype(np.float64) * t["feature_inv_std"]
+        return w, t[f"{name}.bias"] - w @ t["feature_mean"]
+
+    (w, b), (rw, rb), (pw, pb) = raw(head.tensors, "layers.1"), raw(rule.tensors, "layers.1"), raw(rule.tensors, "prior")
+    d = w.shape[1]
+    tensors = {"feature_mean": np.zeros(d, np.float32), "feature_inv_std": np.ones(d, np.float32),
+               "layers.1.weight": (w + rw).astype(np.float32), "layers.1.bias": (b + rb).astype(np.float32),
+               "prior.weight": pw.astype(np.float32), "prior.bias": pb.astype(np.float32),
+               "prior_out.weight": rule.tensors["prior_out.weight"]}
+    return HeadParams("prior", tensors, f"{head.name}+prior", {**head.options, "prior_weight": rule.options["weight"]})
+
+
 def model_tensors(params: HeadParams) -> dict[str, np.ndarray]:
     """The tensors as model.safetensors names them (head.*), ready for RunDir.write_model."""
     return {f"head.{k}": np.ascontiguousarray(v, dtype=np.float32) for k, v in params.tensors.items()}
