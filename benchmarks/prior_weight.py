@@ -48,6 +48,23 @@ def tabletop_run() -> Path:
     return root / "run"
 
 
+def set_arguments(doc: str, datasets) -> argparse.Namespace:
+    """The command line the training-split benchmarks share: --datasets, --runs NAME=RUN, --no-write;
+    `given` maps each --runs name to its run."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--datasets", nargs="+", default=list(datasets))
+    ap.add_argument("--runs", nargs="*", default=[], metavar="NAME=RUN", help="reuse this run's cached features")
+    ap.add_argument("--no-write", action="store_true")
+    args = ap.parse_args()
+    args.given = dict(r.split("=", 1) for r in args.runs)
+    return args
+
+
+def set_run(name: str, given: dict[str, str]) -> Path:
+    """The run whose cached features a set's rows read: --runs, else a default run (cached in /tmp)."""
+    return Path(given[name]) if name in given else tabletop_run() if name == "tabletop" else default_run(name)[1]
+
+
 def training_split(train, labels, n_classes: int, seeds: int, prior) -> dict[tuple[int, float], float]:
     """Mean accuracy per (shots, weight); weight 0 = plain prototypes."""
     from toolkit.head_fit import fit_head, head_logits
@@ -72,16 +89,11 @@ def main() -> None:
     from toolkit.runs import RunDir
     from toolkit.selection import prior_rule_weight
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--datasets", nargs="+", default=list(SEEDS))
-    ap.add_argument("--runs", nargs="*", default=[], metavar="NAME=RUN", help="reuse this run's cached features")
-    ap.add_argument("--no-write", action="store_true")
-    args = ap.parse_args()
-    given = dict(r.split("=", 1) for r in args.runs)
+    args = set_arguments(__doc__, SEEDS)
     t0, start_load = time.perf_counter(), load_average()
     rows = []
     for name in args.datasets:
-        out = Path(given[name]) if name in given else tabletop_run() if name == "tabletop" else default_run(name)[1]
+        out = set_run(name, args.given)
         train, ytr, _, _, n_classes = run_features(out)  # val is not used
         prior = imagenet_prior(get_spec(RunDir.open(out).spec.name))
         seeds = SEEDS.get(name, 20)

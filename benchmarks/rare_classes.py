@@ -19,7 +19,6 @@ classes' accuracy. Rewrites the "## Rare classes among many" section of BENCHMAR
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -30,8 +29,8 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._common import load_average, run_header, update_benchmarks_md  # noqa: E402
-from benchmarks.prior_weight import tabletop_run  # noqa: E402
-from benchmarks.small_data import default_run, run_features  # noqa: E402
+from benchmarks.prior_weight import set_arguments, set_run  # noqa: E402
+from benchmarks.small_data import run_features  # noqa: E402
 
 SECTION = "Rare classes among many"
 SHOTS = (2, 3, 5)
@@ -104,16 +103,11 @@ def main() -> None:
     from toolkit.features import imagenet_prior
     from toolkit.runs import RunDir
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--datasets", nargs="+", default=list(SEEDS))
-    ap.add_argument("--runs", nargs="*", default=[], metavar="NAME=RUN", help="reuse this run's cached features")
-    ap.add_argument("--no-write", action="store_true")
-    args = ap.parse_args()
-    given = dict(r.split("=", 1) for r in args.runs)
+    args = set_arguments(__doc__, SEEDS)
     t0, start_load = time.perf_counter(), load_average()
     rows = []
     for name in args.datasets:
-        out = Path(given[name]) if name in given else tabletop_run() if name == "tabletop" else default_run(name)[1]
+        out = set_run(name, args.given)
         features, labels, _, _, n_classes = run_features(out)  # val is not used
         run = RunDir.open(out)
         prior = imagenet_prior(get_spec(run.spec.name))

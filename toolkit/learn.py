@@ -147,8 +147,9 @@ def _folder_classes(data: Path) -> list[str] | None:
     return sorted(d.name for d in _subdirs(root)) or None
 
 
-# With a class of this many images or fewer, a logistic-regression bundle's refit adds train's
-# few-shot rule to its own head (toolkit.head_fit.with_prior_votes).
+# Recipes whose refit adds train's few-shot rule to the recipe's own head while a class has 2 to
+# FEW_SHOT_MAX images (toolkit.head_fit.with_prior_votes). Measured for logistic regression only; a
+# `prior` recipe already holds the rule's class means (BENCHMARKS.md "Rare classes among many").
 PRODUCT_RECIPES = ("logreg",)
 
 
