@@ -54,15 +54,15 @@ def scenarios(labels: np.ndarray, n_classes: int, n_rare: int, seed: int):
 
 def settings(recipe: str, prior) -> dict[str, tuple[bool, list[str]]]:
     """setting -> (clean views only, the heads CV chooses among). `train` fits on every cached view;
-    `learn` on clean views (a feature memory), CV of the bundle's recipe, and of logistic regression
-    as a bundle of a many-class run would carry it."""
+    `learn` on clean views (a feature memory), CV of the run's own recipe, and of each recipe learn
+    adds the rule to (toolkit.learn.PRODUCT_RECIPES), as bundles with those heads would carry them."""
     from toolkit.head_fit import usable_heads
+    from toolkit.learn import PRODUCT_RECIPES
     from toolkit.selection import AUTO_HEADS
 
     out = {"train: CV is the zoo's winner": (False, usable_heads(AUTO_HEADS, prior)),
            f"learn: CV of the run's {recipe}": (True, [recipe])}
-    if recipe != "logreg":
-        out["learn: CV of logreg (a logreg bundle)"] = (True, ["logreg"])
+    out.update({f"learn: CV of {r} (a {r} bundle)": (True, [r]) for r in PRODUCT_RECIPES if r != recipe})
     return out
 
 
@@ -130,8 +130,9 @@ def main() -> None:
         "the rare classes' recall / the other classes' accuracy. `train`: every cached view, CV = the zoo's winner "
         "(what auto would fit without its few-shot rule, which it applies here); `learn`: clean views only (a "
         "bundle's feature memory), CV = the bundle's recipe, its settings by CV (the run's own head, and logistic "
-        "regression as a bundle of a many-class run carries it). `both`: the rule's and CV's logits summed, a "
-        "product of experts (what `edgetune learn` fits for a logistic-regression bundle with a class of 2-5 images):",
+        "regression, imprint and the SGD linear head as bundles with those heads carry them). `both`: the rule's and "
+        "CV's logits summed, a product of experts (what `edgetune learn` fits for such a bundle with a class of 2-5 "
+        "images):",
         "",
         "| set | setting | K | few-shot rule | CV | both |",
         "|---|---|---|---|---|---|",

@@ -180,7 +180,7 @@ def write_feature_memory(run, model: Path, runtime: str, stage: Path, *, static_
 
 def _memory_prior(run):
     """The prior `learn` may need: the run's own (a `prior` head), else the backbone's ImageNet
-    classifier, which learn adds to a logistic-regression head when a class has a few images
+    classifier, which learn adds to a discriminative linear head when a class has a few images
     (toolkit.learn._choose_head). None for a fine-tuned backbone (--unfreeze), whose features the
     pretrained classifier no longer reads."""
     from toolkit.head_fit import Prior

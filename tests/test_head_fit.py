@@ -458,19 +458,22 @@ def test_float16_rows_cast_exactly_and_copy_only_when_asked():
     assert (x32 == 1).all()
 
 
-def test_a_linear_head_plus_the_rule_is_one_prior_head_whose_logits_are_their_sum():
-    """learn's refit for a few-shot class on a logistic-regression bundle: the two heads' logits
-    summed, in the prior head's layout (each side's standardisation folded into its weights)."""
+@pytest.mark.parametrize("name, options", [("logreg", {"C": 0.1}), ("imprint", {"reg": 0.1}), ("linear", {"epochs": 5})])
+def test_a_linear_head_plus_the_rule_is_one_prior_head_whose_logits_are_their_sum(name, options):
+    """learn's refit for a few-shot class on a bundle with a discriminative linear head: the two
+    heads' logits summed, in the prior head's layout (each side's standardisation folded in)."""
     from toolkit.head_fit import Prior, with_prior_votes
+    from toolkit.learn import PRODUCT_RECIPES
 
+    assert name in PRODUCT_RECIPES
     x, y = blobs(n_per_class=20, n_classes=3, d=16, spread=0.8, seed=5)
-    x = np.maximum(x + 1.0, 0)  # post-ReLU-like features with a mean the logreg head removes
+    x = np.maximum(x + 1.0, 0)  # post-ReLU-like features with a mean a standardising head removes
     prior = Prior(np.random.default_rng(1).normal(0, 0.3, (7, 16)).astype(np.float32), np.zeros(7, np.float32))
-    lr = fit_head("logreg", x, y, 3, C=0.1)
+    head = fit_head(name, x, y, 3, **options)
     rule = fit_head("prior", x, y, 3, prior=prior, weight=0.25)
-    both = with_prior_votes(lr, rule)
-    assert (both.kind, both.name, both.options) == ("prior", "logreg+prior", {"C": 0.1, "prior_weight": 0.25})
-    assert not np.allclose(lr.tensors["feature_mean"], 0)  # the fold is exercised
-    np.testing.assert_allclose(head_logits(both, x), head_logits(lr, x) + head_logits(rule, x), rtol=1e-4, atol=1e-4)
+    both = with_prior_votes(head, rule)
+    assert name == "imprint" or not np.allclose(head.tensors["feature_mean"], 0)  # the fold is exercised
+    assert (both.kind, both.name) == ("prior", f"{name}+prior") and both.options["prior_weight"] == 0.25
+    np.testing.assert_allclose(head_logits(both, x), head_logits(head, x) + head_logits(rule, x), rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError):
-        with_prior_votes(rule, lr)
+        with_prior_votes(rule, head)

@@ -4,7 +4,7 @@
     DATA         -> the bundle's own backbone (its own model file, runtime, device; int8 stays int8)
                  -> features, split into fit / held-out (DATA's own val split, or a seeded 20%)
     head         <- toolkit.head_fit: the bundle's head recipe if torch-free, else the best
-                    torch-free head by the same cross-validation; a logistic-regression recipe
+                    torch-free head by the same cross-validation; a discriminative linear recipe
                     plus train's few-shot rule while a class has 2-5 images; calibration from
                     its out-of-fold logits
     NEW          <- the same model with only the head replaced, verified against the in-memory
@@ -148,19 +148,20 @@ def _folder_classes(data: Path) -> list[str] | None:
 
 
 # Recipes whose refit adds train's few-shot rule to the recipe's own head while a class has 2 to
-# FEW_SHOT_MAX images (toolkit.head_fit.with_prior_votes). Measured for logistic regression only; a
-# `prior` recipe already holds the rule's class means (BENCHMARKS.md "Rare classes among many").
-PRODUCT_RECIPES = ("logreg",)
+# FEW_SHOT_MAX images (toolkit.head_fit.with_prior_votes): the discriminative linear heads, each
+# measured (BENCHMARKS.md "Rare classes among many"). A `prior` recipe already holds the rule's class
+# means; the MLP does not fold into one graph with it.
+PRODUCT_RECIPES = ("logreg", "imprint", "linear")
 
 
 def _choose_head(manifest_head: str, features, labels, n_classes: int, seed: int, prior=None):
     """(head name, options, (out-of-fold logits, labels) or None, note) for the refit. The bundle's
     recipe, its settings by CV; train's few-shot rule where a class has one image. Where a class has
-    2-5 images and the recipe is logistic regression, the recipe plus the rule ("logreg+prior"):
-    CV scores the old classes almost only and fits a head that swamps the new class. On held-out
-    training images (benchmarks/rare_classes.py, BENCHMARKS.md "Rare classes among many") the sum
-    kept the old classes' accuracy and recognised more of the new ones than logistic regression
-    alone on caltech50, ants/bees and a generated set."""
+    2-5 images and the recipe is a discriminative linear head (PRODUCT_RECIPES), the recipe plus the
+    rule (e.g. "logreg+prior"): CV scores the old classes almost only and fits a head that swamps
+    the new class. On held-out training images (benchmarks/rare_classes.py, BENCHMARKS.md "Rare
+    classes among many") the sum kept the old classes' accuracy and recognised more of the new ones
+    than each such recipe alone on caltech50, ants/bees and a generated set."""
     from toolkit.head_fit import HEADS, cross_validate, usable_heads
     from toolkit.selection import FEW_SHOT_MAX, few_shot_rule
 
