@@ -6,9 +6,10 @@ Trains a default ants/bees run (or reuses --run), exports openvino (fp32), openv
 onnx-int8, then for each bundle alternates, round after round: `edgetune benchmark`'s measurement,
 OpenVINO's benchmark_app (-hint latency, then -hint throughput, batch 1) on the same .xml/.onnx, and
 for ONNX bundles a bare onnxruntime session loop. Medians over rounds; the latency target is judged
-on each round's ratio (its median), so load that drifts between rounds on a shared machine cancels. Also shows the pre-fix measurement (a model compiled for
-throughput with a dynamic batch, driven by one request), which is what `edgetune benchmark`
-reported before. Replaces the "## Runtime latency" section of BENCHMARKS.md.
+on each round's ratio (their median), so load that drifts between rounds on a shared machine
+cancels. Also shows the pre-fix measurement (a model compiled for throughput with a dynamic batch,
+driven by one request), which is what `edgetune benchmark` reported before. Replaces the
+"## Runtime latency" section of BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -138,7 +139,8 @@ def main() -> None:
         rows.append(Row(f"{label}: throughput", f"{median(s['ours_fps']):.1f} img/s", "", None, note))
         if "old_p50" in s:
             rows.append(Row(f"{label}: before this fix (THROUGHPUT-compiled, dynamic batch)",
-                            f"{median(s['old_p50']):.2f} ms = {median(s['old_p50']) / median(refs):.2f}x benchmark_app",
+                            f"{median(s['old_p50']):.2f} ms = {median(s['old_p50']) / median(refs):.2f}x "
+                            "benchmark_app",
                             "", None, "what `edgetune benchmark` reported before"))
 
     title = isa_section("Runtime latency: `edgetune benchmark` vs benchmark_app")
