@@ -62,7 +62,7 @@ def settings(recipe: str, prior) -> dict[str, tuple[bool, list[str]]]:
 
     out = {"train: CV is the zoo's winner": (False, usable_heads(AUTO_HEADS, prior)),
            f"learn: CV of the run's {recipe}": (True, [recipe])}
-    out.update({f"learn: CV of {r} (a {r} bundle)": (True, [r]) for r in PRODUCT_RECIPES if r != recipe})
+    out.update({f"learn: CV of {r} (bundles with that head)": (True, [r]) for r in PRODUCT_RECIPES if r != recipe})
     return out
 
 
