@@ -25,6 +25,28 @@ def int8_rows(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return q, scale.astype(np.float32)
 
 
+# Per head layout, the weights that write the logits (through additions only): fp16 in a compressed
+# head; every other weight (the MLP's hidden layer, the prior head's ImageNet classifier) int8 rows.
+LOGITS_WEIGHTS = {"linear": ("layers.1.weight",), "mlp": ("layers.4.weight",),
+                  "prior": ("layers.1.weight", "prior_out.weight")}
+
+
+def as_compressed(tensors: dict[str, np.ndarray], kind: str) -> dict[str, np.ndarray]:
+    """The head's tensors (state-dict names, weights (out, in)) as a compressed head computes them:
+    what `learn` fits is rounded so, so that its numpy head and the rewritten int8 bundle agree
+    exactly. Compressing the rounded weights again gives the same int8 rows and fp16 values."""
+    out = dict(tensors)
+    for name, w in tensors.items():
+        if not name.endswith(".weight"):
+            continue
+        if name in LOGITS_WEIGHTS[kind]:
+            out[name] = np.asarray(w, np.float32).astype(np.float16).astype(np.float32)
+        else:
+            q, scale = int8_rows(w)
+            out[name] = q.astype(np.float32) * scale[:, None]
+    return out
+
+
 def _onnx_logits_layers(g) -> set[str]:
     """Names of the nodes whose output reaches a graph output through Add nodes only."""
     producer = {o: n for n in g.node for o in n.output}

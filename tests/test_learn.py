@@ -45,6 +45,10 @@ def test_learn_adds_a_class_and_keeps_the_old_bundle(fmt, exported, tmp_path):
     assert new["labels"] == ["ants", "bees", "stripes"] and new["learned"]["added"] == ["stripes"]
     assert new["feature_memory"]["counts"]["stripes"] == 8 and new["format"] == manifest["format"]
     assert result.verification["agreement"] == 1.0
+    if manifest["precision"] == "int8":  # the refit head stays compressed as export stored it
+        size = {b: sum(f.stat().st_size for f in b.iterdir() if f.name.startswith("model."))
+                for b in (bundle, tmp_path / "new")}
+        assert size[tmp_path / "new"] < 1.05 * size[bundle], size
     # The bundle names the head its model carries (head selection's choice), and learn refits that recipe.
     from toolkit.runs import RunDir
 

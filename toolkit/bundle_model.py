@@ -106,8 +106,10 @@ def _attach_onnx_head(g, feature: str, tensors: dict[str, np.ndarray], kind: str
     return nodes
 
 
-def onnx_with_head(model_path: Path, out_path: Path, tensors: dict[str, np.ndarray], kind: str) -> None:
-    """Write the ONNX model with its head replaced by `tensors` (state-dict names, fp32)."""
+def onnx_with_head(model_path: Path, out_path: Path, tensors: dict[str, np.ndarray], kind: str, *,
+                   compress: bool = False) -> None:
+    """Write the ONNX model with its head replaced by `tensors` (state-dict names, fp32); compress:
+    its weights stored as an int8 export stores them (exporters.head_weights)."""
     import onnx
 
     model = onnx.load(str(model_path))
@@ -123,6 +125,10 @@ def onnx_with_head(model_path: Path, out_path: Path, tensors: dict[str, np.ndarr
     del g.node[:]
     g.node.extend(keep + nodes)
     del g.value_info[:]  # stale shapes of the old head
+    if compress:
+        from exporters.head_weights import compress_onnx_head
+
+        compress_onnx_head(model)
     onnx.checker.check_model(model)
     from toolkit import atomic
 
@@ -176,14 +182,20 @@ def openvino_features_model(model_path: Path, feature_dim: int):
 
 
 def openvino_with_head(model_path: Path, out_xml: Path, tensors: dict[str, np.ndarray], kind: str,
-                       feature_dim: int) -> None:
-    """Write the IR with its head replaced (head constants fp32; the backbone's stay as they are)."""
+                       feature_dim: int, *, compress: bool = False) -> None:
+    """Write the IR with its head replaced (head constants fp32, or with compress as an int8 export
+    stores them: exporters.head_weights; the backbone's stay as they are)."""
     import openvino as ov
 
     from toolkit.convert import save_ir
 
     model = ov.Core().read_model(str(model_path))
-    save_ir(openvino_classifier(model, _ov_feature_output(model, feature_dim), tensors, kind), out_xml)
+    classifier = openvino_classifier(model, _ov_feature_output(model, feature_dim), tensors, kind)
+    if compress:
+        from exporters.head_weights import compress_openvino_head
+
+        compress_openvino_head(classifier)
+    save_ir(classifier, out_xml)
 
 
 def openvino_classifier(model, features, tensors: dict[str, np.ndarray], kind: str):

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import shutil
@@ -270,6 +271,13 @@ def learn(bundle: Path, data: Path, out: Path, *, device: str = "auto", forget: 
         recipe = manifest.get("learned", {}).get("recipe") or manifest.get("head", "?")
         head_name, options, oof, note = _choose_head(recipe, features, targets, n_classes, seed, prior)
         params = _fit_chosen(head_name, options, features, targets, n_classes, seed, prior)
+    # An int8 bundle stores its head's weights compressed (int8 rows, fp16 logits layers), as export
+    # does: the head is rounded so before anything reads it, so the file and every figure agree.
+    compress = manifest.get("precision") == "int8"
+    if compress:
+        from exporters.head_weights import as_compressed
+
+        params = dataclasses.replace(params, tensors=as_compressed(params.tensors, params.kind))
     calibration = fit_calibration(*oof, source=f"out-of-fold logits of {head_name} on memory + DATA") if oof else \
         Calibration(source="none: too few images to hold any out")
 
@@ -301,10 +309,11 @@ def learn(bundle: Path, data: Path, out: Path, *, device: str = "auto", forget: 
         progress("write", 0, 1)
         model_name = manifest["model"]
         if runtime == "onnxruntime":
-            onnx_with_head(bundle / model_name, stage / model_name, params.tensors, params.kind)
+            onnx_with_head(bundle / model_name, stage / model_name, params.tensors, params.kind, compress=compress)
             new_run = onnx_runner(stage / model_name)
         else:
-            openvino_with_head(bundle / model_name, stage / model_name, params.tensors, params.kind, dim)
+            openvino_with_head(bundle / model_name, stage / model_name, params.tensors, params.kind, dim,
+                               compress=compress)
             new_run = openvino_runner(stage / model_name, batch=static, precise=True)
         got = run_batched(new_run, check_x, batch=static)
         diff = float(np.abs(got - expected).max()) if len(got) else 0.0
