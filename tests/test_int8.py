@@ -612,3 +612,26 @@ def test_int8_quantization_imports_no_torch():
     before = ("from devices.ort_probe import import_onnxruntime\nimport_onnxruntime()\n"
               "from onnxruntime.quantization.shape_inference import quant_pre_process")
     assert _quantize_and_report("torch", before) == ["False", "torch"]
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp", "prior"])
+def test_a_head_rounded_as_compressed_compresses_to_itself(kind):
+    """learn rounds a refit head as an int8 bundle stores it, then the writer compresses it again:
+    the int8 rows and fp16 values come back the same, so file and numpy head agree."""
+    from exporters.head_weights import LOGITS_WEIGHTS, as_compressed, int8_rows
+
+    rng = np.random.default_rng(3)
+    names = {"linear": ["layers.1.weight"], "mlp": ["layers.1.weight", "layers.4.weight"],
+             "prior": ["layers.1.weight", "prior.weight", "prior_out.weight"]}[kind]
+    tensors = {n: rng.normal(0, 0.1, (7, 12)).astype(np.float32) for n in names}
+    tensors["feature_mean"] = rng.normal(size=12).astype(np.float32)
+    once = as_compressed(tensors, kind)
+    np.testing.assert_array_equal(once["feature_mean"], tensors["feature_mean"])
+    for n in names:
+        assert not np.array_equal(once[n], tensors[n])  # rounded
+        if n in LOGITS_WEIGHTS[kind]:
+            np.testing.assert_array_equal(once[n].astype(np.float16).astype(np.float32), once[n])
+        else:
+            q, scale = int8_rows(once[n])
+            np.testing.assert_array_equal(q, int8_rows(tensors[n])[0])
+            np.testing.assert_allclose(q * scale[:, None], once[n], rtol=1e-6, atol=0)
