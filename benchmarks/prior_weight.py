@@ -60,9 +60,17 @@ def set_arguments(doc: str, datasets) -> argparse.Namespace:
     return args
 
 
-def set_run(name: str, given: dict[str, str]) -> Path:
-    """The run whose cached features a set's rows read: --runs, else a default run (cached in /tmp)."""
-    return Path(given[name]) if name in given else tabletop_run() if name == "tabletop" else default_run(name)[1]
+def training_set(name: str, given: dict[str, str]):
+    """(run, training features, labels, classes, the backbone's prior) of a set: the cached features of
+    its --runs run, else of a default run (cached in /tmp). Val is not read."""
+    from toolkit.backbones import get_spec
+    from toolkit.features import imagenet_prior
+    from toolkit.runs import RunDir
+
+    out = Path(given[name]) if name in given else tabletop_run() if name == "tabletop" else default_run(name)[1]
+    features, labels, _, _, n_classes = run_features(out)
+    run = RunDir.open(out)
+    return run, features, labels, n_classes, imagenet_prior(get_spec(run.spec.name))
 
 
 def training_split(train, labels, n_classes: int, seeds: int, prior) -> dict[tuple[int, float], float]:
@@ -84,18 +92,13 @@ def training_split(train, labels, n_classes: int, seeds: int, prior) -> dict[tup
 
 
 def main() -> None:
-    from toolkit.backbones import get_spec
-    from toolkit.features import imagenet_prior
-    from toolkit.runs import RunDir
     from toolkit.selection import prior_rule_weight
 
     args = set_arguments(__doc__, SEEDS)
     t0, start_load = time.perf_counter(), load_average()
     rows = []
     for name in args.datasets:
-        out = set_run(name, args.given)
-        train, ytr, _, _, n_classes = run_features(out)  # val is not used
-        prior = imagenet_prior(get_spec(RunDir.open(out).spec.name))
+        _, train, ytr, n_classes, prior = training_set(name, args.given)
         seeds = SEEDS.get(name, 20)
         res = training_split(train, ytr, n_classes, seeds, prior)
         for k in SHOTS:

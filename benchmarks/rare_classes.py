@@ -29,8 +29,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._common import load_average, run_header, update_benchmarks_md  # noqa: E402
-from benchmarks.prior_weight import set_arguments, set_run  # noqa: E402
-from benchmarks.small_data import run_features  # noqa: E402
+from benchmarks.prior_weight import set_arguments, training_set  # noqa: E402
 
 SECTION = "Rare classes among many"
 SHOTS = (2, 3, 5)
@@ -99,18 +98,11 @@ def _log_softmax(z: np.ndarray) -> np.ndarray:
 
 
 def main() -> None:
-    from toolkit.backbones import get_spec
-    from toolkit.features import imagenet_prior
-    from toolkit.runs import RunDir
-
     args = set_arguments(__doc__, SEEDS)
     t0, start_load = time.perf_counter(), load_average()
     rows = []
     for name in args.datasets:
-        out = set_run(name, args.given)
-        features, labels, _, _, n_classes = run_features(out)  # val is not used
-        run = RunDir.open(out)
-        prior = imagenet_prior(get_spec(run.spec.name))
+        run, features, labels, n_classes, prior = training_set(name, args.given)
         chosen = run.config.get("head_selection", {})
         cases = settings(chosen.get("selected", "logreg"), prior)
         seeds = SEEDS.get(name, 10)
