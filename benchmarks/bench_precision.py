@@ -10,7 +10,7 @@ backbones, engine tunings and auto's speed measurement are made before any timed
                     generated scenes (toolkit.features.cached_int8_backbone)
   - int8 (per-run): the same NNCF recipe calibrated on 300 clean views of the run's own training
                     images, paid on every run (edgetune's behaviour before the cache)
-  - auto:           --backbone-precision auto, the new default
+  - auto:           --backbone-precision auto (opt-in; fp32 is the default)
 Reports train wall (median of fresh processes), feature views/s, the CV accuracy of the default
 head on the training features (what decides), and val accuracy (reported only, decides nothing).
 With --lock FILE every timed child holds `flock FILE` (a machine shared by several people).

@@ -333,7 +333,12 @@ def test_int8_trained_run_ships_the_backbone_it_learned_on(int8_trained_run, tmp
     assert "int8" in predictor.describe()
     result = export(int8_trained_run, "openvino-int8", tmp_path / "ov8")
     assert "own int8 backbone" in result.manifest["quantizer"]
-    assert result.parity["agreement"] >= 0.99 and result.parity["max_abs_diff"] < 1e-2  # same model as the run
+    # The same model as the run. Its depthwise layers read float inputs (recipe v3): where the CPU
+    # has bf16 units, training computed them in bf16 (OpenVINO's default there, and 35% faster than
+    # f32) while the export is checked in f32, so the logits differ by that rounding only.
+    from devices.probe import bf16_units
+
+    assert result.parity["agreement"] >= 0.99 and result.parity["max_abs_diff"] < (0.2 if bf16_units() else 1e-2)
     fp32 = export(int8_trained_run, "onnx", tmp_path / "onnx")
     assert fp32.manifest["backbone_mismatch"]["trained_on"] == "int8 backbone"
 

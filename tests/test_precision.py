@@ -51,8 +51,9 @@ def _fake_speed(fp32: float, int8: float) -> None:
     """Store a speed measurement for the CPU as the real measurement would (these numbers stand
     in for a machine we do not have, e.g. an AVX-512 bf16 CPU on which fp32 keeps up with int8)."""
     from devices.openvino_tuning import precision_speed
+    from toolkit.precision import speed_key
 
-    precision_speed(f"CPU | {BACKBONE}", lambda: {"fp32": lambda s: fp32, "int8": lambda s: int8}, rounds=1)
+    precision_speed(speed_key("CPU", BACKBONE), lambda: {"fp32": lambda s: fp32, "int8": lambda s: int8}, rounds=1)
 
 
 def _fake_int8_record(cosine: float) -> None:
@@ -139,6 +140,16 @@ def test_int8_backbone_is_quantized_once_and_reused(user_cache, monkeypatch):
     assert calls == [8] and len(set(paths)) == 1 and paths[0].is_file() and paths[0].with_suffix(".bin").is_file()
     record = features.int8_backbone_record(spec)
     assert 0 < record["feature_cosine"] <= 1 and record["calibration"] == "8 generated views"
+    # Recipe v3: every convolution but the depthwise ones reads int8 activations; all weights are int8.
+    import openvino as ov
+
+    ops = ov.Core().read_model(str(paths[0])).get_ordered_ops()
+    fed = [t.get_node().get_type_name() for op in ops if op.get_type_name() == "FakeQuantize"
+           for t in op.output(0).get_target_inputs()]
+    assert "Convolution" in fed and "GroupConvolution" not in fed
+    float_weights = [shape for op in ops if op.get_type_name() == "Constant" and op.get_element_type() == ov.Type.f32
+                     and len(shape := list(op.get_output_shape(0))) >= 4 and shape[0] > 1 and np.prod(shape[1:]) > 1]
+    assert not float_weights, "a layer's weights were left in float"
     engine = features.create_engine(BACKBONE, "openvino", "CPU", precision="int8")  # a later run
     assert calls == [8] and engine.precision == "int8"
     size = spec.input_size

@@ -87,4 +87,12 @@ def measure_speed(backbone: str, device: str):
         return {p: (lambda seconds, e=e: images_per_second(e.compiled, make_batch, e.batch, seconds))
                 for p, e in engines.items()}
 
-    return precision_speed(f"{device} | {backbone}", make_timers)
+    return precision_speed(speed_key(device, backbone), make_timers)
+
+
+def speed_key(device: str, backbone: str) -> str:
+    """What a speed measurement is cached under; the int8 recipe is part of it, because a new
+    recipe is a different int8 backbone to time."""
+    from toolkit.features import INT8_RECIPE
+
+    return f"{device} | {backbone} | int8 {INT8_RECIPE}"
