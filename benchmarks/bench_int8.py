@@ -137,7 +137,7 @@ def pool_head_run(run, pool_x: np.ndarray, pool_labels: np.ndarray, work: Path):
 
     import openvino as ov
 
-    from toolkit.features import _openvino_backbone, float_input
+    from toolkit.features import _openvino_backbone, float_input, imagenet_prior
     from toolkit.head_fit import fit_head, model_tensors
     from toolkit.runs import RunDir
 
@@ -145,7 +145,8 @@ def pool_head_run(run, pool_x: np.ndarray, pool_labels: np.ndarray, work: Path):
                                        {"INFERENCE_PRECISION_HINT": "f32"})
     feats = np.concatenate([compiled(pool_x[i:i + 16])[0] for i in range(0, len(pool_x), 16)])
     selected = json.loads((run.path / "metrics.json").read_text())["head"]
-    params = fit_head(selected["selected"], feats, pool_labels, len(run.labels), **selected["options"])
+    prior = imagenet_prior(run.spec) if selected["selected"] == "prior" else None  # the head that reads it
+    params = fit_head(selected["selected"], feats, pool_labels, len(run.labels), prior=prior, **selected["options"])
     dst = work / "pool-head-run"
     shutil.copytree(run.path, dst, ignore=shutil.ignore_patterns("state"))
     copy = RunDir.open(dst)
@@ -278,7 +279,9 @@ def method_rows(name: str, run_dir: Path, entropy: bool) -> list[tuple]:
         from toolkit.features import cached_int8_backbone
 
         recipes = [
-            ("NNCF fast bias correction, 7-bit weights every layer (default)",
+            ("NNCF fast bias correction, 7-bit weights, depthwise layers reading float inputs (default)",
+             lambda: openvino_ir.quantize(model, calib)),
+            ("NNCF fast bias correction, 7-bit weights every layer, every layer int8 (the default before 2026-12-07)",
              nncf_recipe(fast_bias_correction=True, advanced_parameters=int8_advanced_parameters())),
             ("NNCF full bias correction, 7-bit weights every layer",
              nncf_recipe(fast_bias_correction=False, advanced_parameters=int8_advanced_parameters())),

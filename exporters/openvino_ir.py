@@ -26,10 +26,13 @@ logger = logging.getLogger(__name__)
 MODEL_FILE = "model.xml"
 
 
+HEAD_OPS = ("MatMul", "Softmax")
+
+
 def head_scope(onnx: bool = False):
     """The head (MatMul; Gemm in an ONNX graph) and softmax stay fp32: a sliver of the compute, and
     int8 logits round near-ties (ORT's quantizer leaves the same in float for onnx-int8)."""
-    return load_nncf().IgnoredScope(types=["MatMul", "Softmax"] + ["Gemm"] * onnx, validate=False)
+    return load_nncf().IgnoredScope(types=[*HEAD_OPS] + ["Gemm"] * onnx, validate=False)
 
 
 def convert(classifier, ctx: ExportContext):
@@ -118,11 +121,11 @@ def batches(x: np.ndarray, b: int) -> list[np.ndarray]:
 
 
 def quantize(model, calib: np.ndarray, *, batch: int = 1):
-    """NNCF int8 with the settings measured best across datasets (toolkit.features.nncf_int8), the
-    head in fp32."""
-    from toolkit.features import nncf_int8
+    """NNCF int8 with the settings measured best across datasets (toolkit.features.backbone_int8:
+    the depthwise layers read float inputs), the head in fp32."""
+    from toolkit.features import backbone_int8
 
-    return nncf_int8(model, batches(calib, batch), ignored_scope=head_scope())
+    return backbone_int8(model, batches(calib, batch), float_ops=HEAD_OPS)
 
 
 def agreement_check(calib: np.ndarray, run: RunDir, b: int, ctx: ExportContext, run_model):

@@ -139,3 +139,20 @@ def exported(trained_run, tmp_path_factory):
         return cache[fmt]
 
     return get
+
+
+def int8_layout(model) -> tuple[set[str], bool]:
+    """(op types an int8 FakeQuantize feeds, whether every depthwise convolution's weights are stored
+    as int8 constants) of an openvino.Model: what edgetune's int8 recipe promises about a file."""
+
+    def stored_int8(node) -> bool:
+        if node.get_type_name() == "Constant":
+            return node.get_element_type().get_type_name() == "i8"
+        return node.get_type_name() in ("Convert", "Multiply") and any(
+            stored_int8(v.get_node()) for v in node.input_values())
+
+    ops = model.get_ordered_ops()
+    fed = {t.get_node().get_type_name() for op in ops if op.get_type_name() == "FakeQuantize"
+           for t in op.output(0).get_target_inputs()}
+    depthwise = [op for op in ops if op.get_type_name() == "GroupConvolution"]
+    return fed, bool(depthwise) and all(stored_int8(op.input_value(1).get_node()) for op in depthwise)

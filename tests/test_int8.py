@@ -315,6 +315,17 @@ def test_cli_budget_failure_is_one_line_exit_2(trained_run, tmp_path, monkeypatc
     assert "accuracy budget" in result.output and not out.exists()
 
 
+def test_openvino_int8_keeps_depthwise_inputs_float_and_weights_int8(exported):
+    """The export recipe (toolkit.features.backbone_int8): the depthwise layers read float inputs
+    (where Lite's int8 features part from fp32), every weight stays int8, the head stays float."""
+    import openvino as ov
+
+    from tests.conftest import int8_layout
+
+    fed, depthwise_int8 = int8_layout(ov.Core().read_model(str(exported("openvino-int8").out_dir / "model.xml")))
+    assert "Convolution" in fed and not fed & {"GroupConvolution", "MatMul"} and depthwise_int8
+
+
 @pytest.fixture(scope="module")
 def int8_trained_run(hymenoptera, tmp_path_factory) -> Path:
     from tests.conftest import copy_subset

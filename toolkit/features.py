@@ -297,20 +297,22 @@ def _quantize_backbone(model, calibration):
     return backbone_int8(model, [to_nchw_float(v[None]) for v in calibration])
 
 
-def backbone_int8(model, batches: Sequence[np.ndarray]):
-    """The int8 training backbone: `nncf_int8` with every depthwise convolution reading float inputs.
+def backbone_int8(model, batches: Sequence[np.ndarray], *, float_ops: Sequence[str] = ()):
+    """int8 as edgetune ships it, for the training backbone and openvino-int8 exports: `nncf_int8`
+    with every depthwise convolution reading float inputs (and the op types in `float_ops`, an
+    export's head, left in float).
 
     Per-tensor int8 inputs to the depthwise layers (one 3x3 or 5x5 filter per channel) are where
     Lite1's int8 features part from fp32; those layers hold 2% of its multiply-adds. With their
     inputs in float, the centred cosine to fp32 features on the training images went 0.928 -> 0.984
     (ants/bees) and 0.920 -> 0.983 (caltech50), at no measurable cost in throughput (oneDNN held to
-    AVX2; BENCHMARKS.md "int8 training backbone: layers"). Their weights stay int8 (per
-    channel, weight-only: `_int8_weights`), so the file is no larger than with every layer int8.
-    Exports quantize every layer: their accuracy is checked against a budget at export."""
+    AVX2; BENCHMARKS.md "int8 training backbone: layers"), and an exported head agreed with its fp32
+    self on more held-out training images ("int8 calibration methods"). Their weights stay int8
+    (per channel, weight-only: `_int8_weights`), so the file is no larger than with every layer int8."""
     from toolkit.convert import load_nncf
 
-    depthwise = load_nncf().IgnoredScope(types=["GroupConvolution"])
-    return _int8_weights(nncf_int8(model, batches, ignored_scope=depthwise), "GroupConvolution")
+    scope = load_nncf().IgnoredScope(types=["GroupConvolution", *float_ops], validate=False)
+    return _int8_weights(nncf_int8(model, batches, ignored_scope=scope), "GroupConvolution")
 
 
 def _int8_weights(model, op_type: str):
