@@ -24,10 +24,10 @@ import numpy as np
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks._common import SHARED_DATASETS as SHARED  # noqa: E402
 from benchmarks._common import isa_section, load_average, run_header, update_benchmarks_md  # noqa: E402
 
 SECTION = "int8 training backbone: layers"
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 
 
 def training_views(name: str, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -35,14 +35,8 @@ def training_views(name: str, size: int) -> tuple[np.ndarray, np.ndarray]:
     from toolkit.preprocess import model_input
 
     train = discover(SHARED / name, val_fraction=0.2, seed=0).train
-    views, labels = [], []
-    for sample in train.samples:
-        try:
-            views.append(model_input(sample.path, size))
-        except Exception:  # the placeholder GIF: train skips it the same way
-            continue
-        labels.append(sample.label)
-    return np.stack(views), np.asarray(labels)
+    views = [model_input(sample.path, size) for sample in train.samples]
+    return np.stack(views), np.asarray([sample.label for sample in train.samples])
 
 
 def variants(fp32):
