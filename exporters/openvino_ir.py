@@ -27,6 +27,7 @@ MODEL_FILE = "model.xml"
 
 
 HEAD_OPS = ("MatMul", "Softmax")
+QUANTIZER = "nncf.quantize (depthwise layers read float inputs, weights int8)"  # what manifest.json records
 
 
 def head_scope(onnx: bool = False):
@@ -91,6 +92,7 @@ class OpenVINOInt8Exporter(Exporter):
             calib = ctx.calibration_inputs()
             with ctx.stage("calibrate + quantize"):
                 model = quantize(model, calib, batch=ctx.static_batch or 1)
+            ctx.extra["quantizer"] = QUANTIZER
         compress_openvino_head(model)
         # Remaining float constants (biases, scales) as fp16: smaller file, same int8 compute.
         return save(model, Path(out_dir) / MODEL_FILE, fp16=not ctx.fp32)

@@ -322,8 +322,12 @@ def test_openvino_int8_keeps_depthwise_inputs_float_and_weights_int8(exported):
 
     from tests.conftest import int8_layout
 
-    fed, depthwise_int8 = int8_layout(ov.Core().read_model(str(exported("openvino-int8").out_dir / "model.xml")))
+    from exporters.openvino_ir import QUANTIZER
+
+    result = exported("openvino-int8")
+    fed, depthwise_int8 = int8_layout(ov.Core().read_model(str(result.out_dir / "model.xml")))
     assert "Convolution" in fed and not fed & {"GroupConvolution", "MatMul"} and depthwise_int8
+    assert result.manifest["quantizer"] == QUANTIZER  # the file says how it was made
 
 
 @pytest.fixture(scope="module")
