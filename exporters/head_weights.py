@@ -107,6 +107,15 @@ def _openvino_logits_layers(model) -> set[str]:
     return found
 
 
+def openvino_int8_weight(q: np.ndarray, scale: np.ndarray, name: str):
+    """Constant(int8 `q`) -> Convert -> Multiply(`scale`, broadcast over q's rows or channels): the
+    weight decompression OpenVINO keeps in int8 in memory and folds into a float weight when it
+    cannot run the layer on int8 weights."""
+    import openvino.opset13 as ops
+
+    return ops.multiply(ops.convert(ops.constant(q, name=f"{name}/int8"), "f32"), ops.constant(scale, name=f"{name}/scale"))
+
+
 def compress_openvino_head(model) -> int:
     """In place: the float constant weight of every MatMul (the head's; the backbone's convolutions
     are quantized already) becomes Constant(int8) -> Convert -> Multiply(per-row scale), the weight
@@ -131,8 +140,7 @@ def compress_openvino_head(model) -> int:
                 scale = scale.reshape(-1, 1)
             else:
                 q, scale = np.ascontiguousarray(q.T), scale.reshape(1, -1)
-            weight = ops.multiply(ops.convert(ops.constant(q, name=f"{name}/int8"), "f32"),
-                                  ops.constant(scale, name=f"{name}/scale"))
+            weight = openvino_int8_weight(q, scale, name)
         op.input(1).replace_source_output(weight.output(0))
     if any(op.get_friendly_name() not in logits_layers for op in layers):
         # OpenVINO's CPU plugin would otherwise quantize the activations of a MatMul with int8

@@ -320,9 +320,8 @@ def test_openvino_int8_keeps_depthwise_inputs_float_and_weights_int8(exported):
     (where Lite's int8 features part from fp32), every weight stays int8, the head stays float."""
     import openvino as ov
 
-    from tests.conftest import int8_layout
-
     from exporters.openvino_ir import QUANTIZER
+    from tests.conftest import int8_layout
 
     result = exported("openvino-int8")
     fed, depthwise_int8 = int8_layout(ov.Core().read_model(str(result.out_dir / "model.xml")))

@@ -317,10 +317,9 @@ def backbone_int8(model, batches: Sequence[np.ndarray], *, float_ops: Sequence[s
 
 def _int8_weights(model, op_type: str):
     """Store the float weights of every `op_type` node as symmetric per-output-channel int8 with a
-    float scale (Convert + Multiply, which OpenVINO folds back to float weights when compiling)."""
-    import openvino.opset13 as ops
-
-    from exporters.head_weights import int8_rows
+    float scale (exporters.head_weights' int8 rows, which OpenVINO folds back to float weights when
+    compiling)."""
+    from exporters.head_weights import int8_rows, openvino_int8_weight
 
     for op in model.get_ordered_ops():
         weights = op.input_value(1).get_node() if op.get_type_name() == op_type else None
@@ -329,8 +328,8 @@ def _int8_weights(model, op_type: str):
         w = weights.get_data().astype(np.float32)
         q, scale = int8_rows(w.reshape(len(w), -1))
         per_channel = (-1,) + (1,) * (w.ndim - 1)
-        op.input(1).replace_source_output(ops.multiply(ops.convert(ops.constant(q.reshape(w.shape)), "f32"),
-                                                       ops.constant(scale.reshape(per_channel))).output(0))
+        weight = openvino_int8_weight(q.reshape(w.shape), scale.reshape(per_channel), weights.get_friendly_name())
+        op.input(1).replace_source_output(weight.output(0))
     return model
 
 
