@@ -73,8 +73,9 @@ def run_features(out: Path):
 
 
 def grid(train, ytr, val, yva, n_classes, shots_list, seeds, heads, vae_shots, vae_seeds, backbone=None):
-    """One CV per cell scores every head's settings at once: a forced head's own selection is its
-    best row of that table, and auto is the table's winner (what select_head does, done once)."""
+    """One CV per cell scores every head's settings at once: a forced head's own selection is the
+    setting it ships by that table (`CVResult.shipped`, what `--head NAME` trains), and auto is the
+    table's winner (what select_head does, done once)."""
     from toolkit.backbones import get_spec
     from toolkit.features import imagenet_prior
     from toolkit.generate import vae_augmenter
@@ -104,16 +105,14 @@ def grid(train, ytr, val, yva, n_classes, shots_list, seeds, heads, vae_shots, v
                 cell["auto"] = cell[rule]
             else:
                 cv = cross_validate(heads, x, y, n_classes, seed=seed, prior=prior)
-                fits = {c.name: c for c in cv.best_per_head()}
+                fits = {h: cv.shipped(h) for h in heads}
                 for h in heads:
                     cell[h] = score(fit_head(h, x, y, n_classes, seed=seed, prior=prior, **fits[h].options))
                 best = cv.best
                 if smallest <= FEW_SHOT_MAX:  # auto's few-shot rule
                     cell["auto"] = score(fit_head(rule, x, y, n_classes, seed=seed, prior=prior, **rule_options))
-                elif best.options == fits[best.name].options:
-                    cell["auto"] = cell[best.name]
                 else:
-                    cell["auto"] = score(fit_head(best.name, x, y, n_classes, seed=seed, prior=prior, **best.options))
+                    cell["auto"] = cell[best.name]
                 cell["auto pick"] = best.label
             if str(shots) in vae_shots and seed < vae_seeds:
                 sel = select_head("auto", x, y, n_classes, seed=seed, augment=vae_augmenter(1.0, seed=seed),

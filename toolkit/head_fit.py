@@ -816,25 +816,33 @@ class CVResult:
         # Candidates are listed simplest first (head order, then along each path); ties keep that order.
         return sorted(self.candidates, key=lambda c: -round(c.accuracy, 6))
 
+    def shipped(self, head: str) -> Candidate:
+        """The setting `head` would ship: along an ordered path the simplest within one standard
+        error of the head's best CV mean (Breiman's 1-SE rule: a stronger L2, fewer epochs, a
+        stronger pull); otherwise its best. Ties keep the simplest."""
+        own = [c for c in self.candidates if c.name == head]
+        top = max(own, key=lambda c: round(c.accuracy, 6))  # max keeps the first of equals
+        if not HEADS[head].ordered_path or self.folds < 2:
+            return top
+        se = float(np.std(top.fold_accuracy, ddof=1) / np.sqrt(len(top.fold_accuracy)))
+        return next(c for c in own if c.accuracy >= top.accuracy - se - 1e-9)
+
     @property
     def best(self) -> Candidate:
-        """The head with the top CV mean, at the simplest of its own settings within one standard
-        error of that mean (Breiman's 1-SE rule: a stronger L2, fewer epochs, a stronger pull).
+        """The head whose shipped setting (`shipped`) has the top CV mean; ties go to the simpler head.
 
-        The rule stays inside one head: across heads it gave away real accuracy (caltech50: it
-        took imprint at 0.943 over logistic regression at 0.950, which then scored 0.7 points
-        lower on val), while along one head's path it only trades noise for regularisation."""
-        top = self.ranked()[0]
-        if not HEADS[top.name].ordered_path:
-            return top
-        se = float(np.std(top.fold_accuracy, ddof=1) / np.sqrt(len(top.fold_accuracy))) if self.folds > 1 else 0.0
-        return next(c for c in self.candidates if c.name == top.name and c.accuracy >= top.accuracy - se - 1e-9)
+        Heads are compared on what each would ship, not on their best settings: a head whose best
+        setting tops the table can ship a stronger-pull setting below another head's (caltech50,
+        10 shots, seed 1: imprint's best pull 0.950, its shipped pull 0.942, logistic regression's
+        0.946; on 10-shot caltech50 at 240 and 128 px this took logistic regression in 3 of 10 seeds). The 1-SE rule stays inside one head: across heads it gave away real accuracy
+        (caltech50: it took imprint at 0.943 over logistic regression at 0.950, which then scored
+        0.7 points lower on val), while along one head's path it only trades noise for regularisation."""
+        return self.per_head()[0]
 
-    def best_per_head(self) -> list[Candidate]:
-        seen: dict[str, Candidate] = {}
-        for c in self.ranked():
-            seen.setdefault(c.name, c)
-        return list(seen.values())
+    def per_head(self) -> list[Candidate]:
+        """Each head's shipped setting, the best first (ties keep the head order: simplest first)."""
+        heads = dict.fromkeys(c.name for c in self.candidates)
+        return sorted((self.shipped(h) for h in heads), key=lambda c: -round(c.accuracy, 6))
 
     def table(self) -> list[dict[str, Any]]:
         """The chosen candidate first, then the rest by CV accuracy."""

@@ -1,7 +1,9 @@
 """Choosing the head honestly: cross-validation on the training features, never the val split.
 
     --head auto      every candidate's settings scored by stratified k-fold CV (views of an image
-                     share a fold), winner refit on all training features
+                     share a fold); each head would ship its simplest setting within one standard
+                     error of its best, and the head whose shipped setting scores best is refit on
+                     all training features
     --head NAME      that head; its own settings (C, epochs, ...) still chosen by CV
     <= 5 images in a class (auto), or < 2 (any head): CV cannot run or cannot tell heads apart;
                      a rule decides (prototypes of the features and of the backbone's ImageNet
@@ -84,7 +86,7 @@ class Selection:
                "kind": self.params.kind, "reason": self.reason, "cv_seconds": round(self.cv_seconds, 2),
                "fit_seconds": round(self.fit_seconds, 2), **self.extra}
         if self.cv is not None:
-            others = [c for c in self.cv.best_per_head() if c.name != self.params.name]
+            others = [c for c in self.cv.per_head() if c.name != self.params.name]
             out["runner_up"] = others[0].to_json() if others else None
         return out
 
@@ -130,9 +132,10 @@ def select_head(requested: str, features: np.ndarray, labels: np.ndarray, n_clas
     x, y = _with_generated(features, labels, n_classes, seed, augment)
     with one_blas_thread():
         params = fit_head(best.name, x, y, n_classes, seed=seed, prior=prior, **best.options)
-    setting = "at the simplest setting within one standard error" if HEADS[best.name].ordered_path else \
-        "at its best setting"
-    reason = f"best {cv.folds}-fold CV accuracy on the training features, {setting} ({best.accuracy:.4f} ± {best.std:.4f})"
+    setting = "its simplest setting within one standard error of its best" if HEADS[best.name].ordered_path else \
+        "its best setting"
+    reason = (f"best {cv.folds}-fold CV accuracy on the training features among the settings the heads would ship, "
+              f"here {setting} ({best.accuracy:.4f} ± {best.std:.4f})")
     return Selection(params, requested, reason, cv, cv_seconds, time.perf_counter() - t0)
 
 
