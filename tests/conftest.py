@@ -141,9 +141,11 @@ def exported(trained_run, tmp_path_factory):
     return get
 
 
-def int8_layout(model) -> tuple[set[str], bool]:
+def int8_layout(model) -> tuple[set[str], bool, bool]:
     """(op types an int8 FakeQuantize feeds, whether every depthwise convolution's weights are stored
-    as int8 constants) of an openvino.Model: what edgetune's int8 recipe promises about a file."""
+    as int8 constants, whether the leading convolutions read float inputs) of an openvino.Model: what
+    edgetune's int8 recipe promises about a file."""
+    from toolkit.features import LEADING_CONVOLUTIONS, leading_convolutions
 
     def stored_int8(node) -> bool:
         if node.get_type_name() == "Constant":
@@ -155,4 +157,7 @@ def int8_layout(model) -> tuple[set[str], bool]:
     fed = {t.get_node().get_type_name() for op in ops if op.get_type_name() == "FakeQuantize"
            for t in op.output(0).get_target_inputs()}
     depthwise = [op for op in ops if op.get_type_name() == "GroupConvolution"]
-    return fed, bool(depthwise) and all(stored_int8(op.input_value(1).get_node()) for op in depthwise)
+    leading = set(leading_convolutions(model))
+    leading_float = len(leading) == LEADING_CONVOLUTIONS > 0 and all(
+        op.input_value(0).get_node().get_type_name() != "FakeQuantize" for op in ops if op.get_friendly_name() in leading)
+    return fed, bool(depthwise) and all(stored_int8(op.input_value(1).get_node()) for op in depthwise), leading_float

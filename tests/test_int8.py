@@ -316,16 +316,17 @@ def test_cli_budget_failure_is_one_line_exit_2(trained_run, tmp_path, monkeypatc
 
 
 def test_openvino_int8_keeps_depthwise_inputs_float_and_weights_int8(exported):
-    """The export recipe (toolkit.features.backbone_int8): the depthwise layers read float inputs
-    (where Lite's int8 features part from fp32), every weight stays int8, the head stays float."""
+    """The export recipe (toolkit.features.backbone_int8): the depthwise layers and the stem and first
+    two blocks read float inputs (where Lite's int8 features part from fp32), the depthwise weights
+    stay int8, the head stays float."""
     import openvino as ov
 
     from exporters.openvino_ir import QUANTIZER
     from tests.conftest import int8_layout
 
     result = exported("openvino-int8")
-    fed, depthwise_int8 = int8_layout(ov.Core().read_model(str(result.out_dir / "model.xml")))
-    assert "Convolution" in fed and not fed & {"GroupConvolution", "MatMul"} and depthwise_int8
+    fed, depthwise_int8, leading_float = int8_layout(ov.Core().read_model(str(result.out_dir / "model.xml")))
+    assert "Convolution" in fed and not fed & {"GroupConvolution", "MatMul"} and depthwise_int8 and leading_float
     assert result.manifest["quantizer"] == QUANTIZER  # the file says how it was made
 
 
@@ -347,12 +348,15 @@ def test_int8_trained_run_ships_the_backbone_it_learned_on(int8_trained_run, tmp
     assert "int8" in predictor.describe()
     result = export(int8_trained_run, "openvino-int8", tmp_path / "ov8")
     assert "own int8 backbone" in result.manifest["quantizer"]
-    # The same model as the run. Its depthwise layers read float inputs (recipe v3): where the CPU
-    # has bf16 units, training computed them in bf16 (OpenVINO's default there, and 35% faster than
-    # f32) while the export is checked in f32, so the logits differ by that rounding only.
+    # The same model as the run. Its float layers (depthwise, stem and first two blocks: recipe v4):
+    # where the CPU has bf16 units, training computed them in bf16 (OpenVINO's default there, and 35%
+    # faster than f32) while the export is checked in f32, so the logits differ by that rounding only:
+    # 2.9% of the largest logit here (bf16 keeps 8 bits of mantissa); another backbone differs by ~100%.
     from devices.probe import bf16_units
 
-    assert result.parity["agreement"] >= 0.99 and result.parity["max_abs_diff"] < (0.2 if bf16_units() else 1e-2)
+    parity = result.parity
+    assert parity["agreement"] >= 0.99
+    assert parity["max_abs_diff"] < (0.05 * parity["logit_scale"] if bf16_units() else 1e-2)
     fp32 = export(int8_trained_run, "onnx", tmp_path / "onnx")
     assert fp32.manifest["backbone_mismatch"]["trained_on"] == "int8 backbone"
 

@@ -140,13 +140,14 @@ def test_int8_backbone_is_quantized_once_and_reused(user_cache, monkeypatch):
     assert calls == [8] and len(set(paths)) == 1 and paths[0].is_file() and paths[0].with_suffix(".bin").is_file()
     record = features.int8_backbone_record(spec)
     assert 0 < record["feature_cosine"] <= 1 and record["calibration"] == "8 generated views"
-    # Recipe v3: every convolution but the depthwise ones reads int8 activations; all weights are int8.
+    # Recipe v4: every convolution but the depthwise and the leading ones reads int8 activations; the
+    # depthwise weights are int8.
     import openvino as ov
 
     from tests.conftest import int8_layout
 
-    fed, depthwise_int8 = int8_layout(ov.Core().read_model(str(paths[0])))
-    assert "Convolution" in fed and "GroupConvolution" not in fed and depthwise_int8
+    fed, depthwise_int8, leading_float = int8_layout(ov.Core().read_model(str(paths[0])))
+    assert "Convolution" in fed and "GroupConvolution" not in fed and depthwise_int8 and leading_float
     engine = features.create_engine(BACKBONE, "openvino", "CPU", precision="int8")  # a later run
     assert calls == [8] and engine.precision == "int8"
     size = spec.input_size
