@@ -40,27 +40,24 @@ def training_views(name: str, size: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def variants(fp32):
-    """name -> (quantize(model, batches)): NNCF with float inputs to the named convolutions."""
+    """name -> (quantize(model, batches)): NNCF with float inputs to the named convolutions. The
+    single-layer variants of 2026-12-07 (stem, head conv, last block, last depthwise) are kept in
+    BENCHMARKS.md under "Earlier"."""
     from toolkit.convert import load_nncf
-    from toolkit.features import backbone_int8, nncf_int8
+    from toolkit.features import _int8_weights, backbone_int8, nncf_int8
 
     nncf = load_nncf()
-    convs = [op.get_friendly_name() for op in fp32.get_ordered_ops()
-             if op.get_type_name() in ("Convolution", "GroupConvolution")]
     depthwise = [op.get_friendly_name() for op in fp32.get_ordered_ops() if op.get_type_name() == "GroupConvolution"]
 
-    def floats(names):
-        return lambda m, b: nncf_int8(m, b, ignored_scope=nncf.IgnoredScope(names=names))
+    def v3(m, b):
+        scope = nncf.IgnoredScope(types=["GroupConvolution"], validate=False)
+        return _int8_weights(nncf_int8(m, b, ignored_scope=scope), "GroupConvolution")
 
     return {
         "every layer int8 (recipe v2)": lambda m, b: nncf_int8(m, b),
-        "stem conv float": floats(convs[:1]),
-        "head conv float": floats(convs[-1:]),
-        "last block float (4 convs)": floats(convs[-4:]),
-        "last depthwise float": floats(depthwise[-1:]),
-        "last 4 depthwise float": floats(depthwise[-4:]),
-        "every depthwise float": floats(depthwise),
-        "every depthwise reads float, int8 weights (recipe v3)": backbone_int8,
+        "every depthwise float": lambda m, b: nncf_int8(m, b, ignored_scope=nncf.IgnoredScope(names=depthwise)),
+        "every depthwise reads float, int8 weights (recipe v3)": v3,
+        "v3 + stem and first two blocks read float (recipe v4, default)": backbone_int8,
     }
 
 

@@ -303,7 +303,7 @@ def backbone_int8(model, batches: Sequence[np.ndarray], *, float_ops: Sequence[s
     float inputs (and the op types in `float_ops`, an export's head, left in float).
 
     Per-tensor int8 inputs to the depthwise layers (one 3x3 or 5x5 filter per channel) are where
-    Lite1's int8 features part from fp32; those layers hold 2% of its multiply-adds. With their
+    Lite1's int8 features part from fp32; those layers hold 9.5% of its multiply-adds. With their
     inputs in float, the centred cosine to fp32 features on the training images went 0.928 -> 0.984
     (ants/bees) and 0.920 -> 0.983 (caltech50), at no measurable cost in throughput (oneDNN held to
     AVX2; BENCHMARKS.md "int8 training backbone: layers"), and an exported head agreed with its fp32
@@ -313,7 +313,7 @@ def backbone_int8(model, batches: Sequence[np.ndarray], *, float_ops: Sequence[s
     Then the layers that see the image at full detail: on 96-px photos (a small camera's) the stem
     and first two blocks were where the rest of the loss sat (cosine with each set's own calibration:
     ants/bees 0.986 -> 0.992, caltech50 0.985 -> 0.992, 96-px ants/bees 0.973 -> 0.986, in grey
-    0.956 -> 0.977), for 8% of the multiply-adds and 2% of the throughput (BENCHMARKS.md "int8 on
+    0.956 -> 0.977), for 8.4% of the multiply-adds and 2% of the throughput (BENCHMARKS.md "int8 on
     kinds of photos nobody tuned for"). Their weights (5k values) stay float."""
     from toolkit.convert import load_nncf
 
