@@ -124,7 +124,7 @@ def batches(x: np.ndarray, b: int) -> list[np.ndarray]:
 
 def quantize(model, calib: np.ndarray, *, batch: int = 1):
     """NNCF int8 with the settings measured best across datasets (toolkit.features.backbone_int8:
-    the depthwise layers read float inputs), the head in fp32."""
+    the depthwise layers, the stem and the first two blocks read float inputs), the head in fp32."""
     from toolkit.features import backbone_int8
 
     return backbone_int8(model, batches(calib, batch), float_ops=HEAD_OPS)

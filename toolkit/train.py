@@ -70,9 +70,9 @@ class TrainConfig:
     device: str = "auto"
     # auto: int8 where this machine runs it >= 1.5x faster than fp32 with faithful features
     # (toolkit.precision, measured once per machine); int8: train on the quantized backbone you ship.
-    # Not the default: a default train on the int8 Lite1 backbone ends 0.4-0.7 CV points below fp32
-    # on the visible sets (recipe v3, oneDNN held to AVX2; v1/v2: 0.3-0.8), and auto chose fp32 on
-    # every machine measured, after paying NNCF once.
+    # Not the default: a default train on the int8 Lite1 backbone ends 0.0 / 0.3 CV points below fp32
+    # on ants/bees / caltech50 (recipe v4, oneDNN held to AVX2; v3: 0.4-0.5; v1/v2: 0.3-0.8), at the
+    # 0.3-point bar, not yet measured on a real AVX2 CPU, and auto chose fp32 on every machine measured.
     backbone_precision: str = "fp32"
     unfreeze: int = 0  # fine-tune the last N backbone blocks in torch (opt-in, much slower)
     workers: int = 2  # decode / augmentation threads
