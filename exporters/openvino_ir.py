@@ -27,7 +27,8 @@ MODEL_FILE = "model.xml"
 
 
 HEAD_OPS = ("MatMul", "Softmax")
-QUANTIZER = "nncf.quantize (depthwise layers read float inputs, weights int8; stem and first two blocks float)"  # what manifest.json records
+# What manifest.json records.
+QUANTIZER = "nncf.quantize (depthwise layers read float inputs, weights int8; stem and first two blocks float)"
 
 
 def head_scope(onnx: bool = False):

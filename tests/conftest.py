@@ -159,5 +159,6 @@ def int8_layout(model) -> tuple[set[str], bool, bool]:
     depthwise = [op for op in ops if op.get_type_name() == "GroupConvolution"]
     leading = set(leading_convolutions(model))
     leading_float = len(leading) == LEADING_CONVOLUTIONS > 0 and all(
-        op.input_value(0).get_node().get_type_name() != "FakeQuantize" for op in ops if op.get_friendly_name() in leading)
+        op.input_value(0).get_node().get_type_name() != "FakeQuantize"
+        for op in ops if op.get_friendly_name() in leading)
     return fed, bool(depthwise) and all(stored_int8(op.input_value(1).get_node()) for op in depthwise), leading_float

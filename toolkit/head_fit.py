@@ -834,7 +834,8 @@ class CVResult:
         Heads are compared on what each would ship, not on their best settings: a head whose best
         setting tops the table can ship a stronger-pull setting below another head's (caltech50,
         10 shots, seed 1: imprint's best pull 0.950, its shipped pull 0.942, logistic regression's
-        0.946; on 10-shot caltech50 at 240 and 128 px this took logistic regression in 3 of 10 seeds). The 1-SE rule stays inside one head: across heads it gave away real accuracy
+        0.946; on 10-shot caltech50 at 240 and 128 px this took logistic regression in 3 of 10
+        seeds). The 1-SE rule stays inside one head: across heads it gave away real accuracy
         (caltech50: it took imprint at 0.943 over logistic regression at 0.950, which then scored
         0.7 points lower on val), while along one head's path it only trades noise for regularisation."""
         return self.per_head()[0]
