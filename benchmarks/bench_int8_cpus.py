@@ -37,7 +37,7 @@ RECIPES = {
     "8-bit weights everywhere (overflow fix off)": "DISABLE",
     "7-bit first layer (NNCF's default; edgetune int8 recipe v1)": "FIRST_LAYER",
     "7-bit every layer (edgetune's recipe v2)": "ENABLE",
-    "7-bit, depthwise layers reading float inputs (recipe v3, the default)": "v3",
+    "7-bit; depthwise layers, stem and first two blocks reading float inputs (recipe v4, the default)": "default",
 }
 
 
@@ -73,7 +73,7 @@ def child(run_dir: Path) -> list[dict]:
     for label, fix in RECIPES.items():
         t = time.perf_counter()
         calibration = [pool_x[i:i + 1] for i in calib_pos]
-        if fix == "v3":
+        if fix == "default":
             q = backbone_int8(backbone, calibration)
         else:
             with nncf_session() as nncf:
@@ -131,7 +131,7 @@ def main() -> None:
     lines = [f"`{command_line()}`; {machine_description()}; load average {load_start} at start, {load_average()} at end.",
              "",
              f"Each run's backbone quantized by NNCF (performance preset, fast bias correction, {MAX_CALIBRATION} stratified training "
-             "images), with each recipe (three weight recipes, and recipe v3: 7-bit weights with the depthwise layers reading float inputs, their weights int8); the int8 backbone then runs on this CPU's own ISA and with oneDNN held to "
+             "images), with each recipe (three weight recipes, and edgetune's recipe v4: 7-bit weights with the depthwise layers, their weights int8, and the stem and first two blocks reading float inputs); the int8 backbone then runs on this CPU's own ISA and with oneDNN held to "
              "AVX2 (`ONEDNN_MAX_CPU_ISA=AVX2`: a robot CPU without VNNI, emulated). Scored on held-out TRAINING images "
              "(half of each class; the run's head refit on the other half's fp32 features): top-1 agreement of that head "
              "on int8 vs fp32 features, and the mean centred cosine between the two feature vectors.",
