@@ -62,6 +62,7 @@ class ExportContext:
     val_files: str | None = field(default=None, repr=False)  # toolkit.data.files_key of the val images read
     _calib: np.ndarray | None = field(default=None, repr=False)
     _calib_paths: list[Path] = field(default_factory=list, repr=False)
+    photo_side: int | None = field(default=None, repr=False)  # median shorter side of the val photos (px, <= resize)
     extra: dict[str, Any] = field(default_factory=dict)  # exporter notes for the manifest
     seconds: dict[str, float] = field(default_factory=dict)  # wall time per export stage (manifest)
 
@@ -102,7 +103,7 @@ class ExportContext:
             from toolkit.data import files_key
 
             with self.stage("val images"):
-                views, kept = _val_views(self.run)
+                views, kept, self.photo_side = _val_views(self.run)
                 self._val, self.val_files = (views, kept.labels()), files_key(kept.samples)
         return self._val
 
@@ -205,7 +206,8 @@ class Exporter(abc.ABC):
                         break
                 misses = parity.check(measured, fmt=self.name, tolerance=self.tolerance_for(ctx),
                                       min_agreement=self.min_agreement, budget=ctx.budget,
-                                      relative=self.relative_tolerance and not ctx.fp32)
+                                      relative=self.relative_tolerance and not ctx.fp32,
+                                      hint=parity.small_photo_hint(ctx.photo_side, ctx.input_size))
                 if run.int8_backbone is not None and not int8:
                     _note_backbone_mismatch(self.name, run, inputs, labels, exported, ctx)
                 record = {**measured.to_json(), "tolerance": self.tolerance_for(ctx), "max_drop": ctx.max_drop,
@@ -288,12 +290,13 @@ def _splits(run: RunDir):
 
 def val_set(run: RunDir) -> tuple[np.ndarray, np.ndarray]:
     """The run's own validation split, exactly as training validated it."""
-    views, kept = _val_views(run)
+    views, kept, _ = _val_views(run)
     return views, kept.labels()
 
 
 def _val_views(run: RunDir):
-    """(float32 NCHW eval views, the val Dataset without unreadable files)."""
+    """(float32 NCHW eval views, the val Dataset without unreadable files, the median shorter side of
+    the decoded photos: their own where under the eval resize, which they are only shrunk to)."""
     from toolkit.data import decode_images
 
     size = run.spec.input_size
@@ -301,7 +304,8 @@ def _val_views(run: RunDir):
     if val is None or not len(val):
         raise EdgetuneError(f"The run's dataset {run.config['data']} has no validation images to check parity on.")
     images, kept, _ = decode_images(val, min_side=eval_resize_shorter(size), workers=2)
-    return _views(images, size), kept
+    side = int(np.median([min(img.shape[:2]) for img in images])) if images else None
+    return _views(images, size), kept, side
 
 
 def calibration_set(run: RunDir, calibration: Path | None, limit: int) -> np.ndarray:

@@ -135,10 +135,22 @@ class Budget:
         return asdict(self)
 
 
+def small_photo_hint(photo_side: int | None, input_size: int) -> str:
+    """What to add to an int8 budget failure when the run's photos are under half the model's input
+    side: upscaled photos are where int8 misses (96-px copies of ants/bees failed both int8 formats
+    where fp16 agreed 100%; 128-px caltech50 passed: BENCHMARKS.md "int8 on kinds of photos nobody
+    tuned for")."""
+    if not photo_side or photo_side >= input_size / 2:
+        return ""
+    return (f" This run's photos are small (median shorter side {photo_side} px, upscaled to {input_size}): "
+            "int8 misses most on such photos, so try the fp16 'openvino' format first.")
+
+
 def check(parity: Parity, *, fmt: str, tolerance: float | None, min_agreement: float,
-          budget: Budget | None = None, relative: bool = False) -> list[str]:
+          budget: Budget | None = None, relative: bool = False, hint: str = "") -> list[str]:
     """Raise EdgetuneError("Export failed parity: ...") when `parity` is outside the gate; return
-    the budget misses an --allow-drop export is written with (empty when within budget).
+    the budget misses an --allow-drop export is written with (empty when within budget). `hint` ends
+    an int8 budget failure's message (`small_photo_hint`).
 
     fp32/fp16 (`tolerance` set): logits within tolerance and top-1 agreement >= min_agreement;
     relative=True scales the tolerance by max(1, largest |logit|), as fp16 weights err relative to
@@ -168,7 +180,7 @@ def check(parity: Parity, *, fmt: str, tolerance: float | None, min_agreement: f
             f"worst class {parity.worst_class or '-'} -{parity.worst_class_drop:.1f} points), also after "
             f"accuracy-controlled quantization: {'; '.join(misses)}. Nothing was written. Try --calib with "
             "more images like the robot's, a larger --max-drop, --allow-drop to write it anyway, or the "
-            "fp16 'openvino' / fp32 'onnx' format."
+            f"fp16 'openvino' / fp32 'onnx' format.{hint}"
         )
     if misses:
         logger.warning("%s IS OUTSIDE ITS ACCURACY BUDGET (%s); written anyway because of --allow-drop: %s",

@@ -290,6 +290,20 @@ def test_over_budget_export_fails_with_figures_and_writes_nothing(trained_run, t
     assert "accuracy budget" in message and "Nothing was written" in message and "--allow-drop" in message
     assert "->" in message and "agreement" in message  # the figures
     assert not out.exists() and not list(out.parent.iterdir())  # not even a partial folder
+    assert "photos are small" not in message  # full-size photos: no hint
+
+
+def test_small_photos_are_named_when_int8_misses(trained_run, tmp_path, monkeypatch):
+    from exporters import base
+    from exporters.parity import small_photo_hint
+
+    assert small_photo_hint(None, 240) == "" and small_photo_hint(128, 240) == ""  # 128 px: int8 held there
+    assert "96 px" in small_photo_hint(96, 240) and "'openvino'" in small_photo_hint(96, 240)
+    real = base._val_views
+    monkeypatch.setattr(base, "_val_views", lambda run: (*real(run)[:2], 96))  # photos of a small camera
+    _int8_loses_images(monkeypatch)
+    with pytest.raises(EdgetuneError, match="median shorter side 96 px"):
+        export(trained_run, "onnx-int8", tmp_path / "int8", max_drop=0.0)
 
 
 def test_allow_drop_writes_anyway_and_records_the_miss(trained_run, tmp_path, monkeypatch, caplog):
