@@ -279,7 +279,8 @@ def method_rows(name: str, run_dir: Path, entropy: bool) -> list[tuple]:
         from toolkit.features import cached_int8_backbone
 
         recipes = [
-            ("NNCF fast bias correction, 7-bit weights, depthwise layers reading float inputs (default)",
+            ("NNCF fast bias correction, 7-bit weights; depthwise layers, stem and first two blocks reading float inputs "
+             "(recipe v4, default)",
              lambda: openvino_ir.quantize(model, calib)),
             ("NNCF fast bias correction, 7-bit weights every layer, every layer int8 (the default before 2026-12-07)",
              nncf_recipe(fast_bias_correction=True, advanced_parameters=int8_advanced_parameters())),
