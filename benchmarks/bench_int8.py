@@ -128,6 +128,19 @@ def heldout_split(run, held_max: int):
     return labels, pool, held, views(pool), views(held)
 
 
+def refit_selected_head(run, feats: np.ndarray, labels: np.ndarray):
+    """The head the run selected (metrics.json), with its options, fitted afresh on (feats, labels);
+    a head that reads the backbone's ImageNet prior gets it."""
+    import json
+
+    from toolkit.features import imagenet_prior
+    from toolkit.head_fit import HEADS, fit_head
+
+    selected = json.loads((run.path / "metrics.json").read_text())["head"]
+    prior = imagenet_prior(run.spec) if HEADS[selected["selected"]].needs_prior else None
+    return fit_head(selected["selected"], feats, labels, len(run.labels), prior=prior, **selected["options"])
+
+
 def pool_head_run(run, pool_x: np.ndarray, pool_labels: np.ndarray, work: Path):
     """A copy of the run under `work` whose head is the run's selected head refit on the pool's fp32
     features alone, so the held-out half is unseen by the head as well as by calibration (a head
@@ -137,16 +150,14 @@ def pool_head_run(run, pool_x: np.ndarray, pool_labels: np.ndarray, work: Path):
 
     import openvino as ov
 
-    from toolkit.features import _openvino_backbone, float_input, imagenet_prior
-    from toolkit.head_fit import fit_head, model_tensors
+    from toolkit.features import _openvino_backbone, float_input
+    from toolkit.head_fit import model_tensors
     from toolkit.runs import RunDir
 
     compiled = ov.Core().compile_model(float_input(_openvino_backbone(run.spec, "fp32", None)), "CPU",
                                        {"INFERENCE_PRECISION_HINT": "f32"})
     feats = np.concatenate([compiled(pool_x[i:i + 16])[0] for i in range(0, len(pool_x), 16)])
-    selected = json.loads((run.path / "metrics.json").read_text())["head"]
-    prior = imagenet_prior(run.spec) if selected["selected"] == "prior" else None  # the head that reads it
-    params = fit_head(selected["selected"], feats, pool_labels, len(run.labels), prior=prior, **selected["options"])
+    params = refit_selected_head(run, feats, pool_labels)
     dst = work / "pool-head-run"
     shutil.copytree(run.path, dst, ignore=shutil.ignore_patterns("state"))
     copy = RunDir.open(dst)

@@ -45,11 +45,11 @@ def child(run_dir: Path) -> list[dict]:
     """One ISA (this process's environment): every recipe on one run."""
     import openvino as ov
 
-    from benchmarks.bench_int8 import heldout_split
+    from benchmarks.bench_int8 import heldout_split, refit_selected_head
     from exporters.base import MAX_CALIBRATION, stratified_subset
     from toolkit.convert import nncf_session
-    from toolkit.features import _openvino_backbone, backbone_int8, float_input, imagenet_prior
-    from toolkit.head_fit import fit_head, head_logits
+    from toolkit.features import _openvino_backbone, backbone_int8, float_input
+    from toolkit.head_fit import head_logits
     from toolkit.runs import RunDir
 
     run = RunDir.open(run_dir)
@@ -64,9 +64,7 @@ def child(run_dir: Path) -> list[dict]:
     backbone = float_input(_openvino_backbone(run.spec, "fp32", None))
     f_pool, f_held = feats(backbone, pool_x), feats(backbone, held_x)
     y_pool = np.array([labels[i] for i in pool])
-    selected = json.loads((run.path / "metrics.json").read_text())["head"]
-    prior = imagenet_prior(run.spec) if selected["selected"] == "prior" else None  # the head that reads it
-    head = fit_head(selected["selected"], f_pool, y_pool, len(run.labels), prior=prior, **selected["options"])
+    head = refit_selected_head(run, f_pool, y_pool)
     target = head_logits(head, f_held).argmax(1)
     centre = f_pool.mean(0)
     rows = []
@@ -87,7 +85,7 @@ def child(run_dir: Path) -> list[dict]:
         cos = (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
         rows.append({"recipe": label, "agreement": float((head_logits(head, q_held).argmax(1) == target).mean()),
                      "cosine": float(cos.mean()), "held": len(held), "calibration": len(calib_pos),
-                     "head": f"{selected['selected']} {selected['options']}", "quantize_seconds": round(seconds, 1)})
+                     "head": f"{head.name} {head.options}", "quantize_seconds": round(seconds, 1)})
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     return rows
 
