@@ -70,7 +70,7 @@ def main() -> None:
 
     from devices.openvino_compile import compile_model
     from toolkit.backbones import get_spec
-    from toolkit.features import _openvino_backbone, calibration_views
+    from toolkit.features import _openvino_backbone, calibration_views, centred_cosines
     from toolkit.head_fit import cross_validate
     from toolkit.runtime import to_nchw_float
 
@@ -83,10 +83,6 @@ def main() -> None:
         compiled = compile_model(model, "CPU", exact=True)
         return np.concatenate([compiled(to_nchw_float(views[i:i + 16]))[0]
                                for i in range(0, len(views), 16)]).astype(np.float32)
-
-    def centred_cosine(a, b):
-        a, b = a - a.mean(0), b - b.mean(0)
-        return float(((a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)).mean())
 
     def cv(feats, labels):
         res = cross_validate(["logreg", "imprint"], feats[:, None], labels, int(labels.max()) + 1, folds=5, seed=0)
@@ -120,7 +116,7 @@ def main() -> None:
         for n, (views, labels) in sets.items():
             f = reference[n] if name == "fp32" else features(model, views)
             acc = cv(f, labels)
-            cells += ["1" if name == "fp32" else f"{centred_cosine(reference[n], f):.4f}",
+            cells += ["1" if name == "fp32" else f"{centred_cosines(reference[n], f).mean():.4f}",
                       f"{acc['logreg']:.4f} / {acc['imprint']:.4f}"]
         rows.append("| " + " | ".join(cells) + " |")
         print(rows[-1], flush=True)

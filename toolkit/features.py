@@ -442,12 +442,16 @@ def int8_fidelity(spec: BackboneSpec, fp32_model, int8_model, count: int | None 
 
     count = count or FIDELITY_PROBES
     x = to_nchw_float(np.stack(calibration_views(spec.input_size, count, seed=1)))
-    a = compile_model(fp32_model, "CPU")(x)[0].astype(np.float64)
-    b = compile_model(int8_model, "CPU")(x)[0].astype(np.float64)
-    a, b = a - a.mean(0), b - b.mean(0)
-    cos = (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
+    cos = centred_cosines(compile_model(fp32_model, "CPU")(x)[0], compile_model(int8_model, "CPU")(x)[0])
     return {"fidelity_probes": count, "feature_cosine": round(float(cos.mean()), 5),
             "feature_cosine_min": round(float(cos.min()), 5)}
+
+
+def centred_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per row, the cosine between two (N, D) feature sets after removing each set's mean row."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    a, b = a - a.mean(0), b - b.mean(0)
+    return (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
 
 
 class _exclusive:
