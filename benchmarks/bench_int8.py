@@ -287,12 +287,20 @@ def method_rows(name: str, run_dir: Path, entropy: bool) -> list[tuple]:
         def nncf_recipe(**kw):
             return lambda: nncf.quantize(model, data, subset_size=len(calib), ignored_scope=openvino_ir.head_scope(), **kw)
 
-        from toolkit.features import cached_int8_backbone
+        from toolkit.features import backbone_int8, cached_int8_backbone
+
+        def v4(batch: int = 1, **nncf_options):
+            return lambda: backbone_int8(model, openvino_ir.batches(calib, batch), float_ops=openvino_ir.HEAD_OPS,
+                                         **nncf_options)
 
         recipes = [
             ("NNCF fast bias correction, 7-bit weights; depthwise layers, stem and first two blocks reading float inputs "
              "(recipe v4, default)",
              lambda: openvino_ir.quantize(model, calib)),
+            ("recipe v4, bias correction off",
+             v4(advanced_parameters=nncf.AdvancedQuantizationParameters(overflow_fix=nncf.OverflowFix.ENABLE,
+                                                                        disable_bias_correction=True))),
+            ("recipe v4, calibration batches of 8 images (default: 1)", v4(batch=8)),
             ("NNCF fast bias correction, 7-bit weights every layer, every layer int8 (the default before 2026-12-07)",
              nncf_recipe(fast_bias_correction=True, advanced_parameters=int8_advanced_parameters())),
             ("NNCF full bias correction, 7-bit weights every layer",

@@ -297,7 +297,7 @@ def _quantize_backbone(model, calibration):
     return backbone_int8(model, [to_nchw_float(v[None]) for v in calibration])
 
 
-def backbone_int8(model, batches: Sequence[np.ndarray], *, float_ops: Sequence[str] = ()):
+def backbone_int8(model, batches: Sequence[np.ndarray], *, float_ops: Sequence[str] = (), **nncf_options):
     """int8 as edgetune ships it, for the training backbone and openvino-int8 exports: `nncf_int8`
     with every depthwise convolution and the leading convolutions (`leading_convolutions`) reading
     float inputs (and the op types in `float_ops`, an export's head, left in float).
@@ -319,7 +319,7 @@ def backbone_int8(model, batches: Sequence[np.ndarray], *, float_ops: Sequence[s
 
     scope = load_nncf().IgnoredScope(names=leading_convolutions(model), types=["GroupConvolution", *float_ops],
                                      validate=False)
-    return _int8_weights(nncf_int8(model, batches, ignored_scope=scope), "GroupConvolution")
+    return _int8_weights(nncf_int8(model, batches, ignored_scope=scope, **nncf_options), "GroupConvolution")
 
 
 # The stem and the first two blocks of every EfficientNet-Lite: stem, block 0's projection (its
@@ -475,18 +475,20 @@ class _exclusive:
         os.close(self.fd)  # closing releases the flock
 
 
-def nncf_int8(model, batches: Sequence[np.ndarray], *, ignored_scope=None):
+def nncf_int8(model, batches: Sequence[np.ndarray], *, ignored_scope=None, **nncf_options):
     """NNCF post-training int8 of an openvino.Model on float NCHW `batches`, with the settings
     measured across ants/bees, caltech50 and 128-px caltech50 (benchmarks/bench_int8.py): the
     performance preset; fast bias correction (full bias correction gained on one set of three, at
     3-4x the time); and 7-bit weights in every layer (`int8_advanced_parameters`). The training
-    backbone and openvino-int8 exports call it through `backbone_int8`."""
+    backbone and openvino-int8 exports call it through `backbone_int8`. `nncf_options` override
+    nncf.quantize's arguments (benchmarks/bench_int8.py measures the alternatives with it)."""
     from toolkit.convert import nncf_session
 
-    kwargs = {"ignored_scope": ignored_scope} if ignored_scope is not None else {}
+    kwargs = {"fast_bias_correction": True, "advanced_parameters": int8_advanced_parameters(), **nncf_options}
+    if ignored_scope is not None:
+        kwargs["ignored_scope"] = ignored_scope
     with nncf_session() as nncf:
-        return nncf.quantize(model, nncf.Dataset(list(batches)), subset_size=len(batches),
-                             fast_bias_correction=True, advanced_parameters=int8_advanced_parameters(), **kwargs)
+        return nncf.quantize(model, nncf.Dataset(list(batches)), subset_size=len(batches), **kwargs)
 
 
 def int8_advanced_parameters():
