@@ -13,6 +13,7 @@ import abc
 import contextlib
 import dataclasses
 import functools
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ import numpy as np
 from toolkit.preprocess import eval_resize_shorter, resize_and_crop
 from toolkit.errors import EdgetuneError
 from toolkit.runs import RunDir
-from toolkit.runtime import run_batched
+from toolkit.runtime import MANIFEST, run_batched
 
 logger = logging.getLogger(__name__)
 
@@ -176,7 +177,7 @@ class Exporter(abc.ABC):
         from exporters import bundle, parity
         from toolkit.atomic import staged_dir
 
-        _check_out_dir(out_dir)
+        _check_out_dir(out_dir, run)
         started = time.perf_counter()
         inputs, labels = ctx.val_inputs()
         int8 = self.tolerance_for(ctx) is None
@@ -297,10 +298,14 @@ def val_set(run: RunDir) -> tuple[np.ndarray, np.ndarray]:
 def _val_views(run: RunDir):
     """(float32 NCHW eval views, the val Dataset without unreadable files, the median shorter side of
     the decoded photos: their own where under the eval resize, which they are only shrunk to)."""
-    from toolkit.data import decode_images
+    from toolkit.data import SPLIT_FILE, decode_images, exclude_training_images
 
     size = run.spec.input_size
     val = _splits(run).val
+    if val is not None and (run.path / SPLIT_FILE).is_file():
+        # As training reported it: without val files that are copies of training files.
+        record = json.loads((run.path / SPLIT_FILE).read_text())
+        val, _ = exclude_training_images(val, record, known={f["path"]: f["sha1"] for f in record.get("val", [])})
     if val is None or not len(val):
         raise EdgetuneError(f"The run's dataset {run.config['data']} has no validation images to check parity on.")
     images, kept, _ = decode_images(val, min_side=eval_resize_shorter(size), workers=2)
@@ -401,11 +406,21 @@ def _check_unchanged_by_embedding(runner, inputs: np.ndarray, exported: np.ndarr
         raise EdgetuneError("Export failed: the model changed when its metadata was embedded; please report this.")
 
 
-def _check_out_dir(out_dir: Path) -> None:
-    """Fail before any work when the output location cannot be a directory."""
+def _check_out_dir(out_dir: Path, run: RunDir) -> None:
+    """Fail before any work when the output location cannot be a directory, or when writing it would
+    replace something that is not an export: a finished export replaces its whole folder (so an
+    earlier bundle of the same format is updated in place), and a folder of photos or a run chosen
+    as --out by mistake would be deleted with it."""
     out_dir = Path(out_dir)
     for parent in [out_dir, *out_dir.parents]:
         if parent.exists():
             if not parent.is_dir():
                 raise EdgetuneError(f"Cannot write the export to {out_dir}: {parent} is a file. Pick another --out.")
             break
+    out, source = out_dir.resolve(), Path(run.path).resolve()
+    if out == source or out in source.parents:
+        raise EdgetuneError(f"--out {out_dir} holds the run {run.path} itself, which an export would replace: "
+                            "pick another --out (the default is RUN/exports/FORMAT).")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / MANIFEST).is_file():
+        raise EdgetuneError(f"--out {out_dir} is a folder that is not an edgetune export, and an export replaces its "
+                            "whole folder: pick a new or empty --out.")

@@ -149,7 +149,11 @@ def write_feature_memory(run, model: Path, runtime: str, stage: Path, *, static_
     # The memory holds what the head learnt from: a --shots run's K images per class, not the whole folder
     # (int8 calibration, which needs no labels, may still use every training image).
     train = run.config["train"]
-    subset = _memory_samples(with_shots(_splits(run).train, train.get("shots"), train["seed"], run.config["data"]), cap)
+    found = with_shots(_splits(run).train, train.get("shots"), train["seed"], run.config["data"])
+    # Not the files training skipped as unreadable: where calibration decoded every other image, a
+    # chunk of only those would stop the memory with "none of the images can be read".
+    skipped = {Path(s["path"]) for s in run.metrics.get("skipped", [])}
+    subset = _memory_samples(dataclasses.replace(found, samples=[s for s in found.samples if s.path not in skipped]), cap)
     decoded = decoded or {}
     device = "CPUExecutionProvider" if runtime == "onnxruntime" else "CPU"
     runner = feature_runner(model, runtime, device=device, feature_dim=run.spec.feature_dim, batch=static_batch)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 
 import click
@@ -62,7 +63,7 @@ def export_command(run_dir: Path, fmt: str, out: Path | None, calib: Path | None
     if p.get("over_budget"):
         console.print(f"[bold red]WARNING: outside its accuracy budget ({'; '.join(p['over_budget'])}); "
                       "written because of --allow-drop, and recorded in manifest.json.[/]")
-    console.print(f"next: edgetune benchmark {result.out_dir}")
+    console.print(f"next: edgetune benchmark {shlex.quote(str(result.out_dir))}")
 
 
 @click.command("benchmark")
@@ -91,4 +92,8 @@ def benchmark_command(model: Path, as_json: bool, device: str, runs: int, second
                f"p99 {result['latency_ms_p99']:.2f} ms (batch 1, {result['runs']} runs)")
     click.echo(f"  throughput  {result['throughput_img_s']:.1f} img/s ({result['throughput_requests']} request(s) "
                f"of batch {result['throughput_batch']})")
-    click.echo(f"  size        {_size(result['size_bytes'])}")
+    from toolkit.runtime import MANIFEST
+
+    bundle = (Path(model) / MANIFEST).is_file() or (Path(model).parent / MANIFEST).is_file()
+    what = "" if bundle else " (the head's weights: a run shares the machine's cached backbone; export it for the model's size)"
+    click.echo(f"  size        {_size(result['size_bytes'])}{what}")

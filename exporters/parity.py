@@ -177,7 +177,7 @@ def check(parity: Parity, *, fmt: str, tolerance: float | None, min_agreement: f
         raise EdgetuneError(
             f"Export failed its accuracy budget: {fmt} vs the source model on {parity.n} val images "
             f"(accuracy {parity.source_accuracy:.2%} -> {parity.export_accuracy:.2%}, agreement {parity.agreement:.2%}, "
-            f"worst class {parity.worst_class or '-'} -{parity.worst_class_drop:.1f} points), also after "
+            f"{_worst_class(parity)}), also after "
             f"accuracy-controlled quantization: {'; '.join(misses)}. Nothing was written. Try --calib with "
             "more images like the robot's, a larger --max-drop, --allow-drop to write it anyway, or the "
             f"fp16 'openvino' / fp32 'onnx' format.{hint}"
@@ -198,6 +198,12 @@ def run_dir_logits(run, inputs: np.ndarray) -> np.ndarray:
     predictor = load_predictor(run.path, device="openvino:CPU")
     views = np.ascontiguousarray(inputs.transpose(0, 2, 3, 1).round().clip(0, 255).astype(np.uint8))
     return run_batched(predictor.logits, views, batch=None)
+
+
+def _worst_class(parity) -> str:
+    if not parity.worst_class or parity.worst_class_drop <= 0:
+        return "no class loses accuracy"
+    return f"worst class {parity.worst_class} -{parity.worst_class_drop:.1f} points"
 
 
 def reference_logits(ctx, inputs: np.ndarray, *, int8: bool) -> np.ndarray:

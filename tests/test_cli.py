@@ -71,6 +71,27 @@ def test_demo_never_replaces_a_real_run(trained, runner):
     assert (trained / "model.safetensors").read_bytes() == before
 
 
+def test_demo_never_deletes_a_folder_it_did_not_make(runner, tmp_path):
+    victim = tmp_path / "victim"
+    (victim / "sub").mkdir(parents=True)
+    (victim / "sub" / "notes.txt").write_text("precious")
+    _one_line_error(runner.invoke(cli, ["demo", "--out", str(victim)]), "not a demo run")
+    assert (victim / "sub" / "notes.txt").read_text() == "precious"
+
+
+def test_bad_seed_aug_or_out_stop_before_anything_is_written(runner, tiny_dataset, tmp_path):
+    out = tmp_path / "r"
+    _one_line_error(runner.invoke(cli, ["train", str(tiny_dataset), "--out", str(out), "--seed", "-1"]), "--seed")
+    _one_line_error(runner.invoke(cli, ["train", str(tiny_dataset), "--out", str(out), "--aug", "rotate.limit=abc"]),
+                    "rotate")
+    assert not out.exists()
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    _one_line_error(runner.invoke(cli, ["train", str(tiny_dataset), "--out", str(a_file)]), "is a file")
+    _one_line_error(runner.invoke(cli, ["augment", str(tiny_dataset), "--out", str(tmp_path / "p.png"), "--seed", "-2"]),
+                    "--seed")
+
+
 def test_train_errors_are_one_line_exit_2(runner, tmp_path, make_image_folder):
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -183,6 +183,39 @@ def test_unwritable_out_dir(tmp_path, trained_run):
     assert blocker.read_text() == "x"
 
 
+def test_export_never_replaces_a_folder_that_is_not_an_export(tmp_path, trained_run):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "a.jpg").write_bytes(b"a user's photo")
+    with pytest.raises(EdgetuneError, match="not an edgetune export"):
+        export(trained_run, "onnx", photos)
+    assert [p.name for p in photos.iterdir()] == ["a.jpg"]
+    for out in (trained_run, trained_run.parent):  # the run itself, or a folder holding it
+        with pytest.raises(EdgetuneError, match="holds the run"):
+            export(trained_run, "onnx", out)
+    assert (trained_run / "model.safetensors").is_file()
+    bundle = tmp_path / "bundle"  # an earlier export of its own is what --out may replace
+    export(trained_run, "onnx", bundle)
+    (bundle / "model.onnx").write_bytes(b"stale")
+    export(trained_run, "onnx", bundle)
+    assert (bundle / "model.onnx").read_bytes() != b"stale"
+
+
+def test_int8_bundle_keeps_its_feature_memory_beside_an_unreadable_training_image(hymenoptera, tmp_path):
+    # Calibration decodes every readable training image of a small run, so the feature memory had
+    # only the unreadable one left to decode, and dropped the whole memory ("none could be read").
+    from toolkit.train import TrainConfig, train
+
+    from .conftest import copy_subset
+
+    data = copy_subset(hymenoptera, tmp_path / "data", n_train=6, n_val=3)
+    (data / "train" / "ants" / "broken.jpg").write_text("not an image")
+    train(data, tmp_path / "run", TrainConfig(backbone="efficientnet_lite0", epochs=3, views=1))
+    export(tmp_path / "run", "onnx-int8", tmp_path / "bundle", max_drop=100.0)
+    manifest = json.loads((tmp_path / "bundle" / "manifest.json").read_text())
+    assert manifest["feature_memory"]["counts"] == {"ants": 6, "bees": 6}
+
+
 def test_failed_parity_leaves_nothing(tmp_path, trained_run, monkeypatch):
     from exporters.onnx_fp32 import OnnxExporter
 

@@ -76,6 +76,7 @@ class _Capture(Predictor):
 class _FakeRun:
     def __init__(self, root: Path, size: int) -> None:
         self.config = {"data": str(root), "train": {"val_fraction": 0.2, "seed": 0}}
+        self.path = root / "run"  # no split.json there: the val split as found
         self.labels = ["a", "b"]
         self.spec = type("Spec", (), {"input_size": size})()
 

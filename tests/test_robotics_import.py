@@ -73,6 +73,17 @@ def test_raw_encodings_round_trip_pixel_exact_with_row_padding(tmp_path, fmt):
             assert got.dtype == original.dtype and np.array_equal(got, expect(original)), (enc, f)
 
 
+def test_twelve_bit_frames_in_a_sixteen_bit_image_are_named(tmp_path):
+    # 16-bit images are read by their high byte, so 0..4095 data would train as near-black images.
+    twelve_bit = [RNG.integers(0, 4096, (H, W), dtype=np.uint16) for _ in range(2)]
+    full = [_noise((H, W), np.uint16) for _ in range(2)]
+    bag = _bag(tmp_path, "ros2-mcap", {"/mono12": TopicSpec(twelve_bit, "mono16"), "/mono16": TopicSpec(full, "mono16")})
+    result = _run(bag, "--topic", "/mono16", "--out", tmp_path / "full", "--label", "x")
+    assert result.exit_code == 0 and "high byte" not in result.output
+    result = _run(bag, "--topic", "/mono12", "--out", tmp_path / "low", "--label", "x")
+    assert result.exit_code == 0 and "high byte" in " ".join(result.output.split()), result.output
+
+
 def test_bayer_pattern_names_follow_ros(tmp_path):
     # A pure red scene seen through an RGGB mosaic: only the top-left site of each 2x2 block is lit.
     mosaic = np.zeros((8, 8), np.uint8)

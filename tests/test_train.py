@@ -252,3 +252,25 @@ def test_images_are_streamed_and_bad_files_counted(found_by, make_image_folder, 
         (out / "model.safetensors").unlink()
         resumed = train(None, out, resume=True)
         assert resumed["images_skipped"] == 2 and resumed["n_train"] == 48
+
+
+def test_val_copies_of_training_images_are_left_out_and_recorded(tmp_path, make_image_folder, caplog):
+    import shutil
+
+    data = make_image_folder(tmp_path, n=6, val_n=3, size=(96, 128))
+    cats = sorted((data / "train" / "cats").iterdir())
+    shutil.copy(cats[0], data / "val" / "cats" / "copy.jpg")  # a photo filed in both splits
+    shutil.copy(cats[1], data / "train" / "dogs" / "dup.jpg")  # and one under two classes
+    metrics = train(data, tmp_path / "run", TrainConfig(backbone="efficientnet_lite0", epochs=3, views=1))
+    assert metrics["val_copies_of_train"] == 1 and metrics["n_val"] == 6
+    split = json.loads((tmp_path / "run" / "split.json").read_text())
+    assert [Path(p).name for p in split["val_copies_of_train"]] == ["copy.jpg"]
+    assert "copy.jpg" not in {Path(f["path"]).name for f in split["val"]}
+    assert "copies of training images" in caplog.text and "two classes" in caplog.text
+
+    only_copies = tmp_path / "only_copies"
+    shutil.copytree(data / "train", only_copies / "train")
+    shutil.copytree(data / "train", only_copies / "val")
+    with pytest.raises(EdgetuneError, match="copy of a training image"):
+        train(only_copies, tmp_path / "run2", TrainConfig(backbone="efficientnet_lite0", epochs=3, views=1))
+    assert not (tmp_path / "run2").exists()

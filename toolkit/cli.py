@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -159,7 +160,7 @@ def _parse_overrides(items: tuple[str, ...]) -> dict[str, dict[str, Any]]:
 @click.option("--aug", "aug_overrides", multiple=True, metavar="T.S=V", help="Augmentation setting, e.g. rotate.limit=10 (repeatable).")
 @click.option("--balance", type=click.Choice(["none", "sampler", "weights"]), default=None, help="Class-imbalance handling.")
 @click.option("--val-fraction", type=float, default=None, help="Val split for DATA/<class>/* layouts.")
-@click.option("--seed", type=int, default=None)
+@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=None)
 @click.option("--backbone-precision", type=click.Choice(["auto", "fp32", "fp16", "int8"]), default=None,
               help="fp32 (default); auto: int8 where this machine runs it >= 1.5x faster with faithful features; "
                    "int8: learn on the quantized backbone you will ship (OpenVINO).")
@@ -219,7 +220,7 @@ def _print_train_summary(console, run_dir: Path, m: dict[str, Any]) -> None:
         console.print(f"features: {m['feature_engine']}, {m['views_per_second']:.0f} views/s")
     if m["images_skipped"]:
         console.print(f"[yellow]{m['images_skipped']} unreadable images skipped (listed in {run_dir}/metrics.json)[/]")
-    console.print(f"run: {run_dir}  (next: edgetune export {run_dir} --format openvino-int8)")
+    console.print(f"run: {run_dir}  (next: edgetune export {shlex.quote(str(run_dir))} --format openvino-int8)")
 
 
 # -- adapt ------------------------------------------------------------------------------------
@@ -298,7 +299,7 @@ def evaluate(model: Path, data: Path, as_json: bool, unknown: Path | None, devic
 @click.argument("model", type=click.Path(path_type=Path))
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per image.")
-@click.option("--top-k", type=int, default=1, show_default=True)
+@click.option("--top-k", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--unknown-threshold", type=float, default=None, help="Override the bundle's unknown threshold.")
 @record_option
 @device_option()
@@ -343,7 +344,7 @@ def predict(model: Path, inputs: tuple[Path, ...], as_json: bool, top_k: int, un
 @click.option("--save-video", type=click.Path(path_type=Path), help="Write the frames with the label drawn (.mp4/.avi).")
 @click.option("--all-frames", is_flag=True, help="Video files: classify every frame instead of playing in real time.")
 @click.option("--unknown-threshold", type=float, default=None, help="Override the bundle's unknown threshold.")
-@click.option("--top-k", type=int, default=3, show_default=True)
+@click.option("--top-k", type=click.IntRange(min=1), default=3, show_default=True)
 @bag_source_options
 @record_option
 @foxglove_options
@@ -391,7 +392,7 @@ def watch(model: Path, source: str, as_json: bool | None, every: int, max_frames
               help="Relearn a class from DATA only, dropping its remembered images (repeatable).")
 @click.option("--val-fraction", type=float, default=0.2, show_default=True,
               help="Held-out share of DATA for the before/after table (DATA/train + DATA/val use their own split).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 @device_option()
 def learn(bundle: Path, data: Path, out: Path, forget: tuple[str, ...], replace: tuple[str, ...], val_fraction: float,
@@ -424,7 +425,7 @@ def learn(bundle: Path, data: Path, out: Path, forget: tuple[str, ...], replace:
 @click.option("--augment", "preset", type=click.Choice(["none", "light", "default", "strong"]), default="light", show_default=True)
 @click.option("--aug", "aug_overrides", multiple=True, metavar="T.S=V", help="Augmentation setting, e.g. rotate.limit=10.")
 @click.option("--backbone", default=None, help="Sets the view size [default: the training default].")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True)
 def augment(data: Path, out: Path, preset: str, aug_overrides: tuple[str, ...], backbone: str | None, seed: int) -> None:
     """Write a grid of augmented samples from DATA: what the model will see (first column: clean view)."""
     import dataclasses
@@ -445,8 +446,10 @@ def augment(data: Path, out: Path, preset: str, aug_overrides: tuple[str, ...], 
     images, _, _ = decode_images(subset, min_side=eval_resize_shorter(size))
     aug = build_augmentation(preset, size=size, overrides=_parse_overrides(aug_overrides))
     grid = augment_grid(images, aug, seed=seed, rows=len(images))
-    _, png = cv2.imencode(".png", cv2.cvtColor(grid, cv2.COLOR_RGB2BGR))  # PNG of a uint8 array cannot fail
-    atomic.write_bytes(out, png.tobytes())
+    # In the format --out names (.png, .jpg, .webp, ...); PNG where the suffix is none OpenCV writes.
+    ext = out.suffix.lower() if out.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff") else ".png"
+    _, encoded = cv2.imencode(ext, cv2.cvtColor(grid, cv2.COLOR_RGB2BGR))  # a uint8 array always encodes
+    atomic.write_bytes(out, encoded.tobytes())
     click.echo(f"wrote {out} ({grid.shape[1]}x{grid.shape[0]}, preset {preset})")
 
 
@@ -455,8 +458,8 @@ DEMO_MARKER = ".edgetune-demo"  # marks a run `edgetune demo` may replace
 
 @cli.command()
 @click.option("--out", type=click.Path(path_type=Path), default=Path("runs/demo"), show_default=True)
-@click.option("--per-class", type=int, default=40, show_default=True, help="Training images per class.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--per-class", type=click.IntRange(min=2), default=40, show_default=True, help="Training images per class.")
+@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True)
 def demo(out: Path, per_class: int, seed: int) -> None:
     """Run the main job on a synthetic tabletop-objects set: no data of yours needed.
 
@@ -471,18 +474,22 @@ def demo(out: Path, per_class: int, seed: int) -> None:
     from toolkit.synthetic import make_tabletop_dataset
     from toolkit.train import TrainConfig, train as run_training
 
-    if (out / "config.json").exists() and not (out / DEMO_MARKER).exists():
-        raise EdgetuneError(f"{out} holds a run that is not a demo: pass another --out.")
+    if out.exists() and not out.is_dir():
+        raise EdgetuneError(f"--out {out} is a file, not a folder: pass another --out.")
+    if out.is_dir() and any(out.iterdir()) and not (out / DEMO_MARKER).exists():
+        what = "a run that is not a demo" if (out / "config.json").exists() else "files that are not a demo run"
+        raise EdgetuneError(f"{out} holds {what}, and the demo replaces its --out: pass another --out.")
     console = _console()
     t0 = time.perf_counter()
     data = Path(tempfile.mkdtemp(prefix="edgetune-demo-"))
     try:
         make_tabletop_dataset(data, per_class=per_class, seed=seed)
         console.print(f"synthesised tabletop objects in {data} ({time.perf_counter() - t0:.1f} s)")
-        shutil.rmtree(out, ignore_errors=True)  # nothing, or an earlier demo's run
+        shutil.rmtree(out, ignore_errors=True)  # nothing, or an earlier (perhaps interrupted) demo's run
+        out.mkdir(parents=True)
+        (out / DEMO_MARKER).touch()  # first: an interrupted demo is still known as one, and replaced next time
         with _RichProgress() as progress:
             metrics = run_training(data, out, TrainConfig(seed=seed), progress=progress)
-        (out / DEMO_MARKER).touch()
         _print_train_summary(console, out, metrics)
         result = run_evaluation(load_predictor(out), data / "val")
         console.print(f"re-evaluated from the run directory: accuracy {result['accuracy']:.4f} on {result['n']} images")

@@ -27,7 +27,7 @@ from toolkit.preprocess import load_image, shrink
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm", ".pgm", ".pnm", ".jp2")
 VAL_DIR_NAMES = ("val", "valid", "validation")
 # Zip archives made on macOS carry this folder; it is never a class.
 _IGNORED_DIRS = {"__MACOSX"}
@@ -204,6 +204,7 @@ def discover(
         source = train_dir
     full = _read_class_folders(source, classes, "Training")
     train, val = _split_stratified(full, val_fraction, seed)
+    _missing_classes_warning(val)  # a class of one image keeps it for training
     return Splits(train, val, "class folders (seeded stratified split)")
 
 
@@ -371,12 +372,17 @@ def split_record(splits: Splits) -> dict:
     return {"source": splits.source, "train": files(splits.train), "val": files(splits.val)}
 
 
-def exclude_training_images(dataset: Dataset, record: dict) -> tuple[Dataset, list[Sample]]:
-    """`dataset` without the images that trained the run (same path or same bytes), and those."""
+def exclude_training_images(dataset: Dataset, record: dict,
+                            known: dict[str, str | None] | None = None) -> tuple[Dataset, list[Sample]]:
+    """`dataset` without the images that trained the run (same path or same bytes), and those.
+    `known`: sha1s already computed, by resolved path (split.json's own), not read again."""
     train_paths = {f["path"] for f in record.get("train", [])}
     train_digests = {f["sha1"] for f in record.get("train", []) if f.get("sha1")}
     candidates = [s for s in dataset.samples if str(s.path.resolve()) not in train_paths]
-    digests = _digests([s.path for s in candidates]) if train_digests else [None] * len(candidates)
+    known = known or {}
+    unknown = [s.path for s in candidates if str(s.path.resolve()) not in known]
+    computed = dict(zip(map(str, unknown), _digests(unknown))) if train_digests else {}
+    digests = [known.get(str(s.path.resolve()), computed.get(str(s.path))) for s in candidates]
     kept = [s for s, d in zip(candidates, digests) if d is None or d not in train_digests]
     kept_ids = {id(s) for s in kept}
     return replace(dataset, samples=kept), [s for s in dataset.samples if id(s) not in kept_ids]

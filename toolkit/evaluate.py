@@ -93,8 +93,9 @@ def evaluation_set(predictor, data: Path):
     record, run = training_record(predictor)
     if record is None:
         if not explicit_val:
-            where = f"{run} has no split.json (trained by an older edgetune)" if run else \
-                "the model's training run is not reachable"
+            where = ("the model's training run is not reachable" if not run else
+                     f"its training run {run} is gone" if not Path(run).exists() else
+                     f"{run} has no split.json (trained by an older edgetune)")
             raise EdgetuneError(
                 f"Cannot tell which images in {data} trained this model ({where}): evaluate on a folder "
                 "with train/ and val/, or a CSV with a split column, or retrain the run.")
@@ -124,6 +125,11 @@ def evaluate(predictor, dataset, *, batch_size: int = 32, workers: int = 2,
 
     progress = progress or (lambda *_: None)
     notes: dict[str, Any] = {}
+    unknown_files = None
+    if unknown is not None:
+        from toolkit.predict import expand_inputs
+
+        unknown_files = expand_inputs([Path(unknown)])  # an empty or missing folder fails before the work
     if not isinstance(dataset, Dataset):
         dataset, notes = evaluation_set(predictor, Path(dataset))
     size = predictor.input_size
@@ -142,25 +148,24 @@ def evaluate(predictor, dataset, *, batch_size: int = 32, workers: int = 2,
     result["skipped"] = [{"path": str(s.path), "reason": s.reason} for s in skipped]
     result["model"] = predictor.describe()
     result.update(notes)
-    result["calibration"] = _calibration_report(predictor, probs_arr, labels, unknown, batch_size)
+    result["calibration"] = _calibration_report(predictor, probs_arr, labels, unknown, unknown_files, batch_size)
     return result
 
 
 def _calibration_report(predictor, probs: np.ndarray, labels: np.ndarray, unknown: Path | None,
-                        batch_size: int) -> dict[str, Any]:
+                        unknown_files: list[Path] | None, batch_size: int) -> dict[str, Any]:
     from toolkit.calibration import Calibration, open_set_report
-    from toolkit.predict import expand_inputs
 
     cal = Calibration.from_manifest(predictor.info)
     # softmax(log p / T) == softmax(z / T): the calibrated probabilities without the logits.
     scaled = cal.probabilities(np.log(np.clip(probs, 1e-30, None))) if len(probs) else probs
     report: dict[str, Any] = {**cal.to_json(), "ece_before": round(expected_calibration_error(probs, labels), 5),
                               "ece_after": round(expected_calibration_error(scaled, labels), 5)}
-    if unknown is not None:
+    if unknown_files is not None:
         from toolkit.images import ImageReadError
 
         views = []
-        for f in expand_inputs([Path(unknown)]):
+        for f in unknown_files:
             try:
                 views.append(predictor.preprocess(f))
             except ImageReadError as e:

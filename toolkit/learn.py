@@ -233,6 +233,9 @@ def learn(bundle: Path, data: Path, out: Path, *, device: str = "auto", forget: 
     if missing:
         raise EdgetuneError(f"--replace-class {missing[0]}: DATA {data} has no folder of that class to replace it with.")
     labels = [c for c in old_labels if c not in forget] + [c for c in data_classes if c not in old_labels]
+    if len(labels) < 2:
+        raise EdgetuneError(f"A classifier needs at least 2 classes; this would leave {len(labels)} "
+                            f"({', '.join(labels) or 'none'}): forget fewer classes or add class folders to {data}.")
     index = {c: i for i, c in enumerate(labels)}
 
     # The bundle's own backbone on its own runtime and device.

@@ -303,7 +303,8 @@ def _run_predictor(path: Path, device: str) -> Predictor:
     head = run.numpy_head()
     trained = " trained on the int8 backbone" if int8 is not None else ""
     mismatch = ", NOT the int8 backbone the head trained on" if int8 is not None and engine.precision != "int8" else ""
-    desc = f"run {path} ({engine.name}{mismatch} + numpy {cfg['train']['head']} head{trained})"
+    head_name = cfg.get("head_selection", {}).get("selected") or cfg["train"]["head"]
+    desc = f"run {path} ({engine.name}{mismatch} + numpy {head_name} head{trained})"
     return Predictor(labels, spec.input_size, lambda v: head(engine.extract(np.ascontiguousarray(v))), desc,
                      info={"run_dir": str(path)}, camera_correction=cfg.get("camera_correction"))
 

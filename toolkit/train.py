@@ -89,7 +89,7 @@ class TrainConfig:
                   "views": (0, None), "unfreeze": (0, None), "workers": (1, None), "weight_decay": (0, None),
                   "mixup": (0, None), "dropout": (0, 0.95), "label_smoothing": (0, 0.5),
                   "val_fraction": (0.01, 0.9), "lr": (1e-8, 10), "cv_folds": (2, None),
-                  "generate_ratio": (0, 100)}
+                  "generate_ratio": (0, 100), "seed": (0, 2**32 - 1)}
         for name, (low, high) in ranges.items():
             value = getattr(self, name)
             if value < low or (high is not None and value > high):
@@ -102,6 +102,9 @@ class TrainConfig:
         if self.unfreeze and self.backbone_precision not in ("fp32", "auto"):
             raise EdgetuneError("--unfreeze trains the backbone in torch: use --backbone-precision fp32.")
         get_spec(self.backbone)
+        from toolkit.augment import augmentation_config
+
+        augmentation_config(self.augment, self.augment_overrides)  # bad --aug values stop here, before any write
 
 
 @dataclass
@@ -118,6 +121,7 @@ class Prepared:
     min_side: int  # decoded images are shrunk to this shorter side: the views stay byte-identical
     skipped: list[dict[str, str]]
     data_key: str  # fingerprint of the files, for the features cache
+    val_copies: list[str] = field(default_factory=list)  # val files left out: copies of training files
 
     @property
     def train_labels(self) -> np.ndarray:
@@ -255,6 +259,8 @@ def _cross_entropy(logits: np.ndarray, labels: np.ndarray) -> float:
 
 
 def _resolve(run: RunDir, data, config, resume: bool):
+    if run.path.exists() and not run.path.is_dir():
+        raise EdgetuneError(f"--out {run.path} is a file, not a folder: pick another --out.")
     if resume:
         cfg = RunDir.open(run.path, require_model=False).config
         requested = cfg.get("head_selection", {}).get("requested")
@@ -292,6 +298,9 @@ def _prepare_data(data: Path, config: TrainConfig, size: int, progress: Progress
     train_ds, skipped_t = check_images(splits.train, workers=config.workers, progress=tick)
     done[0] = len(splits.train)
     val_ds, skipped_v = check_images(splits.val, workers=config.workers, progress=tick)
+    record = split_record(splits)
+    _warn_conflicting_copies(train_ds, record)
+    val_ds, copies = _without_training_copies(val_ds, record, data)
     prep = Prepared(
         classes=train_ds.classes,
         train=train_ds,
@@ -300,8 +309,46 @@ def _prepare_data(data: Path, config: TrainConfig, size: int, progress: Progress
         min_side=eval_resize_shorter(size),
         skipped=[{"path": str(s.path), "reason": s.reason} for s in skipped_t + skipped_v],
         data_key=files_key(train_ds.samples + val_ds.samples),
+        val_copies=copies,
     )
-    return prep, split_record(splits)
+    return prep, record
+
+
+def _warn_conflicting_copies(train, record: dict) -> None:
+    """One warning for photos filed under two classes (the same bytes twice in the training split):
+    usually a copy dropped in the wrong folder, which teaches the head both labels for one image."""
+    digest = {f["path"]: f["sha1"] for f in record["train"]}
+    first: dict[str, Any] = {}
+    conflicts = []
+    for sample in train.samples:
+        d = digest.get(str(sample.path.resolve()))
+        if d is not None and first.setdefault(d, sample).label != sample.label:
+            conflicts.append((first[d], sample))
+    if conflicts:
+        a, b = conflicts[0]
+        logger.warning("%d training images are filed under two classes (same bytes; first: %s as '%s' and %s as '%s'): "
+                       "remove the wrong copy", len(conflicts), a.path, train.classes[a.label], b.path,
+                       train.classes[b.label])
+
+
+def _without_training_copies(val, record: dict, data: Path):
+    """The val images less the byte-identical copies of training images (a photo filed in both
+    splits): the model has seen them, so val accuracy would count them as unseen (evaluate never
+    scores them either). split.json records them apart. Returns (val, their paths)."""
+    from toolkit.data import exclude_training_images
+
+    kept, copies = exclude_training_images(val, record, known={f["path"]: f["sha1"] for f in record["val"]})
+    if not copies:
+        return val, []
+    paths = [str(s.path.resolve()) for s in copies]
+    logger.warning("Left %d of %d val images out of the validation split: they are copies of training images "
+                   "(same bytes; first: %s), which val accuracy would count as unseen", len(copies), len(val), paths[0])
+    if not kept.samples:
+        raise EdgetuneError(f"Every val image in {data} is a copy of a training image: val accuracy needs images "
+                            "the model does not train on.")
+    record["val"] = [f for f in record["val"] if f["path"] not in set(paths)]
+    record["val_copies_of_train"] = paths
+    return kept, paths
 
 
 def _plan_devices(config: TrainConfig):
@@ -405,10 +452,12 @@ def _write_results(run: RunDir, prep: Prepared, pred: np.ndarray, val_loss: floa
         "train_seconds": round(seconds, 2),
         "images_skipped": len(prep.skipped),
         "skipped": prep.skipped,
+        "val_copies_of_train": len(prep.val_copies),
         "n_train": len(prep.train_labels),
         "n_val": len(prep.val_labels),
         "classes": prep.classes,
-        "per_class_accuracy": {c: round(float(confusion[i, i] / max(1, confusion[i].sum())), 5)
+        # None for a class without val images: no accuracy to report, not 0
+        "per_class_accuracy": {c: round(float(confusion[i, i] / confusion[i].sum()), 5) if confusion[i].sum() else None
                                for i, c in enumerate(prep.classes)},
         "confusion": confusion.tolist(),
         **extra,

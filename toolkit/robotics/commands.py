@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 import click
@@ -63,7 +64,7 @@ def import_bag_command(bag: Path, topic: str | None, out: Path | None, list_topi
     labelled = [k for k in s.written if k]
     if len(labelled) >= 2:
         train_on = s.index_file if layout == "csv" else s.out
-        console.print(f"next: edgetune train {train_on}")
+        console.print(f"next: edgetune train {shlex.quote(str(train_on))}")
 
 
 def record_option(f):

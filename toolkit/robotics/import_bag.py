@@ -106,6 +106,7 @@ def import_bag(bag_path: Path, topic: str | None, out: Path, options: ImportOpti
         first = bag.first_message(topic)
         if first is not None:
             check_decodable(first.decode(), first.msgtype)
+            _warn_low_bit_depth(first, topic)
         if ranges:
             labeller = RangeLabeller(ranges, bag.start_ns, options.time_base)
             labeller.check_overlaps(bag.start_ns, bag.end_ns, str(bag.path))
@@ -122,6 +123,24 @@ def import_bag(bag_path: Path, topic: str | None, out: Path, options: ImportOpti
     if summary.bad:
         logger.warning("Skipped %d broken messages on %s: %s", len(summary.bad), topic, "; ".join(summary.bad[:5]))
     return summary
+
+
+def _warn_low_bit_depth(first: BagMessage, topic: str) -> None:
+    """16-bit frames are read by their high byte everywhere (training and the robot alike), so a
+    driver that puts 10- or 12-bit values in a 16-bit image (mono16 of 0..4095) makes them look
+    nearly black (0..15) to the model. Say so once, from the first frame, before any writing."""
+    import numpy as np
+
+    from toolkit.robotics.image_msgs import is_compressed, raw_pixels
+
+    if is_compressed(first.msgtype):
+        return
+    pixels = raw_pixels(first.decode())
+    if pixels.dtype == np.uint16 and 0 < int(pixels.max()) < 4096:
+        logger.warning("%s: the first 16-bit frame's values stop at %d (10- or 12-bit data?): edgetune reads 16-bit "
+                       "images by their high byte, so the model sees them nearly black (0..%d). Have the camera "
+                       "driver scale to the full 16-bit range (or publish 8-bit) before recording.",
+                       topic, int(pixels.max()), int(pixels.max()) >> 8)
 
 
 def _nothing_written(bag_path: Path, topic: str, s: ImportSummary, ranged: bool) -> str:
