@@ -305,7 +305,7 @@ def _val_views(run: RunDir):
     if val is not None and (run.path / SPLIT_FILE).is_file():
         # As training reported it: without val files that are copies of training files.
         record = json.loads((run.path / SPLIT_FILE).read_text())
-        val, _ = exclude_training_images(val, record, known={f["path"]: f["sha1"] for f in record.get("val", [])})
+        val, _ = exclude_training_images(val, record)
     if val is None or not len(val):
         raise EdgetuneError(f"The run's dataset {run.config['data']} has no validation images to check parity on.")
     images, kept, _ = decode_images(val, min_side=eval_resize_shorter(size), workers=2)

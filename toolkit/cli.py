@@ -486,7 +486,7 @@ def demo(out: Path, per_class: int, seed: int) -> None:
         make_tabletop_dataset(data, per_class=per_class, seed=seed)
         console.print(f"synthesised tabletop objects in {data} ({time.perf_counter() - t0:.1f} s)")
         shutil.rmtree(out, ignore_errors=True)  # nothing, or an earlier (perhaps interrupted) demo's run
-        out.mkdir(parents=True)
+        out.mkdir(parents=True, exist_ok=True)
         (out / DEMO_MARKER).touch()  # first: an interrupted demo is still known as one, and replaced next time
         with _RichProgress() as progress:
             metrics = run_training(data, out, TrainConfig(seed=seed), progress=progress)

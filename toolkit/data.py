@@ -372,14 +372,13 @@ def split_record(splits: Splits) -> dict:
     return {"source": splits.source, "train": files(splits.train), "val": files(splits.val)}
 
 
-def exclude_training_images(dataset: Dataset, record: dict,
-                            known: dict[str, str | None] | None = None) -> tuple[Dataset, list[Sample]]:
+def exclude_training_images(dataset: Dataset, record: dict) -> tuple[Dataset, list[Sample]]:
     """`dataset` without the images that trained the run (same path or same bytes), and those.
-    `known`: sha1s already computed, by resolved path (split.json's own), not read again."""
+    The record's own val files are not read again: their sha1s are in it."""
     train_paths = {f["path"] for f in record.get("train", [])}
     train_digests = {f["sha1"] for f in record.get("train", []) if f.get("sha1")}
     candidates = [s for s in dataset.samples if str(s.path.resolve()) not in train_paths]
-    known = known or {}
+    known = {f["path"]: f.get("sha1") for f in record.get("val", [])}
     unknown = [s.path for s in candidates if str(s.path.resolve()) not in known]
     computed = dict(zip(map(str, unknown), _digests(unknown))) if train_digests else {}
     digests = [known.get(str(s.path.resolve()), computed.get(str(s.path))) for s in candidates]

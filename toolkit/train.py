@@ -337,7 +337,7 @@ def _without_training_copies(val, record: dict, data: Path):
     scores them either). split.json records them apart. Returns (val, their paths)."""
     from toolkit.data import exclude_training_images
 
-    kept, copies = exclude_training_images(val, record, known={f["path"]: f["sha1"] for f in record["val"]})
+    kept, copies = exclude_training_images(val, record)
     if not copies:
         return val, []
     paths = [str(s.path.resolve()) for s in copies]
