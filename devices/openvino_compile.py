@@ -139,7 +139,25 @@ def compile_model(
     if needs_static_shapes(device):
         model = with_static_batch(model, batch)
     config = compile_config(device, cache_dir=cache_dir, latency=latency, exact=exact)
-    Path(config["CACHE_DIR"]).mkdir(parents=True, exist_ok=True)
     name = ov_device_name(device)
+    try:
+        Path(config["CACHE_DIR"]).mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a read-only home on a robot: the cache only saves compile time
+        log.info("no compiled-model cache (%s): compiling without one", e)
+        config.pop("CACHE_DIR")
     log.info("compiling for openvino:%s with %s", name, {k: str(v) for k, v in config.items()})
-    return core.compile_model(model, name, config)
+    try:
+        return core.compile_model(model, name, config)
+    except RuntimeError as e:
+        if "CACHE_DIR" not in config or not _cache_race(e):
+            raise
+        # Two processes writing the same blob into an empty cache at once (OpenVINO renames it into
+        # place, and the loser's chmod finds it gone): compile again without the cache.
+        log.info("compiled-model cache busy (%s): compiling without it", e)
+        config.pop("CACHE_DIR")
+        return core.compile_model(model, name, config)
+
+
+def _cache_race(error: RuntimeError) -> bool:
+    text = str(error)
+    return ".blob" in text or "cache" in text.lower()

@@ -261,9 +261,9 @@ def _robot_extras(run: RunDir, model: Path, runtime: str, stage: Path, ctx: Expo
 
 
 def _model_digests(stage: Path, manifest: dict[str, Any]) -> dict[str, str]:
-    from toolkit.learn import file_digest, model_files
+    from toolkit.runtime import model_files, sha256_of
 
-    return {name: file_digest(stage / name) for name in model_files(manifest)}
+    return {name: sha256_of(stage / name) for name in model_files(manifest)}
 
 
 # -- inputs ------------------------------------------------------------------------------------

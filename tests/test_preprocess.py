@@ -177,6 +177,9 @@ def test_frames_accept_opencv_shapes():
     clear = np.dstack([bgr, np.zeros(bgr.shape[:2], np.uint8)])
     assert (model_input(clear, 32) == 255).all()  # fully transparent -> white
     assert np.array_equal(model_input(bgr.astype(np.uint16) * 257, 32), model_input(bgr, 32))
+    # 8-bit values in a wider integer type (np.array of a list) are those values, not near-black.
+    for dtype in (np.int64, np.int32, np.int16):
+        assert np.array_equal(model_input(bgr.astype(dtype), 32), model_input(bgr, 32))
     with pytest.raises(ValueError):
         model_input(np.zeros((4, 4, 5), np.uint8), 32)
 

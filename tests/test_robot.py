@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -192,6 +194,39 @@ def test_watch_stops_cleanly_on_interrupt(bundle, tmp_path):
     src = open_source(str(write_video(tmp_path / "v.avi", 10)), realtime=False)
     summary = watch(toolkit.load(bundle), src, [Interrupting()])
     assert summary.interrupted and summary.processed == 2 and Interrupting.closed
+
+def test_watch_stopped_by_sigterm_keeps_its_video(bundle, tmp_path):
+    # systemd / docker stop a robot's service with SIGTERM: the video is complete up to the last
+    # classified frame, as after Ctrl-C, and the exit status says "interrupted".
+    import signal
+
+    video = write_video(tmp_path / "in.avi", 400)
+    out = tmp_path / "out.avi"
+    proc = subprocess.Popen([sys.executable, "-m", "toolkit.cli", "watch", str(bundle), "--source", str(video),
+                             "--json", "--save-video", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines = [proc.stdout.readline() for _ in range(3)]  # three frames classified
+    proc.send_signal(signal.SIGTERM)
+    rest, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and all(line.startswith("{") for line in lines)
+    classified = 3 + sum(line.startswith("{") for line in rest.splitlines())
+    cap = cv2.VideoCapture(str(out))
+    assert int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) == classified
+    cap.release()
+    assert not list(tmp_path.glob(".*partial*"))
+
+
+def test_watch_video_of_a_folder_of_sizes_and_never_over_a_file(bundle, tmp_path, make_image_folder):
+    folder = make_image_folder(tmp_path, n=2)
+    cv2.imwrite(str(folder / "cats" / "wide.jpg"), np.full((60, 200, 3), 128, np.uint8))  # another size
+    out = tmp_path / "out.avi"
+    r = CliRunner().invoke(cli, ["watch", str(bundle), "--source", str(folder), "--json", "--save-video", str(out)])
+    assert r.exit_code == 0, r.output
+    cap = cv2.VideoCapture(str(out))
+    assert int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) == 5  # every photo, the odd one letterboxed
+    cap.release()
+    before = out.read_bytes()
+    r = CliRunner().invoke(cli, ["watch", str(bundle), "--source", str(folder), "--save-video", str(out)])
+    assert r.exit_code == 2 and "already exists" in r.output and out.read_bytes() == before
 
 
 # Robot-side commands with torch unimportable (the `pip install edgetune` robot install).

@@ -40,6 +40,25 @@ def test_run_dir_predictor_matches_torch(trained_run):
     assert predictor.describe()
 
 
+def test_a_run_dir_says_unknown_as_its_exports_do(trained_run, exported):
+    # The run's calibration (temperature, unknown threshold) is in its config.json, as in a bundle's manifest.
+    import toolkit
+
+    run, bundle = toolkit.load(trained_run), toolkit.load(exported("onnx").out_dir)
+    assert run.calibration == bundle.calibration and run.calibration.unknown_threshold > 0
+
+
+def test_openvino_bundle_loads_without_a_writable_cache(exported, tmp_path, monkeypatch):
+    # A robot's read-only home: the compiled-model cache only saves time, so compile without it.
+    from toolkit.runtime import load_predictor
+
+    (tmp_path / "a_file").write_text("x")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "a_file" / "cache"))
+    predictor = load_predictor(exported("openvino").out_dir)
+    views = np.zeros((1, predictor.input_size, predictor.input_size, 3), np.uint8)
+    assert predictor.predict(views).shape == (1, 2)
+
+
 def test_evaluate_shape(trained_run):
     from toolkit.evaluate import evaluate
     from toolkit.runtime import load_predictor

@@ -94,10 +94,11 @@ def fit_calibration(heldout_logits: np.ndarray, labels: np.ndarray, *, keep: flo
     bound = _T_RANGE[0] if t < 1.0 else _T_RANGE[1]
     if nll(heldout_logits, labels, bound) <= nll(heldout_logits, labels, t) + 1e-9:
         # Every held-out image right with room to spare (a small, easy set): the likelihood only
-        # improves towards the bound, so the data do not pin T down. Say so wherever it is read.
+        # improves towards the bound, so the data do not pin T down. Say so wherever it is read
+        # (the source string goes into manifest.json); at INFO, as nothing is wrong with the run.
         import logging
 
-        logging.getLogger(__name__).warning("The calibration temperature is undetermined (%.3g, as good as its "
+        logging.getLogger(__name__).info("The calibration temperature is undetermined (%.3g, as good as its "
                                             "bound %g): %d held-out images are all separated; confidences are "
                                             "near 0/1.", t, bound, len(labels))
         source += f"; temperature undetermined ({t:.3g}, as good as its bound {bound:g}): held-out logits all separated"

@@ -359,7 +359,7 @@ def watch(model: Path, source: str, as_json: bool | None, every: int, max_frames
     from toolkit.classify import load
     from toolkit.robotics.commands import bag_options_for, open_foxglove_sink
     from toolkit.sources import open_source
-    from toolkit.watch import JsonLinesSink, RichLineSink, VideoSink, watch as run_watch
+    from toolkit.watch import JsonLinesSink, RichLineSink, VideoSink, sigterm_as_interrupt, watch as run_watch
 
     classifier = load(model, device=device, top_k=top_k, unknown_threshold=unknown_threshold)
     src = open_source(source, realtime=not all_frames, **bag_options_for(source, topic, rate))
@@ -374,7 +374,8 @@ def watch(model: Path, source: str, as_json: bool | None, every: int, max_frames
     except BaseException:
         src.close()
         raise
-    summary = run_watch(classifier, src, sinks, every=every, max_frames=max_frames)
+    with sigterm_as_interrupt():
+        summary = run_watch(classifier, src, sinks, every=every, max_frames=max_frames)
     s = summary.to_json()
     _console().print(f"{s['processed']} frames classified in {s['seconds']:.1f} s ({s['fps']:.1f} fps, median "
                      f"{s['latency_ms_median']:.1f} ms), {s['dropped']} stale frames dropped"

@@ -156,6 +156,10 @@ def _to_uint8(img: np.ndarray) -> np.ndarray:
         scale = 255.0 if np.nanmax(img) <= 1.0 else 1.0  # float images are 0..1 by convention
         return np.clip(np.nan_to_num(img) * scale + 0.5, 0, 255).astype(np.uint8)
     if img.dtype.kind in "iu":
+        if img.size and img.min() >= 0 and img.max() <= 255:
+            # 8-bit values in a wider integer type (np.array of a list, a message's int field):
+            # scaled by the type's maximum they would all be black.
+            return img.astype(np.uint8)
         info = np.iinfo(img.dtype)
         return (np.clip(img.astype(np.float64), 0, None) * (255.0 / info.max) + 0.5).astype(np.uint8)
     raise ValueError(f"unsupported pixel type {img.dtype}")

@@ -52,22 +52,9 @@ class LearnResult:
                 "memory_counts": self.counts}
 
 
-def file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def model_files(manifest: dict[str, Any]) -> list[str]:
-    model = manifest["model"]
-    return [model, str(Path(model).with_suffix(".bin"))] if model.endswith(".xml") else [model]
-
-
 def check_bundle(bundle: Path) -> dict[str, Any]:
     """The bundle's manifest after checking its version, model files and their digests."""
-    from toolkit.runtime import read_manifest
+    from toolkit.runtime import check_model_files, read_manifest
 
     bundle = Path(bundle)
     if not (bundle / "manifest.json").is_file():
@@ -77,13 +64,7 @@ def check_bundle(bundle: Path) -> dict[str, Any]:
     if not isinstance(version, int) or version > BUNDLE_VERSION:
         raise EdgetuneError(f"{bundle}/manifest.json has bundle_version {version!r}; this edgetune reads up to "
                             f"{BUNDLE_VERSION}: upgrade edgetune on this machine.")
-    for name in model_files(manifest):
-        path = bundle / name
-        if not path.is_file():
-            raise EdgetuneError(f"{path} is missing: the bundle is incomplete; copy it again or re-export it.")
-        expected = (manifest.get("sha256") or {}).get(name)
-        if expected and file_digest(path) != expected:
-            raise EdgetuneError(f"{path} does not match its manifest (edited or corrupted): copy the bundle again.")
+    check_model_files(bundle, manifest)
     return manifest
 
 
@@ -210,7 +191,7 @@ def learn(bundle: Path, data: Path, out: Path, *, device: str = "auto", forget: 
     from toolkit.calibration import Calibration, fit_calibration
     from toolkit.data import discover
     from toolkit.head_fit import head_logits
-    from toolkit.runtime import _pick_device, onnx_runner, openvino_runner, run_batched
+    from toolkit.runtime import _pick_device, model_files, onnx_runner, openvino_runner, run_batched, sha256_of
 
     progress = progress or (lambda *_: None)
     t0 = time.perf_counter()
@@ -355,7 +336,7 @@ def learn(bundle: Path, data: Path, out: Path, *, device: str = "auto", forget: 
             unchanged = np.allclose(again, got[:8], atol=1e-5, rtol=1e-5)
         if not unchanged:
             raise EdgetuneError("The model changed when its metadata was embedded; nothing written. Please report this.")
-        new_manifest["sha256"] = {n: file_digest(stage / n) for n in model_files(new_manifest)}
+        new_manifest["sha256"] = {n: sha256_of(stage / n) for n in model_files(new_manifest)}
         bundle_io.write_manifest(stage, new_manifest)
     counts = {labels[c]: int(n) for c, n in enumerate(np.bincount(mem_l, minlength=n_classes))}
     return LearnResult(out, labels, head_name, note, table, verification, time.perf_counter() - t0, counts, options)

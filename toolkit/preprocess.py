@@ -10,7 +10,8 @@ bit-exactly with OpenCV:
              IMREAD_COLOR (EXIF orientation applied, CMYK and grey converted); other formats:
              IMREAD_UNCHANGED (alpha and 16-bit kept for the steps below), then the EXIF
              orientation of PNG eXIf / WebP EXIF / TIFF IFD0 applied the way OpenCV does for JPEG.
-    depth    16-bit: value >> 8; float: x*255 (x in 0..1) rounded; other ints scaled to 0..255.
+    depth    16-bit: value >> 8; float: x*255 (x in 0..1) rounded; other ints: as they are where all
+             lie in 0..255, else scaled to 0..255 by the type's maximum.
     channels grey -> three equal channels; alpha flattened onto white with integers:
              out = (c*a + 255*(255-a) + 127) // 255; colour order RGB.
     resize   shorter side -> S = round(size / 0.875); longer side L' = (L*S*2 + s) // (2*s)
@@ -144,7 +145,7 @@ def describe(size: int) -> dict[str, Any]:
             "jpeg": "IMREAD_COLOR: EXIF orientation applied, CMYK and grey converted to 3 channels",
             "other_formats": "IMREAD_UNCHANGED (alpha and 16-bit kept for the steps below), then EXIF orientation",
             "bit_depth": "uint16: value >> 8; float: round(clip(x*255, 0, 255)) for 0..1 images; "
-                         "other integer types scaled by 255/max",
+                         "other integer types as they are where every value is in 0..255, else scaled by 255/max",
         },
         "exif_orientation": "tag 0x0112 applied for every format: JPEG by OpenCV IMREAD_COLOR; PNG eXIf, WebP EXIF "
                             "and TIFF IFD0 read by edgetune and applied like OpenCV: 2 flip x, 3 flip both, 4 flip y, "

@@ -213,11 +213,40 @@ def _pick_device(request: str, runtime: str):
     return select_inference_device(request, report.devices, runtime=runtime)
 
 
+def sha256_of(path: Path) -> str:
+    """sha256 of a file, as a bundle's manifest records its model files."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def model_files(manifest: dict[str, Any]) -> list[str]:
+    """The files that make a bundle's model: the ONNX file, or the IR's .xml and .bin."""
+    model = manifest["model"]
+    return [model, str(Path(model).with_suffix(".bin"))] if model.endswith(".xml") else [model]
+
+
+def check_model_files(bundle: Path, manifest: dict[str, Any]) -> None:
+    """Every model file is there with the sha256 its manifest records: an edited, corrupted or
+    swapped model stops with one line before use (a damaged weights file otherwise predicts
+    nonsense without an error). Hashing takes a few ms per MB."""
+    for name in model_files(manifest):
+        path = Path(bundle) / name
+        if not path.is_file():
+            raise EdgetuneError(f"{path} is missing: the bundle is incomplete; copy it again or re-export it.")
+        expected = (manifest.get("sha256") or {}).get(name)
+        if expected and sha256_of(path) != expected:
+            raise EdgetuneError(f"{path} does not match its manifest (edited or corrupted): copy the bundle again.")
+
+
 def _bundle_predictor(bundle: Path, device: str) -> Predictor:
     manifest = read_manifest(bundle)
     model = bundle / manifest["model"]
-    if not model.is_file():
-        raise EdgetuneError(f"{model} is missing: the bundle is incomplete; export the run again.")
+    check_model_files(bundle, manifest)
     runtime = manifest["runtime"]
     static = manifest["input"].get("batch")
     dev = _pick_device(device, runtime)
@@ -275,6 +304,13 @@ def openvino_runner(model: Path, *, device: str = "CPU", batch: int | None = Non
 # ------------------------------------------------------------------------------------ run dirs
 
 
+def _run_info(run) -> dict[str, Any]:
+    """What a run's Predictor reports as `info`: its folder, and the calibration training fitted
+    (temperature and unknown threshold, as a bundle's manifest holds them), so a run dir says
+    "unknown" as its exports do."""
+    return {"run_dir": str(run.path), "calibration": run.config.get("calibration")}
+
+
 def _run_predictor(path: Path, device: str) -> Predictor:
     """A run directory on any runtime: OpenVINO by default, torch or ONNX Runtime when asked."""
     from toolkit.learners import INT8_BACKBONE
@@ -306,7 +342,7 @@ def _run_predictor(path: Path, device: str) -> Predictor:
     head_name = cfg.get("head_selection", {}).get("selected") or cfg["train"]["head"]
     desc = f"run {path} ({engine.name}{mismatch} + numpy {head_name} head{trained})"
     return Predictor(labels, spec.input_size, lambda v: head(engine.extract(np.ascontiguousarray(v))), desc,
-                     info={"run_dir": str(path)}, camera_correction=cfg.get("camera_correction"))
+                     info=_run_info(run), camera_correction=cfg.get("camera_correction"))
 
 
 def _finetuned_predictor(run, runtime: str, name: str, device_id: str) -> Predictor:
@@ -323,7 +359,7 @@ def _finetuned_predictor(run, runtime: str, name: str, device_id: str) -> Predic
             with torch.inference_mode():
                 return classifier(torch.from_numpy(to_nchw_float(v)).to(name)).float().cpu().numpy()
 
-        return Predictor(run.labels, spec.input_size, run_torch, desc, info={"run_dir": str(run.path)},
+        return Predictor(run.labels, spec.input_size, run_torch, desc, info=_run_info(run),
                          camera_correction=run.config.get("camera_correction"))
     if runtime != "openvino":
         raise EdgetuneError(f"A run with a fine-tuned backbone runs on OpenVINO or torch here, not {device_id}: "
@@ -332,5 +368,5 @@ def _finetuned_predictor(run, runtime: str, name: str, device_id: str) -> Predic
     from toolkit.convert import to_openvino
 
     infer = per_thread_infer(compile_model(to_openvino(classifier, spec.input_size), name))
-    return Predictor(run.labels, spec.input_size, lambda v: infer(to_nchw_float(v)), desc, info={"run_dir": str(run.path)},
+    return Predictor(run.labels, spec.input_size, lambda v: infer(to_nchw_float(v)), desc, info=_run_info(run),
                      camera_correction=run.config.get("camera_correction"))

@@ -12,9 +12,10 @@ import json
 import os
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Iterable, Protocol
+from typing import IO, Iterable, Iterator, Protocol
 
 import numpy as np
 
@@ -85,9 +86,12 @@ class VideoSink:
             raise EdgetuneError(f"--save-video {path}: use a .mp4, .avi, .mkv or .mov file name.")
         if not self.path.parent.is_dir():
             raise EdgetuneError(f"--save-video {path}: folder {self.path.parent} does not exist.")
+        if self.path.exists():
+            raise EdgetuneError(f"--save-video {path} already exists: give a new file name (videos are never replaced).")
         self.tmp = self.path.with_name(f".{self.path.stem}.partial{self.path.suffix}")
         self.fps = fps
         self.writer = None
+        self.size: tuple[int, int] | None = None  # (width, height) of the first frame: the video's
 
     def write(self, frame: Frame, result: Classification) -> None:
         import cv2
@@ -96,9 +100,14 @@ class VideoSink:
         if self.writer is None:
             fourcc = cv2.VideoWriter_fourcc(*("MJPG" if self.path.suffix.lower() == ".avi" else "mp4v"))
             h, w = img.shape[:2]
+            self.size = (w, h)
             self.writer = cv2.VideoWriter(str(self.tmp), fourcc, self.fps, (w, h))
             if not self.writer.isOpened():
                 raise EdgetuneError(f"--save-video {self.path}: OpenCV cannot write this format here; try .avi.")
+        elif img.shape[1::-1] != self.size:
+            # A folder of photos of other sizes: a video has one frame size, and OpenCV drops any
+            # other frame without an error, so each is fitted into the first one's (letterboxed).
+            img = _letterbox(img, self.size)
         text = f"{'unknown' if result.unknown else result.label} {result.confidence:.2f}"
         scale = max(0.5, img.shape[1] / 640)
         cv2.putText(img, text, (10, int(30 * scale)), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), 4, cv2.LINE_AA)
@@ -111,6 +120,19 @@ class VideoSink:
             self.writer.release()
             self.writer = None
             os.replace(self.tmp, self.path)
+
+
+def _letterbox(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """`img` scaled to fit (width, height) `size`, centred on black."""
+    import cv2
+
+    w, h = size
+    scale = min(w / img.shape[1], h / img.shape[0])
+    nw, nh = max(1, round(img.shape[1] * scale)), max(1, round(img.shape[0] * scale))
+    out = np.zeros((h, w, 3), np.uint8)
+    top, left = (h - nh) // 2, (w - nw) // 2
+    out[top:top + nh, left:left + nw] = cv2.resize(img, (nw, nh), interpolation=cv2.INTER_AREA)
+    return out
 
 
 @dataclass
@@ -163,3 +185,25 @@ def watch(classifier: Classifier, source: Source, sinks: Iterable[Sink], *, ever
         for sink in sinks:
             sink.close()
     return summary
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Within the block, SIGTERM (systemd or docker stopping a robot's service) raises
+    KeyboardInterrupt as Ctrl-C does, so `watch` closes its sinks and the recording and video are
+    complete up to the last frame. For the CLI: a library leaves the process's signals to its caller."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+
+    def stop(signum, _frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
