@@ -43,6 +43,8 @@ def make_manifest(run, exporter, model_file: str, *, parity: dict[str, Any], sta
         "head": cfg.get("head_selection", {}).get("selected", cfg["train"]["head"]),
         "head_options": cfg.get("head_selection", {}).get("options", {}),
         "source_run": str(Path(run.path).resolve()),
+        # Which run that was: evaluate trusts its split.json only while it is this one.
+        "source_split_sha256": _split_digest(run),
         "edgetune_version": __version__,
         "training_metrics": {k: metrics[k] for k in _METRIC_KEYS if k in metrics},
         "export_parity": parity,
@@ -180,6 +182,15 @@ def write_feature_memory(run, model: Path, runtime: str, stage: Path, *, static_
     features, labels = np.concatenate(chunks), np.array(labels, np.int16)
     atomic.write_bytes(Path(stage) / MEMORY_FILE, encode_memory(features, labels, _memory_prior(run)))
     return features.astype(np.float32), labels.astype(np.int64)
+
+
+def _split_digest(run) -> str | None:
+    import hashlib
+
+    from toolkit.data import SPLIT_FILE
+
+    path = Path(run.path) / SPLIT_FILE
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
 
 
 def _memory_prior(run):

@@ -1,7 +1,8 @@
-"""ONNX Runtime on-device training artifacts: a robot keeps training the head without PyTorch.
+"""ONNX Runtime on-device training artifacts: a robot keeps training the head with ONNX Runtime's
+training API (C/C++ and mobile; its Python module, onnxruntime.training.api, imports torch in
+1.19.2, so a torch-free robot uses those or `edgetune learn`).
 
-Writes training_model.onnx, eval_model.onnx, optimizer_model.onnx and checkpoint (for
-onnxruntime.training.api), plus inference.onnx exported from them, which the parity check and
+Writes training_model.onnx, eval_model.onnx, optimizer_model.onnx and checkpoint, plus inference.onnx exported from them, which the parity check and
 `edgetune predict` run. Only the head's parameters get gradients; the backbone is exported in eval
 mode and its BatchNorm layers are folded into the convolutions before the artifacts are made:
 onnxruntime-training turns every BatchNormalization of a training graph into its training-mode

@@ -185,3 +185,43 @@ def test_a_logreg_bundle_adds_the_few_shot_rule_for_a_three_photo_class_then_ret
     assert few.verification["agreement"] == 1.0 and new["calibration"]["temperature"] > 0
     learn(tmp_path / "b2", _new_class(tmp_path / "more", n=10), tmp_path / "b3")
     assert json.loads((tmp_path / "b3" / "manifest.json").read_text())["head"] == "logreg"
+
+
+def test_evaluate_never_scores_what_learn_trained_on(exported, tmp_path):
+    from toolkit.evaluate import evaluate
+    from toolkit.learn import learn
+    from toolkit.runtime import load_predictor
+
+    data = _new_class(tmp_path / "data")  # 10 photos: learn trains on 8, holds 2 out
+    learn(exported("onnx").out_dir, data, tmp_path / "new")
+    metrics = evaluate(load_predictor(tmp_path / "new"), data)
+    assert metrics["training_images_excluded"] == 8 and metrics["n"] == 2
+
+
+def test_evaluate_refuses_a_bundle_whose_source_run_was_replaced(exported, tmp_path):
+    from toolkit.evaluate import evaluate
+    from toolkit.runtime import load_predictor
+
+    bundle = tmp_path / "b"
+    shutil.copytree(exported("onnx").out_dir, bundle)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    data = tmp_path / "photos"  # class folders (no val split of their own) of the run's val photos
+    shutil.copytree(Path(manifest["source_run"]).parent / "data" / "val", data)
+    assert evaluate(load_predictor(bundle), data)["training_images_checked"]
+    # A run retrained at the same path has another split.json: its record says nothing of this model.
+    (bundle / "manifest.json").write_text(json.dumps({**manifest, "source_split_sha256": "0" * 64}))
+    with pytest.raises(Exception, match="not the one this bundle was exported from"):
+        evaluate(load_predictor(bundle), data)
+
+
+def test_learn_leaves_out_training_artifacts_of_the_old_head(exported, tmp_path):
+    from toolkit.learn import learn
+    from toolkit.runtime import load_predictor
+
+    bundle = exported("ort-training").out_dir
+    artifacts = json.loads((bundle / "manifest.json").read_text())["training"]["artifacts"]
+    learn(bundle, _new_class(tmp_path / "data", n=6), tmp_path / "new")
+    new = json.loads((tmp_path / "new" / "manifest.json").read_text())
+    assert new["format"] == "onnx" and "training" not in new and new["labels"][-1] == "stripes"
+    assert not any((tmp_path / "new" / name).exists() for name in artifacts)
+    assert load_predictor(tmp_path / "new").predict(np.zeros((1, 240, 240, 3), np.uint8)).shape == (1, 3)

@@ -48,6 +48,20 @@ def test_a_run_dir_says_unknown_as_its_exports_do(trained_run, exported):
     assert run.calibration == bundle.calibration and run.calibration.unknown_threshold > 0
 
 
+def test_a_damaged_bundle_is_refused_before_use(exported, tmp_path):
+    import shutil
+
+    from toolkit.runtime import load_predictor
+
+    bundle = tmp_path / "b"
+    shutil.copytree(exported("openvino").out_dir, bundle)
+    data = bytearray((bundle / "model.bin").read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 4096] = bytes(4096)  # damaged weights, the same size
+    (bundle / "model.bin").write_bytes(bytes(data))
+    with pytest.raises(EdgetuneError, match="does not match its manifest"):
+        load_predictor(bundle)
+
+
 def test_openvino_bundle_loads_without_a_writable_cache(exported, tmp_path, monkeypatch):
     # A robot's read-only home: the compiled-model cache only saves time, so compile without it.
     from toolkit.runtime import load_predictor

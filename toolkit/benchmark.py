@@ -141,8 +141,9 @@ def onnx_throughput(model: Path, size: int, *, provider: str = "CPUExecutionProv
 
 def _bundle_files_size(path: Path, manifest: dict[str, Any] | None) -> int:
     """Bytes of the model itself (graph + weights): what a device loads, not the feature memory."""
-    files = ([path / f for f in manifest.get("files", []) if f.startswith("model.")] if manifest
-             else [path / "model.safetensors"])
+    from toolkit.runtime import model_files
+
+    files = [path / f for f in model_files(manifest)] if manifest else [path / "model.safetensors"]
     return int(sum(f.stat().st_size for f in files if f.is_file()))
 
 

@@ -318,6 +318,7 @@ def read_eval_layout(path: Path, classes: list[str]) -> tuple[Dataset, bool]:
 # ------------------------------------------------------------------------------ the run's split
 
 SPLIT_FILE = "split.json"  # in a run dir: which files trained it and which validated it
+LEARNED_SPLIT_FILE = "learned_split.json"  # in a learned bundle: the files each `learn` step trained on
 
 
 def files_key(samples) -> str:

@@ -67,19 +67,36 @@ def classification_metrics(probs: np.ndarray, labels: np.ndarray, classes: list[
     }
 
 
-def training_record(predictor) -> tuple[dict | None, Path | None]:
-    """(split.json of the run behind `predictor`, the run dir): a run dir's own, or a bundle's source run's."""
-    from toolkit.data import SPLIT_FILE
+def training_record(predictor) -> tuple[dict | None, Path | None, str]:
+    """(the record of every image the model behind `predictor` trained on, the run dir, why there
+    is none). A run dir: its split.json. A bundle: its source run's split.json, checked to be the
+    one it was exported from (a run retrained at the same path is not), plus the files each
+    `learn` step since trained on (learned_split.json in the bundle)."""
+    import hashlib
+
+    from toolkit.data import LEARNED_SPLIT_FILE, SPLIT_FILE
 
     info = predictor.info or {}
     run = info.get("run_dir") or info.get("source_run")
     if not run:
-        return None, None
-    path = Path(run) / SPLIT_FILE
+        return None, None, "the model's training run is not reachable"
+    run = Path(run)
     try:
-        return json.loads(path.read_text()), Path(run)
-    except (OSError, json.JSONDecodeError):
-        return None, Path(run)
+        text = (run / SPLIT_FILE).read_bytes()
+    except OSError:
+        return None, run, (f"its training run {run} is gone" if not run.exists() else
+                           f"{run} has no split.json (trained by an older edgetune)")
+    expected = info.get("source_split_sha256")
+    if expected and hashlib.sha256(text).hexdigest() != expected:
+        return None, run, f"the run now at {run} is not the one this bundle was exported from (retrained there since?)"
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError:
+        return None, run, f"{run / SPLIT_FILE} is corrupt"
+    learned = Path(info["bundle_dir"]) / LEARNED_SPLIT_FILE if info.get("bundle_dir") else None
+    if learned is not None and learned.is_file():
+        record = {**record, "train": record.get("train", []) + json.loads(learned.read_text())["train"]}
+    return record, run, ""
 
 
 def evaluation_set(predictor, data: Path):
@@ -90,12 +107,9 @@ def evaluation_set(predictor, data: Path):
     from toolkit.data import exclude_training_images, read_eval_layout
 
     dataset, explicit_val = read_eval_layout(Path(data), predictor.labels)
-    record, run = training_record(predictor)
+    record, run, where = training_record(predictor)
     if record is None:
         if not explicit_val:
-            where = ("the model's training run is not reachable" if not run else
-                     f"its training run {run} is gone" if not Path(run).exists() else
-                     f"{run} has no split.json (trained by an older edgetune)")
             raise EdgetuneError(
                 f"Cannot tell which images in {data} trained this model ({where}): evaluate on a folder "
                 "with train/ and val/, or a CSV with a split column, or retrain the run.")

@@ -171,6 +171,10 @@ def to_rgb(img: np.ndarray, *, rgb: bool = False) -> np.ndarray:
     `img` is in OpenCV's channel order (BGR / BGRA) unless `rgb=True` (RGB / RGBA). Grey becomes
     three equal channels, 16-bit keeps its high byte, alpha is flattened onto white in integers.
     """
+    if img is None:  # what cv2.imread and a failed VideoCapture.read() give
+        raise ValueError("expected an HxW or HxWxC image, got None (a frame the camera or file did not deliver)")
+    if isinstance(img, (bytes, bytearray)):
+        raise ValueError("expected an HxW or HxWxC image, got encoded bytes: decode them first (cv2.imdecode)")
     img = np.asarray(img)
     if img.ndim not in (2, 3) or img.size == 0:
         raise ValueError(f"expected an HxW or HxWxC image, got shape {img.shape}")

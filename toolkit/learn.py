@@ -68,6 +68,19 @@ def check_bundle(bundle: Path) -> dict[str, Any]:
     return manifest
 
 
+def _write_training_record(stage: Path, bundle: Path, splits) -> None:
+    """The files this step's head trained on (path, sha1), after those of the learn steps before it:
+    with the source run's split.json, what `evaluate` must never score (toolkit.evaluate)."""
+    import json
+
+    from toolkit import atomic
+    from toolkit.data import LEARNED_SPLIT_FILE, split_record
+
+    earlier = (bundle / LEARNED_SPLIT_FILE)
+    earlier = json.loads(earlier.read_text())["train"] if earlier.is_file() else []
+    atomic.write_json(stage / LEARNED_SPLIT_FILE, {"train": earlier + split_record(splits)["train"]})
+
+
 def _onnx_graph_digest(path: Path) -> str:
     import onnx
 
@@ -309,12 +322,22 @@ def learn(bundle: Path, data: Path, out: Path, *, device: str = "auto", forget: 
             raise EdgetuneError(f"The rewritten model disagrees with the fitted head (max |logit diff| {diff:.2e}): "
                                 f"nothing written to {out}; please report this.")
         atomic.write_bytes(stage / bundle_io.MEMORY_FILE, bundle_io.encode_memory(mem_f, mem_l, prior))
+        # ONNX Runtime training artifacts train the OLD head (its classes, its weights): they cannot be
+        # rebuilt without the training toolchain, and kept they would train a head this model no longer has.
+        stale = set((manifest.get("training") or {}).get("artifacts", []))
+        if stale:
+            logger.warning("%s: its ONNX Runtime training artifacts (%s) train the old %d-class head, so %s leaves "
+                           "them out: keep learning here with `edgetune learn`, or export a retrained run with "
+                           "--format ort-training", bundle, ", ".join(sorted(stale)), len(old_labels), out)
         for name in manifest.get("files", []):  # companions (e.g. notes) travel unchanged
             src = bundle / name
-            if src.is_file() and not (stage / name).exists() and name != "manifest.json":
+            if src.is_file() and not (stage / name).exists() and name != "manifest.json" and name not in stale:
                 shutil.copy2(src, stage / name)
+        _write_training_record(stage, bundle, splits)
         new_manifest = {
-            **manifest, "labels": labels, "head": head_name, "head_options": options, "bundle_version": BUNDLE_VERSION,
+            **{k: v for k, v in manifest.items() if not (stale and k == "training")},
+            **({"format": "onnx"} if stale else {}),
+            "labels": labels, "head": head_name, "head_options": options, "bundle_version": BUNDLE_VERSION,
             "calibration": calibration.to_json(),
             "feature_memory": {**memory_info, **bundle_io.memory_manifest(mem_f, mem_l, labels, cap=cap)},
             "learned": {"from": str(bundle.resolve()), "data": str(Path(data).resolve()), "head_note": note,

@@ -261,7 +261,7 @@ def _bundle_predictor(bundle: Path, device: str) -> Predictor:
         raise EdgetuneError(f"{bundle}: unknown runtime '{runtime}' in {MANIFEST}.")
     desc = f"{manifest['format']} bundle {bundle} on {dev.id} ({manifest.get('precision', '?')})"
     return Predictor(manifest["labels"], manifest["input"]["size"], lambda v: run(to_nchw_float(v)), desc,
-                     static_batch=static, info=manifest,
+                     static_batch=static, info={**manifest, "bundle_dir": str(bundle)},
                      camera_correction=manifest.get("preprocessing", {}).get("camera_correction"))
 
 
