@@ -101,10 +101,15 @@ def test_learn_bad_input_one_line_exit_2(exported, tmp_path):
         (bad / f"w{i}.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
     out = run(bundle, bad.parent, "--out", tmp_path / "o6")
     assert "wasps" in out or "could be read" in out
+    damaged = tmp_path / "damaged"
+    shutil.copytree(bundle, damaged)
+    memory = damaged / "features.npz"
+    memory.write_bytes(memory.read_bytes()[: memory.stat().st_size // 2])
+    assert "is damaged" in run(damaged, data, "--out", tmp_path / "o9")
     # Forgetting every old class beside one new one would leave a one-class "classifier".
     assert "at least 2 classes" in run(bundle, data, "--out", tmp_path / "o7", "--forget", "ants", "--forget", "bees")
     assert "--seed" in run(bundle, data, "--out", tmp_path / "o8", "--seed", "-1")
-    assert not any((tmp_path / f"o{i}").exists() for i in range(1, 9))
+    assert not any((tmp_path / f"o{i}").exists() for i in range(1, 10))
 
 
 def test_learn_refits_an_mlp_bundles_own_recipe_without_torch():

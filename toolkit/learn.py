@@ -111,7 +111,21 @@ def _read_memory(bundle: Path, manifest: dict[str, Any]):
     if not info or not (bundle / info["file"]).is_file():
         raise EdgetuneError(f"{bundle} has no feature memory: re-export it with this edgetune (`edgetune export`) "
                             "so `learn` can keep its classes.")
-    return decode_memory(bundle / info["file"])
+    path = bundle / info["file"]
+    damaged = f"{path} is damaged or not this bundle's: copy the bundle again, or re-export it."
+    import zipfile
+
+    try:
+        features, labels, prior = decode_memory(path)
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        raise EdgetuneError(damaged) from e
+    names = manifest["labels"]
+    counts = info.get("counts")
+    if (features.ndim != 2 or features.shape[1] != int(info.get("dim", features.shape[1])) or len(labels) != len(features)
+            or (len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < len(names))
+            or (counts is not None and np.bincount(labels, minlength=len(names)).tolist() != [counts.get(c, 0) for c in names])):
+        raise EdgetuneError(damaged)
+    return features, labels, prior
 
 
 def _dataset_views(dataset, size: int, what: str, correction: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
