@@ -76,8 +76,8 @@ def _write_training_record(stage: Path, bundle: Path, splits) -> None:
     from toolkit import atomic
     from toolkit.data import LEARNED_SPLIT_FILE, split_record
 
-    earlier = (bundle / LEARNED_SPLIT_FILE)
-    earlier = json.loads(earlier.read_text())["train"] if earlier.is_file() else []
+    previous = bundle / LEARNED_SPLIT_FILE
+    earlier = json.loads(previous.read_text())["train"] if previous.is_file() else []
     atomic.write_json(stage / LEARNED_SPLIT_FILE, {"train": earlier + split_record(splits)["train"]})
 
 
@@ -111,10 +111,10 @@ def _read_memory(bundle: Path, manifest: dict[str, Any]):
     if not info or not (bundle / info["file"]).is_file():
         raise EdgetuneError(f"{bundle} has no feature memory: re-export it with this edgetune (`edgetune export`) "
                             "so `learn` can keep its classes.")
-    path = bundle / info["file"]
-    damaged = f"{path} is damaged or not this bundle's: copy the bundle again, or re-export it."
     import zipfile
 
+    path = bundle / info["file"]
+    damaged = f"{path} is damaged or not this bundle's: copy the bundle again, or re-export it."
     try:
         features, labels, prior = decode_memory(path)
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
