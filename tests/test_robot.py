@@ -221,6 +221,8 @@ def test_watch_video_of_a_folder_of_sizes_and_never_over_a_file(bundle, tmp_path
     out = tmp_path / "out.avi"
     r = CliRunner().invoke(cli, ["watch", str(bundle), "--source", str(folder), "--json", "--save-video", str(out)])
     assert r.exit_code == 0, r.output
+    paths = [json.loads(line)["path"] for line in r.stdout.splitlines() if line.startswith("{")]
+    assert len(paths) == 5 and str(folder / "cats" / "wide.jpg") in paths  # each record names its photo
     cap = cv2.VideoCapture(str(out))
     assert int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) == 5  # every photo, the odd one letterboxed
     cap.release()

@@ -41,6 +41,7 @@ class Frame:
     timestamp_ns: int  # source time: position in a file, wall clock for live sources
     index: int  # the source's own frame number (gaps = frames dropped as stale or skipped)
     received: float | None = None  # time.perf_counter() when the source had it decoded (live sources)
+    path: str | None = None  # the image file it came from (folder sources)
 
 
 class Source(abc.ABC):
@@ -128,7 +129,7 @@ class FolderSource(Source):
                 self.unreadable += 1
                 logger.warning("Skipped %s: %s", p, e.reason)
                 continue
-            yield Frame(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), int(os.stat(p).st_mtime_ns), i)
+            yield Frame(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), int(os.stat(p).st_mtime_ns), i, path=str(p))
 
     def close(self) -> None:
         self._closed = True

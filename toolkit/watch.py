@@ -31,7 +31,8 @@ class Sink(Protocol):
 
 
 def result_record(frame: Frame, result: Classification) -> dict:
-    return {"frame": frame.index, "timestamp_ns": frame.timestamp_ns, **result.to_dict()}
+    where = {"path": frame.path} if frame.path is not None else {}
+    return {"frame": frame.index, "timestamp_ns": frame.timestamp_ns, **where, **result.to_dict()}
 
 
 class JsonLinesSink:
