@@ -269,11 +269,11 @@ def _model_digests(stage: Path, manifest: dict[str, Any]) -> dict[str, str]:
 # -- inputs ------------------------------------------------------------------------------------
 
 
-def _views(images: list[np.ndarray], size: int) -> np.ndarray:
-    from toolkit.preprocess import resize_and_crop
+def _views(images: list[np.ndarray], size: int, correction: np.ndarray | None = None) -> np.ndarray:
+    from toolkit.preprocess import apply_correction, resize_and_crop
     from toolkit.runtime import to_nchw_float
 
-    return to_nchw_float(np.stack([resize_and_crop(img, size) for img in images]))
+    return to_nchw_float(np.stack([apply_correction(resize_and_crop(img, size), correction) for img in images]))
 
 
 def _splits(run: RunDir):
@@ -310,7 +310,12 @@ def _val_views(run: RunDir):
         raise EdgetuneError(f"The run's dataset {run.config['data']} has no validation images to check parity on.")
     images, kept, _ = decode_images(val, min_side=eval_resize_shorter(size), workers=2)
     side = int(np.median([min(img.shape[:2]) for img in images])) if images else None
-    return _views(images, size), kept, side
+    # An adapted run's bundle corrects every frame for its camera, as `evaluate RUN` does: the val
+    # accuracy an export reports is the one evaluate gives. (Calibration keeps the training photos
+    # as they are: corrected frames of the new camera look like them.)
+    from toolkit.preprocess import correction_table
+
+    return _views(images, size, correction_table(run.config.get("camera_correction"))), kept, side
 
 
 def calibration_set(run: RunDir, calibration: Path | None, limit: int) -> np.ndarray:

@@ -224,8 +224,8 @@ def cached_val_logits(run, val_files: str) -> np.ndarray | None:
     val accuracy scored), or None when they may not be this model's: other val files, no cache,
     or a backbone with weights of its own (adapt's AdaBN, --unfreeze), which the cache predates."""
     record = run.config.get("features_cache") or {}
-    if record.get("val_files") != val_files or run.has_backbone_weights:
-        return None
+    if record.get("val_files") != val_files or run.has_backbone_weights or run.config.get("camera_correction"):
+        return None  # (a camera correction: the cache holds the val images uncorrected)
     try:
         with np.load(run.path / "state" / record["file"]) as z:
             features = z["val"].astype(np.float32)

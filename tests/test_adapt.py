@@ -242,10 +242,25 @@ def test_adapt_camera_undoes_a_darker_tone_at_the_input_of_every_model(small_run
     original = load_predictor(small_run).preprocess(files[0]).astype(float)
     assert np.abs(load_predictor(small_run).preprocess(frame) - original).mean() > 40
     assert np.abs(load_predictor(out).preprocess(frame) - original).mean() < 12  # the grid's step, not the shift
-    bundle = export(out, "onnx", tmp_path / "onnx").out_dir
+    result = export(out, "onnx", tmp_path / "onnx")
+    bundle = result.out_dir
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert manifest["preprocessing"]["camera_correction"] == cfg["camera_correction"]
     np.testing.assert_array_equal(load_predictor(bundle).preprocess(frame), load_predictor(out).preprocess(frame))
+    # The export's val figures are those `evaluate RUN` gives: the val images through the correction too.
+    from toolkit.evaluate import evaluate
+
+    assert result.parity["source_accuracy"] == pytest.approx(evaluate(load_predictor(out), tiny_dataset)["accuracy"])
+    from exporters.base import val_set
+    from toolkit.runtime import to_nchw_float
+
+    views, _ = val_set(RunDir.open(out))
+    val_files = sorted((tiny_dataset / "val").rglob("*.*"), key=lambda p: (p.parent.name != "red", p.parent.name, p.name))
+    first = to_nchw_float(load_predictor(out).preprocess(val_files[0])[None])
+    assert any(np.array_equal(first[0], v) for v in views)  # the corrected view, not the raw one
+    # An adapted run is complete: resuming it would retrain its head without the adaptation.
+    resumed = CliRunner().invoke(cli, ["train", "--resume", str(out)])
+    assert resumed.exit_code == 2 and "nothing to resume" in resumed.output
 
 
 @pytest.mark.parametrize("case", ["empty", "no_run", "missing_int8", "thumbnails", "adabn_on_int8", "no_source",

@@ -90,6 +90,10 @@ def test_bad_seed_aug_or_out_stop_before_anything_is_written(runner, tiny_datase
     _one_line_error(runner.invoke(cli, ["train", str(tiny_dataset), "--out", str(a_file)]), "is a file")
     _one_line_error(runner.invoke(cli, ["augment", str(tiny_dataset), "--out", str(tmp_path / "p.png"), "--seed", "-2"]),
                     "--seed")
+    photo = sorted((tiny_dataset / "train" / "red").iterdir())[0]
+    before = photo.read_bytes()
+    _one_line_error(runner.invoke(cli, ["augment", str(tiny_dataset), "--out", str(photo)]), "inside DATA")
+    assert photo.read_bytes() == before  # a preview never replaces a photo it previews
 
 
 def test_train_errors_are_one_line_exit_2(runner, tmp_path, make_image_folder):

@@ -274,3 +274,11 @@ def test_val_copies_of_training_images_are_left_out_and_recorded(tmp_path, make_
     with pytest.raises(EdgetuneError, match="copy of a training image"):
         train(only_copies, tmp_path / "run2", TrainConfig(backbone="efficientnet_lite0", epochs=3, views=1))
     assert not (tmp_path / "run2").exists()
+
+
+@pytest.mark.parametrize("options", [{"views": 2.5}, {"epochs": "30"}, {"seed": True}, {"shots": "5"},
+                                     {"augment_overrides": ["rotate.limit=10"]}])
+def test_wrongly_typed_options_stop_before_anything_is_written(options, tiny_dataset, tmp_path):
+    with pytest.raises(EdgetuneError, match=f"TrainConfig.{next(iter(options))} must be"):
+        train(tiny_dataset, tmp_path / "run", TrainConfig(**options))
+    assert not (tmp_path / "run").exists()

@@ -447,6 +447,8 @@ def adapt(run_path: Path, unlabeled: Path, out: Path, *, method: str = DEFAULT_M
     out = Path(out)
     if out.exists():
         raise EdgetuneError(f"{out} already exists: pick another --out (the adapted run is written new).")
+    if run.path.resolve() in out.resolve().parents:
+        raise EdgetuneError(f"--out {out} is inside the run {run.path}: write the adapted run beside it.")
     cfg = run.config
     precision = cfg["train"]["backbone_precision"]
     if precision == "int8" and not (run.path / INT8_BACKBONE).is_file():

@@ -440,6 +440,7 @@ def augment(data: Path, out: Path, preset: str, aug_overrides: tuple[str, ...], 
     from toolkit.data import decode_images, discover
     from toolkit.train import TrainConfig
 
+    _check_preview_out(out, data)
     size = get_spec(backbone or TrainConfig().backbone).input_size
     train_set = discover(data, seed=seed).train
     picks = np.random.default_rng(seed).choice(len(train_set), size=min(4, len(train_set)), replace=False)
@@ -447,11 +448,25 @@ def augment(data: Path, out: Path, preset: str, aug_overrides: tuple[str, ...], 
     images, _, _ = decode_images(subset, min_side=eval_resize_shorter(size))
     aug = build_augmentation(preset, size=size, overrides=_parse_overrides(aug_overrides))
     grid = augment_grid(images, aug, seed=seed, rows=len(images))
-    # In the format --out names (.png, .jpg, .webp, ...); PNG where the suffix is none OpenCV writes.
-    ext = out.suffix.lower() if out.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff") else ".png"
-    _, encoded = cv2.imencode(ext, cv2.cvtColor(grid, cv2.COLOR_RGB2BGR))  # a uint8 array always encodes
+    _, encoded = cv2.imencode(out.suffix.lower(), cv2.cvtColor(grid, cv2.COLOR_RGB2BGR))  # a uint8 array always encodes
     atomic.write_bytes(out, encoded.tobytes())
     click.echo(f"wrote {out} ({grid.shape[1]}x{grid.shape[0]}, preset {preset})")
+
+
+PREVIEW_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+
+
+def _check_preview_out(out: Path, data: Path) -> None:
+    """An augment preview is an image file of its own: never a folder, never a file inside DATA
+    (it would replace a photo there, and then train on the grid)."""
+    if out.is_dir():
+        raise EdgetuneError(f"--out {out} is a folder: give the preview's file name, e.g. {out / 'preview.png'}.")
+    if out.suffix.lower() not in PREVIEW_SUFFIXES:
+        raise EdgetuneError(f"--out {out}: give an image file name ({', '.join(PREVIEW_SUFFIXES)}).")
+    if Path(data).is_dir() and Path(data).resolve() in out.resolve().parents:
+        raise EdgetuneError(f"--out {out} is inside DATA {data}: write the preview elsewhere.")
+    if not out.parent.is_dir():
+        raise EdgetuneError(f"--out {out}: folder {out.parent} does not exist.")
 
 
 DEMO_MARKER = ".edgetune-demo"  # marks a run `edgetune demo` may replace

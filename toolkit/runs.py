@@ -40,6 +40,9 @@ class RunDir:
         """Open an existing run; a missing or half-written one raises a RunDirError saying what to do."""
         run = cls(path)
         if not (run.path / "config.json").is_file():
+            if (run.path / "manifest.json").is_file():  # an export bundle given where a run is needed
+                raise RunDirError(f"{run.path} is an export bundle, not a run: pass the run it was exported from "
+                                  "(its manifest.json names it: source_run).")
             raise RunDirError(
                 f"{run.path} is not an edgetune run (no config.json): "
                 f"train one with `edgetune train DATA --out {run.path}`."

@@ -80,6 +80,8 @@ class TrainConfig:
     def validate(self) -> None:
         from toolkit.head_fit import HEADS
 
+        self._check_types()
+
         choices = {"balance": ("none", "sampler", "weights"), "head": ("auto", *HEADS),
                    "backbone_precision": ("auto", "fp32", "fp16", "int8"), "generate": ("none", "vae")}
         for name, allowed in choices.items():
@@ -105,6 +107,26 @@ class TrainConfig:
         from toolkit.augment import augmentation_config
 
         augmentation_config(self.augment, self.augment_overrides)  # bad --aug values stop here, before any write
+
+    def _check_types(self) -> None:
+        """Python callers get the CLI's one-line error for a wrong type too (views=2.5, epochs="30"),
+        before anything is written: a float where an int goes failed deep inside, after config.json."""
+        import numbers
+
+        for f in dataclasses.fields(self):
+            value, kind = getattr(self, f.name), str(f.type)
+            if kind.startswith("int"):
+                ok = (value is None and "None" in kind) or (isinstance(value, numbers.Integral) and not isinstance(value, bool))
+                want = "a whole number" + (" or None" if "None" in kind else "")
+            elif kind == "float":
+                ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+                want = "a number"
+            elif kind == "str":
+                ok, want = isinstance(value, str), "a string"
+            else:  # augment_overrides
+                ok, want = isinstance(value, dict), "a dict {transform: {setting: value}}"
+            if not ok:
+                raise EdgetuneError(f"TrainConfig.{f.name} must be {want}, not {value!r}.")
 
 
 @dataclass
@@ -263,6 +285,9 @@ def _resolve(run: RunDir, data, config, resume: bool):
         raise EdgetuneError(f"--out {run.path} is a file, not a folder: pick another --out.")
     if resume:
         cfg = RunDir.open(run.path, require_model=False).config
+        if cfg.get("adapted"):
+            raise EdgetuneError(f"{run.path} was written by `edgetune adapt`, complete as it is: there is nothing to "
+                                "resume (resuming would retrain its head without the adaptation).")
         requested = cfg.get("head_selection", {}).get("requested")
         return TrainConfig(**{**cfg["train"], **({"head": requested} if requested else {})}), Path(cfg["data"])
     if (run.path / "config.json").exists():
