@@ -560,7 +560,8 @@ def _target_images(folder: Path, size: int, workers: int) -> list[np.ndarray]:
         raise DataError(f"{folder} is not a folder: give a folder of unlabelled images from the new camera.")
     files = list_images(folder)
     if len(files) < MIN_TARGET_IMAGES:
-        raise DataError(f"{folder} holds {len(files)} images: adapt needs at least {MIN_TARGET_IMAGES} "
+        held = f"{len(files)} image file{'' if len(files) == 1 else 's'}"
+        raise DataError(f"{folder} holds {held}: adapt needs at least {MIN_TARGET_IMAGES} "
                         "unlabelled images from the new camera.")
     ds = Dataset([Sample(p, 0) for p in _subset(files, MAX_TARGET_IMAGES)], ["target"], folder)
     images, _, _ = decode_images(ds, min_side=eval_resize_shorter(size), workers=workers)
