@@ -371,7 +371,8 @@ def _without_training_copies(val, record: dict, data: Path):
     if not kept.samples:
         raise EdgetuneError(f"Every val image in {data} is a copy of a training image: val accuracy needs images "
                             "the model does not train on.")
-    record["val"] = [f for f in record["val"] if f["path"] not in set(paths)]
+    left_out = set(paths)
+    record["val"] = [f for f in record["val"] if f["path"] not in left_out]
     record["val_copies_of_train"] = paths
     return kept, paths
 
