@@ -299,6 +299,7 @@ def _val_views(run: RunDir):
     """(float32 NCHW eval views, the val Dataset without unreadable files, the median shorter side of
     the decoded photos: their own where under the eval resize, which they are only shrunk to)."""
     from toolkit.data import SPLIT_FILE, decode_images, exclude_training_images
+    from toolkit.preprocess import correction_table
 
     size = run.spec.input_size
     val = _splits(run).val
@@ -313,8 +314,6 @@ def _val_views(run: RunDir):
     # An adapted run's bundle corrects every frame for its camera, as `evaluate RUN` does: the val
     # accuracy an export reports is the one evaluate gives. (Calibration keeps the training photos
     # as they are: corrected frames of the new camera look like them.)
-    from toolkit.preprocess import correction_table
-
     return _views(images, size, correction_table(run.config.get("camera_correction"))), kept, side
 
 

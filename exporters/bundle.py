@@ -185,12 +185,11 @@ def write_feature_memory(run, model: Path, runtime: str, stage: Path, *, static_
 
 
 def _split_digest(run) -> str | None:
-    import hashlib
-
     from toolkit.data import SPLIT_FILE
+    from toolkit.runtime import sha256_of
 
     path = Path(run.path) / SPLIT_FILE
-    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+    return sha256_of(path) if path.is_file() else None
 
 
 def _memory_prior(run):

@@ -378,11 +378,12 @@ def exclude_training_images(dataset: Dataset, record: dict) -> tuple[Dataset, li
     The record's own val files are not read again: their sha1s are in it."""
     train_paths = {f["path"] for f in record.get("train", [])}
     train_digests = {f["sha1"] for f in record.get("train", []) if f.get("sha1")}
-    candidates = [s for s in dataset.samples if str(s.path.resolve()) not in train_paths]
+    resolved = {id(s): str(s.path.resolve()) for s in dataset.samples}
+    candidates = [s for s in dataset.samples if resolved[id(s)] not in train_paths]
     known = {f["path"]: f.get("sha1") for f in record.get("val", [])}
-    unknown = [s.path for s in candidates if str(s.path.resolve()) not in known]
+    unknown = [s.path for s in candidates if resolved[id(s)] not in known]
     computed = dict(zip(map(str, unknown), _digests(unknown))) if train_digests else {}
-    digests = [known.get(str(s.path.resolve()), computed.get(str(s.path))) for s in candidates]
+    digests = [known.get(resolved[id(s)], computed.get(str(s.path))) for s in candidates]
     kept = [s for s, d in zip(candidates, digests) if d is None or d not in train_digests]
     kept_ids = {id(s) for s in kept}
     return replace(dataset, samples=kept), [s for s in dataset.samples if id(s) not in kept_ids]

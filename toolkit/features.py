@@ -479,9 +479,10 @@ def nncf_int8(model, batches: Sequence[np.ndarray], *, ignored_scope=None, **nnc
     """NNCF post-training int8 of an openvino.Model on float NCHW `batches`, with the settings
     measured across ants/bees, caltech50 and 128-px caltech50 (benchmarks/bench_int8.py): the
     performance preset; fast bias correction (full bias correction gained on one set of three, at
-    3-4x the time; none lost agreement on 4 of 6 sets for half the time); and 7-bit weights in every layer (`int8_advanced_parameters`). The training
-    backbone and openvino-int8 exports call it through `backbone_int8`. `nncf_options` override
-    nncf.quantize's arguments (benchmarks/bench_int8.py measures the alternatives with it)."""
+    3-4x the time; none lost agreement on 4 of 6 sets for half the time); and 7-bit weights in
+    every layer (`int8_advanced_parameters`). The training backbone and openvino-int8 exports call
+    it through `backbone_int8`. `nncf_options` override nncf.quantize's arguments
+    (benchmarks/bench_int8.py measures the alternatives with it)."""
     from toolkit.convert import nncf_session
 
     kwargs = {"fast_bias_correction": True, "advanced_parameters": int8_advanced_parameters(), **nncf_options}
